@@ -1,0 +1,47 @@
+"""duckharness: SQL-first evaluation of backtests and forecasts on DuckDB."""
+
+from duckharness.errors import (
+    DuckHarnessError,
+    DuplicateExperimentError,
+    ExecutionError,
+    ExperimentCycleError,
+    ExperimentError,
+    ExperimentSQLError,
+    InputError,
+    MetadataError,
+    MetricError,
+    SourceError,
+    UnknownColumnError,
+    UnknownExperimentError,
+    UnknownMetricError,
+)
+from duckharness.harness import Harness
+from duckharness.metadata import Metadata, SessionWindow
+from duckharness.metricfile import Metric, MetricLibrary, parse_metric
+from duckharness.plan import Pair
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DuckHarnessError",
+    "DuplicateExperimentError",
+    "ExecutionError",
+    "ExperimentCycleError",
+    "ExperimentError",
+    "ExperimentSQLError",
+    "Harness",
+    "InputError",
+    "Metadata",
+    "MetadataError",
+    "Metric",
+    "MetricError",
+    "MetricLibrary",
+    "Pair",
+    "SessionWindow",
+    "SourceError",
+    "UnknownColumnError",
+    "UnknownExperimentError",
+    "UnknownMetricError",
+    "__version__",
+    "parse_metric",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from duckharness.cli import main
+
+sys.exit(main())

@@ -1,0 +1,85 @@
+"""A realistic sample dataset for ``duckharness demo`` and the tests.
+
+Several trading days of synthetic high-frequency backtest results, one Parquet file per day,
+rows from 08:00 to 17:00 US/Eastern (so the 09:30–16:00 session window has work to do), dates
+that cross the US daylight-saving switch of 2026-03-08, and the usual columns: ``ts``, ``symbol``,
+features ``f_*``, ``volume``, ``spread``, and ``target_<h>``/``pred_<h>`` per horizon.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import zoneinfo
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+HORIZONS = ("1s", "10s", "60s")
+DEMO_EXPERIMENTS = """\
+-- experiment: liquid
+SELECT * FROM baseline WHERE volume > 1000;
+-- experiment: tight
+SELECT * FROM liquid WHERE spread < 0.02;
+-- experiment: clipped
+SELECT * REPLACE (
+    greatest(least(pred_1s, 0.5), -0.5) AS pred_1s,
+    greatest(least(pred_10s, 0.5), -0.5) AS pred_10s,
+    greatest(least(pred_60s, 0.5), -0.5) AS pred_60s
+) FROM baseline;
+"""
+
+
+def trading_days(start: dt.date, n: int) -> list[dt.date]:
+    """The first ``n`` weekdays from ``start``."""
+    days, d = [], start
+    while len(days) < n:
+        if d.weekday() < 5:
+            days.append(d)
+        d += dt.timedelta(days=1)
+    return days
+
+
+def one_day(day: dt.date, rows: int, rng: np.random.Generator, symbols: int = 50) -> pa.Table:
+    tz = zoneinfo.ZoneInfo("US/Eastern")
+    open_utc = dt.datetime.combine(day, dt.time(8, 0), tz).astimezone(dt.UTC)
+    start = np.datetime64(open_utc.replace(tzinfo=None), "us")
+    offsets = np.sort(rng.integers(0, 9 * 3600 * 10**6, rows)).astype("timedelta64[us]")
+    feats = rng.standard_normal((rows, 4))
+    cols: dict[str, object] = {
+        "ts": pa.array(start + offsets, pa.timestamp("us", tz="UTC")),
+        "symbol": pa.array(rng.choice([f"S{i:03d}" for i in range(symbols)], rows)),
+    }
+    for i, name in enumerate(["imb", "mom", "vol", "ofi"]):
+        cols[f"f_{name}"] = feats[:, i]
+    cols["volume"] = rng.integers(1, 5000, rows)
+    cols["spread"] = np.abs(rng.standard_normal(rows)) * 0.01 + 0.01
+    for k, h in enumerate(HORIZONS):
+        signal = 0.3 / (k + 1) * feats[:, k] + 0.1 * feats[:, 3]
+        cols[f"target_{h}"] = signal + rng.standard_normal(rows) * (0.5 + 0.5 * k)
+        cols[f"pred_{h}"] = signal * 0.8 + rng.standard_normal(rows) * 0.1
+    return pa.table(cols)
+
+
+def write_demo_dataset(out: str | os.PathLike[str], *, days: int = 6, rows: int = 20_000,
+                       start: dt.date = dt.date(2026, 3, 4), seed: int = 0) -> list[str]:
+    """Write ``days`` daily files (crossing the 2026-03-08 DST switch) and ``metadata.json``.
+
+    Returns the paths of the Parquet files written.
+    """
+    os.makedirs(out, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for day in trading_days(start, days):
+        path = os.path.join(out, f"{day.isoformat()}.parquet")
+        pq.write_table(one_day(day, rows, rng), path, row_group_size=max(1024, rows // 8))
+        paths.append(path)
+    meta = {"start_time": "09:30:00", "end_time": "16:00:00", "timezone": "US/Eastern",
+            "model": "synthetic-demo", "horizons": list(HORIZONS)}
+    with open(os.path.join(out, "metadata.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    with open(os.path.join(out, "experiments.sql"), "w") as f:
+        f.write(DEMO_EXPERIMENTS)
+    return paths

@@ -1,0 +1,91 @@
+"""One exception root for everything duckharness raises.
+
+Every error a user can cause by their input subclasses both :class:`DuckHarnessError` and
+:class:`ValueError`, and carries the file, key, column, experiment or metric at fault as
+attributes so that callers can act on it without parsing the message.
+"""
+
+from __future__ import annotations
+
+
+class DuckHarnessError(Exception):
+    """Root of every error raised by duckharness."""
+
+
+class InputError(DuckHarnessError, ValueError):
+    """Bad input from the user: a source, a metadata file, an experiment, a metric."""
+
+
+class SourceError(InputError):
+    """The source cannot be listed or read (empty glob, unreadable Parquet file, ...)."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class MetadataError(InputError):
+    """``metadata.json`` is missing, is not valid JSON, or holds a bad value."""
+
+    def __init__(self, message: str, *, path: str | None = None, key: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.key = key
+
+
+class ExperimentError(InputError):
+    """An experiment step is invalid."""
+
+    def __init__(self, message: str, *, experiment: str | None = None) -> None:
+        super().__init__(message)
+        self.experiment = experiment
+
+
+class ExperimentSQLError(ExperimentError):
+    """The SQL of an experiment step does not parse or has a form that is not allowed."""
+
+
+class UnknownExperimentError(ExperimentError):
+    """An experiment (or a base) that is not defined was named."""
+
+
+class DuplicateExperimentError(ExperimentError):
+    """An experiment with that name already exists."""
+
+
+class ExperimentCycleError(ExperimentError):
+    """Experiments that name each other as base, directly or through others."""
+
+    def __init__(self, message: str, *, cycle: list[str]) -> None:
+        super().__init__(message, experiment=cycle[0] if cycle else None)
+        self.cycle = cycle
+
+
+class UnknownColumnError(ExperimentError):
+    """A column that does not exist in the relation it is read from."""
+
+    def __init__(self, message: str, *, column: str, experiment: str | None = None) -> None:
+        super().__init__(message, experiment=experiment)
+        self.column = column
+
+
+class MetricError(InputError):
+    """A metric file is malformed, or an unknown metric was asked for."""
+
+    def __init__(self, message: str, *, metric: str | None = None, path: str | None = None) -> None:
+        super().__init__(message)
+        self.metric = metric
+        self.path = path
+
+
+class UnknownMetricError(MetricError):
+    """A metric name that no metric file defines."""
+
+
+class ExecutionError(DuckHarnessError):
+    """A query failed while it ran over the data; names the files of the failing batch."""
+
+    def __init__(self, message: str, *, files: list[str] | None = None, sql: str | None = None) -> None:
+        super().__init__(message)
+        self.files = files or []
+        self.sql = sql

@@ -1,0 +1,335 @@
+"""Experiments: named SQL steps chained from ``baseline`` or from each other.
+
+A step is a WHERE condition over its base, or a full SELECT whose FROM clause names its base.
+Each step is validated when it is added: it must parse, its base must exist, its name must be
+new, the chain must not loop, and DuckDB must be able to bind it (so an unknown column is caught
+at once, with the experiment named). Steps that only filter rows and compute columns row by row
+are *inlined* into expressions over the baseline columns, which lets the engine answer every
+experiment from one read of each file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import duckdb
+from sqlglot import exp
+
+from duckharness import sqlbuild as sb
+from duckharness.errors import (
+    DuplicateExperimentError,
+    ExperimentCycleError,
+    ExperimentError,
+    ExperimentSQLError,
+    UnknownColumnError,
+    UnknownExperimentError,
+)
+
+BASELINE = "baseline"
+_VOLATILE = {"random", "uuid", "gen_random_uuid", "nextval", "currval", "setseed", "uuidv4", "uuidv7"}
+_MARKER = re.compile(r"^\s*--\s*experiment\s*:\s*(.+?)\s*$", re.IGNORECASE)
+_NAME = re.compile(r"^[^\x00\"]+$")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One experiment: its name, base, the user's SQL and the normalised SELECT over the base."""
+
+    name: str
+    base: str
+    sql: str
+    query: exp.Select | exp.Expression
+    depends: tuple[str, ...] = ()
+
+    def render(self, *, pretty: bool = True) -> str:
+        return sb.render(self.query, pretty=pretty)
+
+
+@dataclass(frozen=True)
+class Inlined:
+    """An experiment as expressions over baseline columns: a WHERE list and a column mapping."""
+
+    conditions: tuple[exp.Expression, ...]
+    mapping: Mapping[str, exp.Expression] = field(default_factory=dict)
+
+
+def _referenced_tables(tree: exp.Expression) -> list[str]:
+    ctes = {c.alias_or_name for c in tree.find_all(exp.CTE)}
+    out: dict[str, None] = {}
+    for t in tree.find_all(exp.Table):
+        if t.name and t.name not in ctes and not t.args.get("db"):
+            out.setdefault(t.name, None)
+    return list(out)
+
+
+def parse_step(name: str, sql: str, base: str | None) -> Step:
+    """Turn the user's SQL for one experiment into a :class:`Step` (no binding yet)."""
+    if not isinstance(name, str) or not name.strip() or not _NAME.match(name):
+        raise ExperimentSQLError(f"Experiment name {name!r} is not valid.", experiment=str(name))
+    if name == BASELINE:
+        raise DuplicateExperimentError("'baseline' is the windowed source; choose another name.", experiment=name)
+    text = sql.strip().rstrip(";").strip()
+    if not text:
+        raise ExperimentSQLError(f"Experiment {name!r} has no SQL.", experiment=name)
+    try:
+        tree = sb.parse_statement(text)
+    except sb.SQLParseError as e:
+        raise ExperimentSQLError(f"Experiment {name!r}: SQL does not parse: {e}.", experiment=name) from None
+    if isinstance(tree, exp.Query):
+        tables = _referenced_tables(tree)
+        if not tables:
+            raise ExperimentSQLError(
+                f"Experiment {name!r}: the SELECT must read FROM its base (e.g. FROM baseline).", experiment=name)
+        if base is not None and base not in tables:
+            raise ExperimentSQLError(
+                f"Experiment {name!r}: base {base!r} was given but the SELECT reads from {', '.join(tables)}.",
+                experiment=name)
+        return Step(name, base or tables[0], sql, tree, tuple(tables))
+    if isinstance(tree, (exp.DDL, exp.DML, exp.Command)) or not isinstance(tree, exp.Condition):
+        raise ExperimentSQLError(
+            f"Experiment {name!r}: a step is a WHERE condition or a SELECT, got {type(tree).__name__}.",
+            experiment=name)
+    parent = base or BASELINE
+    query = exp.select(exp.Star()).from_(exp.Table(this=sb.ident(parent))).where(tree)
+    return Step(name, parent, sql, query, (parent,))
+
+
+def parse_experiments_file(text: str, *, path: str = "<experiments>") -> list[Step]:
+    """Split a file whose statements are each preceded by ``-- experiment: NAME``.
+
+    Example:
+        >>> [s.name for s in parse_experiments_file('''
+        ... -- experiment: liquid
+        ... SELECT * FROM baseline WHERE volume > 1000;
+        ... -- experiment: tight
+        ... SELECT * FROM liquid WHERE spread < 0.02;''')]
+        ['liquid', 'tight']
+    """
+    chunks: list[tuple[str, list[str]]] = []
+    for line in text.splitlines():
+        if m := _MARKER.match(line):
+            chunks.append((m.group(1), []))
+        elif chunks:
+            chunks[-1][1].append(line)
+        elif line.strip() and not line.strip().startswith("--"):
+            raise ExperimentSQLError(f"{path}: SQL before the first '-- experiment: NAME' line.")
+    if not chunks:
+        raise ExperimentSQLError(f"{path}: no '-- experiment: NAME' lines found.")
+    steps: list[Step] = []
+    seen: set[str] = set()
+    for name, lines in chunks:
+        if name in seen:
+            raise DuplicateExperimentError(f"{path}: experiment {name!r} is defined twice.", experiment=name)
+        seen.add(name)
+        steps.append(parse_step(name, "\n".join(lines), None))
+    return order_steps(steps, known={BASELINE})
+
+
+def order_steps(steps: Iterable[Step], known: Iterable[str]) -> list[Step]:
+    """Order steps so each comes after its bases; name unknown bases and cycles."""
+    pending = {s.name: s for s in steps}
+    done = set(known)
+    out: list[Step] = []
+    for s in pending.values():
+        for dep in s.depends:
+            if dep not in pending and dep not in done:
+                raise UnknownExperimentError(
+                    f"Experiment {s.name!r} reads from {dep!r}, which is not an experiment "
+                    f"(known: {', '.join(sorted(done | set(pending)))}).", experiment=dep)
+    while pending:
+        # Keep the file's order where the dependencies allow it.
+        ready = next((s for s in pending.values() if all(d in done for d in s.depends)), None)
+        if ready is None:
+            cycle = _find_cycle(pending)
+            raise ExperimentCycleError("Experiments form a cycle: " + " -> ".join(cycle) + ".", cycle=cycle)
+        out.append(ready)
+        done.add(ready.name)
+        del pending[ready.name]
+    return out
+
+
+def _find_cycle(pending: Mapping[str, Step]) -> list[str]:
+    start = next(iter(pending))
+    path: list[str] = []
+    node = start
+    while node not in path:
+        path.append(node)
+        node = next(d for d in pending[node].depends if d in pending)
+    return path[path.index(node):] + [node]
+
+
+_COLUMN_ERR = re.compile(r'(?:column|Column)\s+(?:with name\s+)?"?([^"\s]+)"?\s+(?:not found|does not exist)')
+
+
+class Experiments:
+    """The set of experiments of one harness, validated against the baseline's columns.
+
+    ``bind`` is given a list of ``(name, SELECT)`` views to create over a zero-row ``baseline``
+    and returns each view's output columns; it raises :class:`duckdb.Error` on a binding error.
+    """
+
+    def __init__(self, baseline_columns: Mapping[str, str], binder: Callable[[str, exp.Expression], dict[str, str]]):
+        self._bind = binder
+        self._steps: dict[str, Step] = {}
+        self._columns: dict[str, dict[str, str]] = {BASELINE: dict(baseline_columns)}
+
+    # -- registry ---------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        return [BASELINE, *self._steps]
+
+    def __contains__(self, name: object) -> bool:
+        return name == BASELINE or name in self._steps
+
+    def step(self, name: str) -> Step:
+        self._check_known(name)
+        return self._steps[name]
+
+    def _check_known(self, name: str) -> None:
+        if name not in self:
+            raise UnknownExperimentError(
+                f"Unknown experiment {name!r}. Defined: {', '.join(self.names)}.", experiment=name)
+
+    def columns(self, name: str) -> dict[str, str]:
+        self._check_known(name)
+        return dict(self._columns[name])
+
+    def add(self, name: str, sql: str, base: str | None = None) -> Step:
+        """Parse, validate and register one step (see :func:`parse_step`)."""
+        step = parse_step(name, sql, base)
+        if name in self._steps:
+            raise DuplicateExperimentError(
+                f"Experiment {name!r} already exists. Remove it first or choose another name.", experiment=name)
+        for dep in step.depends:
+            if dep == name:
+                raise ExperimentCycleError(f"Experiment {name!r} reads from itself.", cycle=[name, name])
+            if dep not in self:
+                raise UnknownExperimentError(
+                    f"Experiment {name!r} reads from {dep!r}, which is not an experiment "
+                    f"(defined: {', '.join(self.names)}).", experiment=dep)
+        self._columns[name] = self._bind_step(step)
+        self._steps[name] = step
+        return step
+
+    def add_all(self, steps: Iterable[Step]) -> None:
+        for s in order_steps(steps, known=self.names):
+            self.add(s.name, s.sql, s.base if s.base != BASELINE or isinstance(s.query, exp.Query) else None)
+
+    def remove(self, name: str) -> None:
+        self._check_known(name)
+        users = [s.name for s in self._steps.values() if name in s.depends]
+        if users:
+            raise ExperimentError(f"Experiment {name!r} is the base of {', '.join(users)}; remove those first.",
+                                  experiment=name)
+        del self._steps[name]
+        del self._columns[name]
+
+    def _bind_step(self, step: Step) -> dict[str, str]:
+        try:
+            return self._bind(step.name, step.query)
+        except duckdb.Error as e:
+            msg = str(e).strip().splitlines()[0]
+            if m := _COLUMN_ERR.search(msg):
+                col = m.group(1)
+                raise UnknownColumnError(
+                    f"Experiment {step.name!r} reads column {col!r}, which {step.base!r} does not have. "
+                    f"Columns of {step.base!r}: {', '.join(self._columns[step.base])}.",
+                    column=col, experiment=step.name) from None
+            raise ExperimentSQLError(f"Experiment {step.name!r} is not valid SQL for DuckDB: {msg}",
+                                     experiment=step.name) from None
+
+    # -- views --------------------------------------------------------------------------------
+    def chain(self, name: str) -> list[Step]:
+        """The steps from baseline to ``name`` (dependencies first)."""
+        self._check_known(name)
+        out: list[Step] = []
+        def visit(n: str) -> None:
+            if n == BASELINE or any(s.name == n for s in out):
+                return
+            for d in self._steps[n].depends:
+                visit(d)
+            out.append(self._steps[n])
+        visit(name)
+        return out
+
+    def query(self, name: str, baseline: exp.Expression) -> exp.Expression:
+        """One self-contained query for ``name``: ``WITH baseline AS (...), step AS (...) SELECT *``."""
+        q = exp.select(exp.Star()).from_(exp.Table(this=sb.ident(name)))
+        q = q.with_(sb.ident(BASELINE), as_=baseline.copy())
+        for s in self.chain(name):
+            q = q.with_(sb.ident(s.name), as_=s.query.copy())
+        return q
+
+    # -- inlining -----------------------------------------------------------------------------
+    def inline(self, name: str) -> Inlined | None:
+        """``name`` as conditions and column expressions over baseline columns, or None when a
+        step aggregates, uses windows, joins, limits or anything else that is not row-by-row."""
+        self._check_known(name)
+        if name == BASELINE:
+            return Inlined((), {c: sb.column(c) for c in self._columns[BASELINE]})
+        step = self._steps[name]
+        parent = self.inline(step.base)
+        if parent is None:
+            return None
+        return _inline_select(step.query, parent, list(self._columns[name]))
+
+
+def _inline_select(q: exp.Expression, parent: Inlined, out_names: list[str]) -> Inlined | None:
+    if not isinstance(q, exp.Select):
+        return None
+    for arg in ("joins", "group", "having", "qualify", "limit", "offset", "distinct", "with_", "laterals",
+                "pivots", "windows", "sample", "prewhere", "connect", "match"):
+        if q.args.get(arg):
+            return None
+    from_ = q.args.get("from_") or q.args.get("from")
+    if from_ is None or not isinstance(from_.this, exp.Table):
+        return None
+    for node in q.walk():
+        if isinstance(node, (exp.AggFunc, exp.Window, exp.Subquery, exp.Unnest, exp.Lambda)):
+            return None
+        if isinstance(node, exp.Select) and node is not q:
+            return None
+        if isinstance(node, exp.Func) and (node.sql_name().lower() in _VOLATILE or
+                                            (isinstance(node, exp.Anonymous) and str(node.this).lower() in _VOLATILE)):
+            return None
+        if isinstance(node, exp.Rand):
+            return None
+    env = dict(parent.mapping)
+    items: list[tuple[str | None, exp.Expression]] = []
+    for proj in q.expressions:
+        star = proj if isinstance(proj, exp.Star) else (
+            proj.this if isinstance(proj, exp.Column) and isinstance(proj.this, exp.Star) else None)
+        if star is not None:
+            excluded = {c.name for c in (star.args.get("except_") or star.args.get("except") or [])}
+            replaced = {r.alias: r.this for r in (star.args.get("replace") or [])}
+            if star.args.get("rename"):
+                return None
+            for c in parent.mapping:
+                if c in excluded:
+                    continue
+                node = sb.substitute_columns(replaced[c], env) if c in replaced else env[c]
+                items.append((c, node))
+            continue
+        name = proj.alias if isinstance(proj, exp.Alias) else None
+        body = proj.this if isinstance(proj, exp.Alias) else proj
+        if any(isinstance(n, exp.Star) for n in body.walk()):
+            return None
+        # Columns resolve against the base first, then against earlier aliases (DuckDB's rules).
+        scope = {**{n: e for n, e in items if n is not None}, **env}
+        missing = [c for c in sb.column_names(body) if c not in scope]
+        if missing:
+            return None
+        items.append((name, sb.substitute_columns(body, scope)))
+    if len(items) != len(out_names):
+        return None
+    mapping = dict(zip(out_names, (e for _, e in items), strict=True))
+    conditions = list(parent.conditions)
+    where = q.args.get("where")
+    if where is not None:
+        scope = {**mapping, **env}
+        if any(c not in scope for c in sb.column_names(where.this)):
+            return None
+        conditions.append(sb.substitute_columns(where.this, scope))
+    return Inlined(tuple(conditions), mapping)

@@ -1,0 +1,227 @@
+"""The facade: :class:`Harness` is what users (and the CLI) call."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+from sqlglot import exp
+
+from duckharness import sqlbuild as sb
+from duckharness.connection import ConnectionConfig
+from duckharness.engine import RunStats, baseline_query, run_metrics
+from duckharness.errors import InputError
+from duckharness.executor import ThreadExecutor
+from duckharness.experiments import BASELINE, Experiments, Step, parse_experiments_file
+from duckharness.metadata import Metadata, SessionWindow, parse_wall_time
+from duckharness.metricfile import Metric, MetricLibrary
+from duckharness.plan import Pair, default_pairs
+from duckharness.source import Dataset, open_dataset
+
+WindowArg = SessionWindow | tuple[str, str] | bool | None
+
+
+class Harness:
+    """Experiments and metrics over a folder of Parquet backtest results.
+
+    Args:
+        source: a directory, a glob, or a list of Parquet files.
+        storage_options: options for remote filesystems (fsspec).
+        metadata: None to read ``metadata.json`` beside the data, or a mapping, or a path.
+        metric_dirs: folders of the user's own metric files (added to the packaged ones).
+        workers: parallel DuckDB connections for the batch map (default: CPU count).
+        batch_size: files per batch (default 1).
+        tracer: a callable that receives every SQL statement executed (e.g. ``print``).
+
+    Example:
+        >>> h = Harness("data/run42")                                     # doctest: +SKIP
+        >>> h.add_experiment("liquid", "volume > 1000")                   # doctest: +SKIP
+        >>> h.metrics(["r2", "corr"], pairs=["pred_10s:target_10s"])      # doctest: +SKIP
+    """
+
+    def __init__(self, source: Any, *, storage_options: Mapping[str, Any] | None = None,
+                 metadata: Mapping[str, Any] | str | os.PathLike[str] | None = None,
+                 metric_dirs: Sequence[str | os.PathLike[str]] = (), workers: int | None = None,
+                 batch_size: int = 1, tracer: Callable[[str], None] | None = None) -> None:
+        self.tracer = tracer
+        t = time.perf_counter()
+        self.dataset: Dataset = open_dataset(source, metadata=metadata, tracer=tracer)
+        self.dataset.storage_options = dict(storage_options or {})
+        self.listing_seconds = time.perf_counter() - t
+        self.metric_library = MetricLibrary(metric_dirs)
+        self.workers = workers
+        self.batch_size = batch_size
+        self.last_run: RunStats | None = None
+        self._schema_con = ConnectionConfig(threads=1).open()
+        self._schema_con.execute(sb.render(exp.Create(
+            this=exp.Table(this=sb.ident(BASELINE)), kind="TABLE",
+            expression=sb.select([exp.Star()], sb.read_parquet(self.dataset.paths)).limit(0)))).fetchall()
+        self.experiments = Experiments(self.dataset.columns, self._bind)
+
+    def _bind(self, name: str, query: exp.Expression) -> dict[str, str]:
+        self._schema_con.execute(sb.render(sb.create_view(name, query))).fetchall()
+        rows = self._schema_con.execute(sb.render(exp.Describe(this=exp.Table(this=sb.ident(name))))).fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    # -- the data ---------------------------------------------------------------------------
+    @property
+    def metadata(self) -> Metadata:
+        return self.dataset.metadata
+
+    @property
+    def files(self) -> list[str]:
+        return self.dataset.paths
+
+    @property
+    def columns(self) -> dict[str, str]:
+        """Columns of the source (union by name over all files) with their DuckDB types."""
+        return dict(self.dataset.columns)
+
+    @property
+    def targets(self) -> list[str]:
+        return [c for c in self.dataset.columns if c.startswith("target_")]
+
+    @property
+    def predictions(self) -> list[str]:
+        return [c for c in self.dataset.columns if c.startswith("pred_")]
+
+    @property
+    def features(self) -> list[str]:
+        """Columns that are neither targets, predictions nor the time column."""
+        skip = set(self.targets) | set(self.predictions) | {self.dataset.time_column}
+        return [c for c in self.dataset.columns if c not in skip]
+
+    @property
+    def time_column(self) -> str | None:
+        return self.dataset.time_column
+
+    @property
+    def session_window(self) -> SessionWindow | None:
+        return self.dataset.metadata.session_window
+
+    def _window(self, window: WindowArg) -> SessionWindow | None:
+        if window is None or window is True:
+            return self.session_window
+        if window is False:
+            return None
+        if isinstance(window, SessionWindow):
+            return window
+        start, end = window
+        tz = self.dataset.metadata.timezone
+        return SessionWindow(parse_wall_time(start, key="window start") if start else None,
+                             parse_wall_time(end, key="window end") if end else None, tz)
+
+    # -- experiments ------------------------------------------------------------------------
+    def add_experiment(self, name: str, sql: str, base: str | None = None) -> Step:
+        """Add a step: a WHERE condition over ``base`` (default ``baseline``) or a SELECT whose
+        FROM names its base. Validated at once; errors name the experiment and the culprit."""
+        return self.experiments.add(name, sql, base)
+
+    def load_experiments(self, path: str | os.PathLike[str]) -> list[str]:
+        """Add every ``-- experiment: NAME`` statement of a SQL file; returns their names."""
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as e:
+            raise InputError(f"Cannot read experiments file {p}: {e.strerror}.") from None
+        steps = parse_experiments_file(text, path=str(p))
+        self.experiments.add_all(steps)
+        return [s.name for s in steps]
+
+    def experiment_sql(self, name: str, *, window: WindowArg = None, pretty: bool = True) -> str:
+        """The full SQL of an experiment's chain, from the Parquet files to its rows."""
+        base = baseline_query(self.dataset, self._window(window))
+        if name == BASELINE:
+            return sb.render(base, pretty=pretty)
+        self.experiments.step(name)
+        return sb.render(self.experiments.query(name, base), pretty=pretty)
+
+    def relation(self, name: str = BASELINE, *, window: WindowArg = None,
+                 con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyRelation:
+        """A lazy DuckDB relation of an experiment's rows."""
+        con = con or self._schema_con
+        return con.sql(self.experiment_sql(name, window=window, pretty=False))
+
+    # -- metrics ----------------------------------------------------------------------------
+    def metrics(self, metrics: Sequence[str | Metric] | str | None = None,
+                pairs: Sequence[str | tuple[str, str] | Pair] | str | None = None,
+                experiments: Sequence[str] | str | None = None, by: str | Sequence[str] | None = None,
+                *, window: WindowArg = None, workers: int | None = None,
+                batch_size: int | None = None) -> pl.DataFrame:
+        """Exact metrics for every experiment × pair, pooled or grouped by ``by``.
+
+        Args:
+            metrics: metric names (default: count, r2, mse, mae, corr, hit_rate).
+            pairs: ``"pred_10s:target_10s"`` strings or tuples (default: every pred_X with target_X).
+            experiments: names (default: all, baseline first).
+            by: None for pooled results, ``"day"``, a column name, or a list of them.
+            window: None for the metadata's session window, False for none, or ``("09:30", "16:00")``.
+
+        Returns:
+            A tidy DataFrame: ``experiment, pred, target, [by...], metric, value``; each
+            (experiment, pair, group) also has an ``n_excluded`` row counting rows dropped
+            because pred or target was NULL or NaN.
+        """
+        ms = self.metric_library.resolve(metrics)
+        pair_list = self._pairs(pairs)
+        names = self._experiment_names(experiments)
+        by_list = [by] if isinstance(by, str) else list(by or [])
+        executor = ThreadExecutor(workers or self.workers)
+        self.last_run = RunStats()
+        self.last_run.timings["listing"] = self.listing_seconds
+        return run_metrics(self.dataset, self.experiments, names, pair_list, ms, by_list, self._window(window),
+                           executor=executor, batch_size=batch_size or self.batch_size, tracer=self.tracer,
+                           stats=self.last_run)
+
+    def _pairs(self, pairs: Any) -> list[Pair]:
+        if pairs is None:
+            found = default_pairs(self.dataset.columns)
+            if not found:
+                raise InputError("No pred_X/target_X column pairs found; pass pairs=['PRED:TARGET'].")
+            return found
+        if isinstance(pairs, (str, Pair)) or (isinstance(pairs, tuple) and len(pairs) == 2 and
+                                               all(isinstance(x, str) for x in pairs)):
+            pairs = [pairs]
+        return [Pair.parse(p) for p in pairs]
+
+    def _experiment_names(self, experiments: Sequence[str] | str | None) -> list[str]:
+        if experiments is None:
+            return self.experiments.names
+        names = [experiments] if isinstance(experiments, str) else list(experiments)
+        for n in names:
+            if n not in self.experiments:
+                self.experiments.step(n)  # raises UnknownExperimentError naming it
+        return names
+
+    # -- tracing ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def trace(self, fn: Callable[[str], None] = print) -> Iterator[None]:
+        """Within the block, every SQL statement the harness executes is passed to ``fn``."""
+        old, self.tracer = self.tracer, fn
+        try:
+            yield
+        finally:
+            self.tracer = old
+
+    def close(self) -> None:
+        self._schema_con.close()
+
+    def __enter__(self) -> Harness:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        days = {f.time_min.date() for f in self.dataset.files if f.time_min is not None}
+        return (f"Harness({self.dataset.root!r}, files={len(self.dataset.files)}, days={len(days)}, "
+                f"experiments={self.experiments.names})")
+
+
+

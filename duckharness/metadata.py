@@ -1,0 +1,176 @@
+"""``metadata.json`` beside the data, and the session window it defines.
+
+The session window is local wall-clock time on each day. It is turned into one pair of absolute
+(UTC) bounds per day, so that a day on either side of a daylight-saving switch keeps exactly the
+local window, and so that DuckDB compares plain timestamps (which lets Parquet row-group
+statistics skip data) instead of converting every row to local time.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import zoneinfo
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from duckharness.errors import MetadataError
+
+DEFAULT_TIMEZONE = "US/Eastern"
+KNOWN_KEYS = ("start_time", "end_time", "timezone", "time_column")
+_TIME_RE = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2})(?:\.(\d{1,6}))?)?$")
+
+
+def parse_wall_time(text: Any, *, key: str, path: str | None = None) -> dt.time:
+    """Parse a local wall-clock time written ``HH:MM`` or ``HH:MM:SS[.ffffff]``.
+
+    Example:
+        >>> parse_wall_time("09:30", key="start_time")
+        datetime.time(9, 30)
+    """
+    where = f" in {path}" if path else ""
+    if not isinstance(text, str) or not (m := _TIME_RE.match(text.strip())):
+        raise MetadataError(
+            f"Key {key!r}{where} must be a wall-clock time 'HH:MM' or 'HH:MM:SS', got {text!r}.",
+            path=path,
+            key=key,
+        )
+    hh, mm, ss, frac = m.groups()
+    try:
+        return dt.time(int(hh), int(mm), int(ss or 0), int((frac or "0").ljust(6, "0")))
+    except ValueError:
+        raise MetadataError(
+            f"Key {key!r}{where} is not a valid time of day: {text!r}.", path=path, key=key
+        ) from None
+
+
+def load_timezone(name: Any, *, key: str = "timezone", path: str | None = None) -> zoneinfo.ZoneInfo:
+    """Return the IANA time zone called ``name``, or a :class:`MetadataError` naming the key."""
+    where = f" in {path}" if path else ""
+    if not isinstance(name, str) or not name:
+        raise MetadataError(f"Key {key!r}{where} must be an IANA time zone name.", path=path, key=key)
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise MetadataError(
+            f"Unknown time zone {name!r} for key {key!r}{where}; use an IANA name such as "
+            f"'America/New_York' or 'Europe/London'.",
+            path=path,
+            key=key,
+        ) from None
+
+
+@dataclass(frozen=True)
+class SessionWindow:
+    """A local wall-clock window applied on every day, e.g. 09:30–16:00 US/Eastern.
+
+    ``start`` or ``end`` may be None (open on that side). When ``end`` is not after ``start`` the
+    window runs overnight and ends on the next day. Both bounds are inclusive, as in the
+    reference harness.
+    """
+
+    start: dt.time | None
+    end: dt.time | None
+    timezone: str = DEFAULT_TIMEZONE
+
+    @property
+    def tz(self) -> zoneinfo.ZoneInfo:
+        return zoneinfo.ZoneInfo(self.timezone)
+
+    @property
+    def overnight(self) -> bool:
+        return self.start is not None and self.end is not None and self.end <= self.start
+
+    def bounds(self, day: dt.date) -> tuple[dt.datetime, dt.datetime, bool]:
+        """UTC bounds ``(lo, hi, hi_inclusive)`` of the window on local ``day``.
+
+        Example:
+            >>> w = SessionWindow(dt.time(9, 30), dt.time(16), "US/Eastern")
+            >>> [b.isoformat() for b in w.bounds(dt.date(2026, 3, 6))[:2]]
+            ['2026-03-06T14:30:00+00:00', '2026-03-06T21:00:00+00:00']
+            >>> [b.isoformat() for b in w.bounds(dt.date(2026, 3, 9))[:2]]
+            ['2026-03-09T13:30:00+00:00', '2026-03-09T20:00:00+00:00']
+        """
+        tz = self.tz
+        lo = dt.datetime.combine(day, self.start or dt.time(0), tz)
+        if self.end is None:
+            hi, inclusive = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(0), tz), False
+        else:
+            end_day = day + dt.timedelta(days=1) if self.overnight else day
+            hi, inclusive = dt.datetime.combine(end_day, self.end, tz), True
+        return lo.astimezone(dt.UTC), hi.astimezone(dt.UTC), inclusive
+
+    def describe(self) -> str:
+        s = self.start.isoformat() if self.start else "start of day"
+        e = self.end.isoformat() if self.end else "end of day"
+        return f"{s}–{e} {self.timezone}"
+
+
+def day_bounds(day: dt.date, timezone: str) -> tuple[dt.datetime, dt.datetime]:
+    """UTC instants of local midnight starting ``day`` and the next day (DST-correct)."""
+    tz = zoneinfo.ZoneInfo(timezone)
+    lo = dt.datetime.combine(day, dt.time(0), tz)
+    hi = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(0), tz)
+    return lo.astimezone(dt.UTC), hi.astimezone(dt.UTC)
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """The validated content of ``metadata.json``; unknown keys are kept in ``extra``."""
+
+    start_time: dt.time | None = None
+    end_time: dt.time | None = None
+    timezone: str = DEFAULT_TIMEZONE
+    time_column: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    path: str | None = None
+
+    @property
+    def session_window(self) -> SessionWindow | None:
+        if self.start_time is None and self.end_time is None:
+            return None
+        return SessionWindow(self.start_time, self.end_time, self.timezone)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.start_time is not None:
+            out["start_time"] = self.start_time.isoformat()
+        if self.end_time is not None:
+            out["end_time"] = self.end_time.isoformat()
+        out["timezone"] = self.timezone
+        if self.time_column is not None:
+            out["time_column"] = self.time_column
+        out.update(self.extra)
+        return out
+
+
+def parse_metadata(raw: Any, *, path: str | None = None) -> Metadata:
+    """Validate the decoded JSON of a metadata file.
+
+    Example:
+        >>> parse_metadata({"start_time": "09:30", "end_time": "16:00"}).session_window.describe()
+        '09:30:00–16:00:00 US/Eastern'
+    """
+    where = f" {path}" if path else ""
+    if not isinstance(raw, dict):
+        raise MetadataError(f"Metadata file{where} must hold a JSON object.", path=path)
+    start = parse_wall_time(raw["start_time"], key="start_time", path=path) if raw.get("start_time") is not None else None
+    end = parse_wall_time(raw["end_time"], key="end_time", path=path) if raw.get("end_time") is not None else None
+    tz_name = raw.get("timezone", DEFAULT_TIMEZONE)
+    load_timezone(tz_name, path=path)
+    time_column = raw.get("time_column")
+    if time_column is not None and (not isinstance(time_column, str) or not time_column):
+        raise MetadataError(f"Key 'time_column' in{where} must be a column name.", path=path, key="time_column")
+    extra = {k: v for k, v in raw.items() if k not in KNOWN_KEYS}
+    return Metadata(start, end, tz_name, time_column, extra, path)
+
+
+def parse_metadata_text(text: str | bytes, *, path: str) -> Metadata:
+    """Decode and validate the text of ``metadata.json`` found at ``path``."""
+    try:
+        raw = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MetadataError(f"Metadata file {path} is not valid JSON: {e}.", path=path) from None
+    return parse_metadata(raw, path=path)

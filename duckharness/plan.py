@@ -1,0 +1,282 @@
+"""The scan plan: one aggregate query per file batch that answers every experiment, pair and
+metric of a call.
+
+Filter experiments become boolean *cell keys* of a GROUP BY (each experiment is a union of cells,
+which is far cheaper than one FILTER clause per aggregate); the validity of each pred/target pair
+(not NULL, not NaN) is a key as well, so invalid rows drop out of that pair's statistics and are
+counted. Every metric's stats are bound to each experiment's pred/target expressions, and
+identical aggregates are computed once. The session window becomes per-day UTC bounds on the
+time column, and the day label is a constant for a file that holds one day.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import zoneinfo
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from sqlglot import exp
+
+from duckharness import sqlbuild as sb
+from duckharness.errors import InputError, UnknownColumnError
+from duckharness.experiments import Inlined
+from duckharness.metadata import SessionWindow, day_bounds
+from duckharness.metricfile import Metric
+from duckharness.source import Dataset, FileInfo
+
+DAY = "__day"
+_SLOT_DAY, _SLOT_FROM, _SLOT_WHERE = "__dh_slot_day__", "__dh_slot_from__", "__dh_slot_where__"
+ROWS = "__rows"
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A prediction column and the target it is scored against."""
+
+    pred: str
+    target: str
+
+    @classmethod
+    def parse(cls, text: str | tuple[str, str] | Pair) -> Pair:
+        """``"pred_10s:target_10s"`` or a tuple; ``"pred_10s"`` alone pairs with ``target_10s``."""
+        if isinstance(text, Pair):
+            return text
+        if isinstance(text, tuple):
+            return cls(*text)
+        if ":" in text:
+            p, t = text.split(":", 1)
+            return cls(p.strip(), t.strip())
+        if text.startswith("pred_"):
+            return cls(text, "target_" + text[len("pred_"):])
+        raise InputError(f"Pair {text!r} must be written PRED:TARGET, e.g. pred_10s:target_10s.")
+
+
+@dataclass
+class Target:
+    """One (experiment, pair): the keys that select its cells and where each metric's stats are."""
+
+    experiment: str
+    pair: Pair
+    conds: tuple[str, ...]
+    valid: str
+    stats: dict[str, dict[str, str]] = field(default_factory=dict)  # metric -> stat -> column
+
+
+def default_pairs(columns: Mapping[str, str]) -> list[Pair]:
+    """Every ``pred_X`` with a matching ``target_X``."""
+    return [Pair(c, "target_" + c[5:]) for c in columns if c.startswith("pred_") and "target_" + c[5:] in columns]
+
+
+def round_shift(value: float | None) -> float:
+    """A round number near ``value`` (3 significant digits) so shifts stay stable between runs."""
+    if value is None or value != value or value in (float("inf"), float("-inf")):
+        return 0.0
+    return float(f"{value:.3g}")
+
+
+class FusedScan:
+    """The aggregate query shared by all inlinable experiments of one call."""
+
+    def __init__(self, dataset: Dataset, experiments: Mapping[str, tuple[Inlined, Mapping[str, str]]],
+                 pairs: Sequence[Pair], metrics: Sequence[Metric], by: Sequence[str],
+                 columns: Mapping[str, str] | None = None):
+        self.dataset = dataset
+        self.metrics = list(metrics)
+        self.keys: dict[str, exp.Expression] = {}
+        self.aggregates: dict[str, exp.Expression] = {ROWS: exp.Count(this=exp.Star())}
+        self._agg_by_text: dict[str, str] = {sb.render(self.aggregates[ROWS]): ROWS}
+        self._key_by_text: dict[str, str] = {}
+        self._skeleton: str | None = None
+        self.by: list[tuple[str, exp.Expression]] = []
+        source_columns = columns if columns is not None else dataset.columns
+        for b in by:
+            if b == "day":
+                continue
+            if b not in source_columns:
+                raise UnknownColumnError(f"Cannot group by {b!r}: no such column. Columns: "
+                                         f"{', '.join(source_columns)}.", column=b)
+            self.by.append((b, sb.column(b)))
+        self.bound: list[tuple[str, Pair, Inlined, exp.Expression, exp.Expression, str, str]] = []
+        for name, (inl, cols) in experiments.items():
+            for pair in pairs:
+                for c in (pair.pred, pair.target):
+                    if c not in inl.mapping:
+                        raise UnknownColumnError(
+                            f"Experiment {name!r} has no column {c!r} (pair {pair.pred}:{pair.target}).",
+                            column=c, experiment=name)
+                self.bound.append((name, pair, inl, inl.mapping[pair.pred], inl.mapping[pair.target],
+                                   cols[pair.pred], cols[pair.target]))
+
+    def shift_expressions(self) -> list[exp.Expression]:
+        """Distinct pred/target expressions whose typical value sets the shift of ``*_c`` roles."""
+        seen: dict[str, exp.Expression] = {}
+        for _, _, _, p, t, _, _ in self.bound:
+            seen.setdefault(sb.render(p), p)
+            seen.setdefault(sb.render(t), t)
+        return list(seen.values())
+
+    def build(self, shifts: Mapping[str, float]) -> list[Target]:
+        """Bind every metric to every (experiment, pair); returns the targets."""
+        targets = []
+        for name, pair, inl, p, t, ptype, ttype in self.bound:
+            conds = tuple(self._key(c) for c in inl.conditions)
+            valid = self._key(exp.and_(sb.is_valid_number(p, ptype), sb.is_valid_number(t, ttype)))
+            roles = {
+                "pred": p, "target": t,
+                "pred_c": exp.Sub(this=exp.paren(p.copy()), expression=sb.number(shifts.get(sb.render(p), 0.0))),
+                "target_c": exp.Sub(this=exp.paren(t.copy()), expression=sb.number(shifts.get(sb.render(t), 0.0))),
+            }
+            target = Target(name, pair, conds, valid)
+            for m in self.metrics:
+                target.stats[m.name] = {
+                    stat: self._aggregate(sb.cast(sb.substitute_columns(agg, roles), "DOUBLE"))
+                    for stat, agg in m.stats
+                }
+            targets.append(target)
+        return targets
+
+    def _key(self, node: exp.Expression) -> str:
+        text = sb.render(node)
+        if text not in self._key_by_text:
+            name = f"__k{len(self._key_by_text)}"
+            self._key_by_text[text] = name
+            self.keys[name] = node
+        return self._key_by_text[text]
+
+    def _aggregate(self, node: exp.Expression) -> str:
+        text = sb.render(node)
+        if text not in self._agg_by_text:
+            name = f"__s{len(self._agg_by_text)}"
+            self._agg_by_text[text] = name
+            self.aggregates[name] = node
+        return self._agg_by_text[text]
+
+    def batch_query(self, files: Sequence[FileInfo], window: SessionWindow | None) -> str:
+        """The SQL text of the fused query for one batch of files.
+
+        The aggregate list is the same for every batch, so it is rendered once; only the day
+        label, the FROM and the WHERE are built per batch (each still as a sqlglot tree).
+        """
+        if self._skeleton is None:
+            proj = [sb.alias(sb.column(_SLOT_DAY), DAY)]
+            proj += [sb.alias(e, n) for n, e in self.by]
+            proj += [sb.alias(e, n) for n, e in self.keys.items()]
+            proj += [sb.alias(e, n) for n, e in self.aggregates.items()]
+            self._skeleton = sb.render(sb.select(proj, sb.column(_SLOT_FROM), where=sb.column(_SLOT_WHERE),
+                                                 group_by_all=True))
+        where, day = window_and_day(self.dataset, files, window)
+        return sb.fill_slots(self._skeleton, {
+            _SLOT_DAY: day, _SLOT_FROM: batch_relation(self.dataset, files),
+            _SLOT_WHERE: where if where is not None else exp.true()})
+
+    def whole_query(self, relation: exp.Expression, day: exp.Expression) -> exp.Expression:
+        """The same aggregates over one relation (an experiment that must see all rows at once)."""
+        proj = [sb.alias(day, DAY)]
+        proj += [sb.alias(e, n) for n, e in self.by]
+        proj += [sb.alias(e, n) for n, e in self.keys.items()]
+        proj += [sb.alias(e, n) for n, e in self.aggregates.items()]
+        return sb.select(proj, relation, group_by_all=True)
+
+    def shift_query(self, relation: exp.Expression, sample_rows: int = 10_000) -> exp.Expression | None:
+        """Medians of each pred/target expression over the first rows of ``relation``."""
+        exprs = self.shift_expressions()
+        if not exprs:
+            return None
+        sample = sb.select([exp.Star()], relation).limit(sample_rows)
+        proj = []
+        for i, e in enumerate(exprs):
+            x = sb.cast(e.copy(), "DOUBLE")
+            proj.append(sb.alias(exp.Filter(this=sb.func("median", x),
+                                            expression=exp.Where(this=sb.func("isfinite", x.copy()))), f"m{i}"))
+        return sb.select(proj, sample.subquery("sample"))
+
+
+def batch_relation(dataset: Dataset, files: Sequence[FileInfo]) -> exp.Expression:
+    """``read_parquet`` of the batch, with columns the batch lacks added as typed NULLs and
+    columns whose type differs cast to the dataset's union type, so every batch has one schema."""
+    rp = sb.read_parquet([f.path for f in files])
+    present: dict[str, None] = {}
+    for f in files:
+        present.update(dict.fromkeys(f.columns))
+    missing = [c for c in dataset.columns if c not in present]
+    retype = [c for c in present if any(f.columns.get(c) not in (None, dataset.columns[c]) for f in files)]
+    if not missing and not retype:
+        return rp
+    star = exp.Star(replace=[sb.alias(sb.cast(sb.column(c), dataset.columns[c]), c) for c in retype] or None)
+    proj: list[exp.Expression] = [star]
+    proj += [sb.alias(sb.cast(exp.Null(), dataset.columns[c]), c) for c in missing]
+    return sb.select(proj, rp).subquery("src")
+
+
+def _local_dates(lo: dt.datetime, hi: dt.datetime, tz: str) -> list[dt.date]:
+    z = zoneinfo.ZoneInfo(tz)
+    def local(x: dt.datetime) -> dt.date:
+        return (x if x.tzinfo else x.replace(tzinfo=dt.UTC)).astimezone(z).date()
+    a, b = local(lo), local(hi)
+    return [a + dt.timedelta(days=i) for i in range((b - a).days + 1)]
+
+
+def window_and_day(dataset: Dataset, files: Sequence[FileInfo],
+                   window: SessionWindow | None) -> tuple[exp.Expression | None, exp.Expression]:
+    """The WHERE condition of the session window and the day label for a batch of files."""
+    tcol = dataset.time_column
+    if tcol is None:
+        if window is not None:
+            raise InputError("A session window needs a time column; set 'time_column' in metadata.json.")
+        return None, sb.cast(exp.Null(), "DATE")
+    ts = sb.column(tcol)
+    aware = dataset.time_is_aware
+    tz = window.timezone if window is not None else dataset.metadata.timezone
+    if any(f.time_min is None or f.time_max is None for f in files):
+        return _per_row_window(ts, aware, tz, window)
+    days: set[dt.date] = set()
+    for f in files:
+        assert f.time_min is not None and f.time_max is not None
+        days.update(_local_dates(f.time_min, f.time_max, tz))
+    if window is not None and window.overnight:
+        days.update(d - dt.timedelta(days=1) for d in list(days))
+    ordered = sorted(days)
+    if window is not None:
+        conds = []
+        for d in ordered:
+            lo, hi, incl = window.bounds(d)
+            conds.append((d, sb.between(ts, sb.timestamp(lo, with_tz=aware), sb.timestamp(hi, with_tz=aware),
+                                        hi_inclusive=incl)))
+        where = sb.or_all(c for _, c in conds)
+        if len(conds) == 1:
+            return where, sb.date(ordered[0])
+        case = exp.Case(ifs=[exp.If(this=c, true=sb.date(d)) for d, c in conds])
+        return where, case
+    if len(ordered) == 1:
+        return None, sb.date(ordered[0])
+    ifs = []
+    for d in ordered[:-1]:
+        _, nxt = day_bounds(d, tz)
+        ifs.append(exp.If(this=exp.LT(this=ts.copy(), expression=sb.timestamp(nxt, with_tz=aware)), true=sb.date(d)))
+    return None, exp.Case(ifs=ifs, default=sb.date(ordered[-1]))
+
+
+def _per_row_window(ts: exp.Expression, aware: bool, tz: str,
+                    window: SessionWindow | None) -> tuple[exp.Expression | None, exp.Expression]:
+    """Fallback when footers have no time statistics: convert each row to local time."""
+    instant = ts if aware else sb.cast(ts, "TIMESTAMPTZ")
+    local = sb.func("timezone", sb.string(tz), instant)
+    local_time, local_date = sb.cast(local, "TIME"), sb.cast(local.copy(), "DATE")
+    if window is None:
+        return None, local_date
+    def t(v: dt.time) -> exp.Expression:
+        return sb.cast(sb.string(v.isoformat()), "TIME")
+    parts = []
+    if window.start is not None:
+        parts.append(exp.GTE(this=local_time.copy(), expression=t(window.start)))
+    if window.end is not None:
+        parts.append(exp.LTE(this=local_time.copy(), expression=t(window.end)))
+    if window.overnight:
+        where = sb.or_all(parts)
+        assert window.start is not None
+        day: exp.Expression = exp.Case(
+            ifs=[exp.If(this=exp.GTE(this=local_time.copy(), expression=t(window.start)), true=local_date)],
+            default=exp.Sub(this=local_date.copy(), expression=exp.Interval(this=sb.string("1"), unit=exp.var("DAY"))))
+        return where, sb.cast(day, "DATE")
+    return sb.and_all(parts), local_date

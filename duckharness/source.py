@@ -1,0 +1,257 @@
+"""Sources: which Parquet files, their schemas and time ranges, and the metadata beside them.
+
+A source is a directory, a glob, a list of files, or (through fsspec) a URL. Listing happens once;
+each file's schema, row count and time-column range come from the Parquet footers in one DuckDB
+query, so later steps (per-day window bounds, schema drift, batching) need no more I/O.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import glob as globlib
+import os
+import posixpath
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+
+from duckharness import sqlbuild as sb
+from duckharness.connection import ConnectionConfig, fetch_all
+from duckharness.errors import MetadataError, SourceError
+from duckharness.metadata import Metadata, parse_metadata, parse_metadata_text
+
+TIMESTAMP_TYPES = ("TIMESTAMP WITH TIME ZONE", "TIMESTAMP", "TIMESTAMP_NS", "TIMESTAMP_MS", "TIMESTAMP_S")
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One Parquet file: its path, identity (size, mtime) and what its footer says."""
+
+    path: str
+    size: int
+    mtime: float
+    rows: int
+    columns: Mapping[str, str]
+    time_min: dt.datetime | None = None
+    time_max: dt.datetime | None = None
+
+
+@dataclass
+class Dataset:
+    """The resolved source: files, the union of their schemas, metadata, time column."""
+
+    files: list[FileInfo]
+    columns: dict[str, str]
+    metadata: Metadata
+    time_column: str | None
+    root: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def paths(self) -> list[str]:
+        return [f.path for f in self.files]
+
+    @property
+    def time_is_aware(self) -> bool:
+        return self.time_column is not None and self.columns[self.time_column] == "TIMESTAMP WITH TIME ZONE"
+
+
+def _has_glob(path: str) -> bool:
+    return any(ch in path for ch in _GLOB_CHARS)
+
+
+def _glob_root(pattern: str) -> str:
+    parts = pattern.split("/")
+    keep = []
+    for part in parts:
+        if _has_glob(part):
+            break
+        keep.append(part)
+    return "/".join(keep) or "."
+
+
+def list_local(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> tuple[list[str], str]:
+    """Resolve a local source to sorted absolute Parquet paths and the folder of its metadata.
+
+    Example:
+        >>> list_local("/nonexistent/*.parquet")
+        Traceback (most recent call last):
+        ...
+        duckharness.errors.SourceError: No Parquet files match /nonexistent/*.parquet.
+    """
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise SourceError("The source is an empty list of files.")
+        paths = [os.path.abspath(os.fspath(p)) for p in source]
+        for p in paths:
+            if not os.path.isfile(p):
+                raise SourceError(f"Source file {p} does not exist.", path=p)
+        roots = {os.path.dirname(p) for p in paths}
+        root = os.path.commonpath(list(roots))
+        return sorted(dict.fromkeys(paths)), root
+    text = os.fspath(source)  # type: ignore[arg-type]
+    if _has_glob(text):
+        pattern = os.path.abspath(text)
+        paths = sorted(p for p in globlib.glob(pattern, recursive=True) if os.path.isfile(p))
+        root = _glob_root(pattern)
+        if not paths:
+            raise SourceError(f"No Parquet files match {text}.", path=text)
+        return paths, root
+    path = os.path.abspath(text)
+    if os.path.isdir(path):
+        paths = sorted(globlib.glob(os.path.join(globlib.escape(path), "*.parquet")))
+        if not paths:
+            paths = sorted(globlib.glob(os.path.join(globlib.escape(path), "**", "*.parquet"), recursive=True))
+        if not paths:
+            raise SourceError(f"No Parquet files in directory {path}.", path=path)
+        return paths, path
+    if os.path.isfile(path):
+        return [path], os.path.dirname(path)
+    raise SourceError(f"Source {text} does not exist (not a file, a directory or a glob that matches).", path=text)
+
+
+def load_metadata(root: str, metadata: Mapping[str, Any] | str | os.PathLike[str] | None) -> Metadata:
+    """Metadata from a mapping, an explicit file, or ``metadata.json`` in ``root``."""
+    if isinstance(metadata, Mapping):
+        return parse_metadata(dict(metadata), path=None)
+    path = os.fspath(metadata) if metadata is not None else posixpath.join(root, "metadata.json")
+    if not os.path.isfile(path):
+        raise MetadataError(
+            f"Metadata file {path} not found. Put a metadata.json beside the data "
+            f"(it may be just {{}}) or pass metadata={{...}}.",
+            path=path,
+        )
+    with open(path, "rb") as f:
+        return parse_metadata_text(f.read(), path=path)
+
+
+def _top_level_columns(rows: list[tuple[str, int | None, str | None]]) -> dict[str, str]:
+    """Top-level (name -> DuckDB type) from ``parquet_schema`` rows of one file, in order.
+
+    Rows are the flattened schema tree in depth-first order; nested fields are skipped over.
+    """
+    out: dict[str, str] = {}
+    it = iter(rows[1:])  # rows[0] is the root
+    def skip(n: int) -> None:
+        for _ in range(n):
+            _, children, _ = next(it)
+            skip(children or 0)
+    for name, children, dtype in it:
+        out[name] = dtype or "UNKNOWN"
+        skip(children or 0)
+    return out
+
+
+def read_footers(paths: list[str], *, con: duckdb.DuckDBPyConnection,
+                 tracer: Callable[[str], None] | None = None) -> dict[str, tuple[int, dict[str, str]]]:
+    """Row count and top-level schema of every file, from their footers, in one query each."""
+    try:
+        schema_rows = fetch_all(con, sb.render(sb.select(
+            [sb.column(c) for c in ("file_name", "name", "num_children", "duckdb_type")],
+            sb.table_function("parquet_schema", paths))), tracer)
+        count_rows = fetch_all(con, sb.render(sb.select(
+            [sb.column("file_name"), sb.column("num_rows")], sb.table_function("parquet_file_metadata", paths))), tracer)
+    except duckdb.Error:
+        # Find the culprit so the error names it.
+        for p in paths:
+            try:
+                fetch_all(con, sb.render(sb.select([sb.column("num_rows")], sb.table_function("parquet_file_metadata", [p]))))
+            except duckdb.Error as e:
+                raise SourceError(f"Cannot read Parquet file {p}: {_first_line(e)}", path=p) from None
+        raise
+    by_file: dict[str, list[tuple[str, int | None, str | None]]] = {}
+    for fname, name, children, dtype in schema_rows:
+        by_file.setdefault(fname, []).append((name, children, dtype))
+    counts = dict(count_rows)
+    return {p: (int(counts[p]), _top_level_columns(by_file[p])) for p in paths}
+
+
+def read_time_ranges(paths: list[str], time_column: str, type_sql: str, *, con: duckdb.DuckDBPyConnection,
+                     tracer: Callable[[str], None] | None = None) -> dict[str, tuple[Any, Any]]:
+    """Min and max of the time column per file from row-group statistics (no data read)."""
+    target = "TIMESTAMPTZ" if type_sql == "TIMESTAMP WITH TIME ZONE" else "TIMESTAMP"
+    sql = sb.render(sb.select(
+        [sb.column("file_name"),
+         sb.alias(sb.func("min", sb.try_cast(sb.column("stats_min_value"), target)), "lo"),
+         sb.alias(sb.func("max", sb.try_cast(sb.column("stats_max_value"), target)), "hi"),
+         sb.alias(sb.func("bool_or", sb.is_null(sb.column("stats_min_value"))), "missing")],
+        sb.table_function("parquet_metadata", paths),
+        where=sb.eq(sb.column("path_in_schema"), sb.string(time_column)), group_by_all=True))
+    out: dict[str, tuple[Any, Any]] = {}
+    for fname, lo, hi, missing in fetch_all(con, sql, tracer):
+        out[fname] = (None, None) if missing else (lo, hi)
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def detect_time_column(columns: Mapping[str, str], metadata: Metadata) -> str | None:
+    """The metadata's ``time_column``, else ``ts``, else the only timestamp column."""
+    if metadata.time_column is not None:
+        if metadata.time_column not in columns:
+            raise MetadataError(
+                f"Key 'time_column' in {metadata.path or 'metadata'} names column {metadata.time_column!r}, "
+                f"which the data does not have. Columns: {', '.join(columns)}.",
+                path=metadata.path, key="time_column")
+        if not columns[metadata.time_column].startswith("TIMESTAMP"):
+            raise MetadataError(
+                f"Key 'time_column' names {metadata.time_column!r} of type {columns[metadata.time_column]}, "
+                f"not a timestamp.", path=metadata.path, key="time_column")
+        return metadata.time_column
+    if "ts" in columns and columns["ts"].startswith("TIMESTAMP"):
+        return "ts"
+    stamps = [c for c, t in columns.items() if t.startswith("TIMESTAMP")]
+    if len(stamps) == 1:
+        return stamps[0]
+    if metadata.session_window is not None:
+        found = ", ".join(stamps) if stamps else "none"
+        raise MetadataError(
+            f"Metadata {metadata.path or ''} sets a session window but the time column is ambiguous "
+            f"(timestamp columns: {found}); set 'time_column'.", path=metadata.path, key="time_column")
+    return None
+
+
+def union_columns(per_file: Sequence[Mapping[str, str]], con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+    """Union by name of the files' schemas; a column whose type differs takes DuckDB's common type."""
+    out: dict[str, str] = {}
+    for cols in per_file:
+        for name, dtype in cols.items():
+            if name not in out:
+                out[name] = dtype
+            elif out[name] != dtype:
+                out[name] = _common_type(out[name], dtype, con)
+    return out
+
+
+def _common_type(a: str, b: str, con: duckdb.DuckDBPyConnection) -> str:
+    row = fetch_all(con, sb.common_type_query(a, b))
+    return str(row[0][0])
+
+
+def open_dataset(source: Any, *, metadata: Any = None, config: ConnectionConfig | None = None,
+                 tracer: Callable[[str], None] | None = None) -> Dataset:
+    """List the source, read every footer once, and load ``metadata.json``."""
+    paths, root = list_local(source)
+    meta = load_metadata(root, metadata)
+    con = (config or ConnectionConfig()).open()
+    try:
+        footers = read_footers(paths, con=con, tracer=tracer)
+        columns = union_columns([footers[p][1] for p in paths], con)
+        time_column = detect_time_column(columns, meta)
+        ranges: dict[str, tuple[Any, Any]] = {}
+        if time_column is not None:
+            ranges = read_time_ranges(paths, time_column, columns[time_column], con=con, tracer=tracer)
+    finally:
+        con.close()
+    files = []
+    for p in paths:
+        st = os.stat(p)
+        rows, cols = footers[p]
+        lo, hi = ranges.get(p, (None, None))
+        files.append(FileInfo(p, st.st_size, st.st_mtime, rows, cols, lo, hi))
+    return Dataset(files, columns, meta, time_column, root)

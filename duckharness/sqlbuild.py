@@ -1,0 +1,229 @@
+"""The one place where user input becomes SQL text.
+
+Everything is built as sqlglot trees: identifiers go through :func:`ident` (quoted only when
+needed), strings and paths through :func:`string` (quotes escaped), and trees are rendered in the
+DuckDB dialect by :func:`render`. Other modules never paste user input into SQL strings.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping, Sequence
+
+import sqlglot
+from sqlglot import exp
+from sqlglot.errors import ParseError
+
+DIALECT = "duckdb"
+
+
+class SQLParseError(ValueError):
+    """Raised by the parse helpers; callers turn it into an error naming their own culprit."""
+
+
+def ident(name: str) -> exp.Identifier:
+    """A quoted-if-needed identifier.
+
+    Example:
+        >>> render(ident("exp 1")), render(ident("volume"))
+        ('"exp 1"', 'volume')
+    """
+    return exp.to_identifier(name)  # type: ignore[return-value]
+
+
+def column(name: str, table: str | None = None) -> exp.Column:
+    return exp.column(ident(name), table=ident(table) if table else None)
+
+
+def string(value: str) -> exp.Literal:
+    """A SQL string literal with quotes escaped.
+
+    Example:
+        >>> render(string("data/o'brien/*.parquet"))
+        "'data/o''brien/*.parquet'"
+    """
+    return exp.Literal.string(value)
+
+
+def number(value: float | int) -> exp.Expression:
+    """A numeric literal that round-trips the Python value exactly (negative values included)."""
+    if isinstance(value, bool):
+        return exp.Boolean(this=value)
+    text = repr(float(value)) if isinstance(value, float) else str(value)
+    if text in ("nan", "inf", "-inf"):
+        return exp.cast(string(text), "DOUBLE")
+    lit = exp.Literal.number(text.lstrip("-"))
+    return exp.Neg(this=lit) if text.startswith("-") else lit
+
+
+def render(node: exp.Expression, *, pretty: bool = False) -> str:
+    """Render a tree as DuckDB SQL."""
+    return node.sql(dialect=DIALECT, pretty=pretty)
+
+
+def timestamp(value: dt.datetime, *, with_tz: bool) -> exp.Expression:
+    """A TIMESTAMPTZ literal of an aware UTC instant, or a naive TIMESTAMP of its UTC wall time."""
+    utc = value.astimezone(dt.UTC)
+    if with_tz:
+        return exp.cast(string(utc.strftime("%Y-%m-%d %H:%M:%S.%f+00")), "TIMESTAMPTZ")
+    return exp.cast(string(utc.strftime("%Y-%m-%d %H:%M:%S.%f")), "TIMESTAMP")
+
+
+def date(value: dt.date) -> exp.Expression:
+    return exp.cast(string(value.isoformat()), "DATE")
+
+
+def read_parquet(paths: Sequence[str], *, union_by_name: bool = True) -> exp.Expression:
+    """``read_parquet([...], union_by_name = true)`` over the given files or globs."""
+    args: list[exp.Expression] = [exp.Array(expressions=[string(p) for p in paths])]
+    if union_by_name:
+        args.append(exp.EQ(this=exp.var("union_by_name"), expression=exp.true()))
+    return exp.Anonymous(this="read_parquet", expressions=args)
+
+
+def and_all(conditions: Iterable[exp.Expression]) -> exp.Expression | None:
+    conds = [exp.paren(c.copy(), copy=False) for c in conditions]
+    if not conds:
+        return None
+    return exp.and_(*conds, copy=False) if len(conds) > 1 else conds[0]
+
+
+def or_all(conditions: Iterable[exp.Expression]) -> exp.Expression | None:
+    conds = [exp.paren(c.copy(), copy=False) for c in conditions]
+    if not conds:
+        return None
+    return exp.or_(*conds, copy=False) if len(conds) > 1 else conds[0]
+
+
+def between(col: exp.Expression, lo: exp.Expression, hi: exp.Expression, *, hi_inclusive: bool) -> exp.Expression:
+    if hi_inclusive:
+        return exp.Between(this=col.copy(), low=lo, high=hi)
+    return exp.and_(exp.GTE(this=col.copy(), expression=lo), exp.LT(this=col.copy(), expression=hi))
+
+
+def cast(node: exp.Expression, type_sql: str) -> exp.Expression:
+    return exp.Cast(this=node, to=exp.DataType.build(type_sql, dialect=DIALECT))
+
+
+def is_valid_number(node: exp.Expression, type_sql: str) -> exp.Expression:
+    """``x IS NOT NULL`` and, for floating-point columns, ``NOT isnan(x)``."""
+    cond: exp.Expression = exp.Not(this=exp.Is(this=node.copy(), expression=exp.Null()))
+    if type_sql.upper() in ("DOUBLE", "FLOAT", "REAL", "FLOAT4", "FLOAT8"):
+        cond = exp.and_(cond, exp.Not(this=exp.Anonymous(this="isnan", expressions=[node.copy()])))
+    return cond
+
+
+# --- parsing user SQL -------------------------------------------------------------------------
+
+def parse_statement(sql: str) -> exp.Expression:
+    """Parse exactly one SQL statement; raise :class:`SQLParseError` with the parser's message."""
+    try:
+        trees = [t for t in sqlglot.parse(sql, dialect=DIALECT) if t is not None]
+    except ParseError as e:
+        raise SQLParseError(_first_error(e)) from None
+    if len(trees) != 1:
+        raise SQLParseError(f"expected one SQL statement, found {len(trees)}")
+    return trees[0]
+
+
+def parse_expression(sql: str) -> exp.Expression:
+    """Parse a scalar SQL expression such as a WHERE condition."""
+    try:
+        return sqlglot.parse_one(sql, dialect=DIALECT, into=exp.Condition)
+    except ParseError as e:
+        raise SQLParseError(_first_error(e)) from None
+
+
+def _first_error(e: ParseError) -> str:
+    if e.errors:
+        err = e.errors[0]
+        return f"{err.get('description')} at line {err.get('line')}, column {err.get('col')}"
+    return str(e)
+
+
+def column_names(node: exp.Expression) -> list[str]:
+    """Unqualified names of the columns a tree reads, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for c in node.find_all(exp.Column):
+        seen.setdefault(c.name, None)
+    return list(seen)
+
+
+def substitute_columns(node: exp.Expression, mapping: Mapping[str, exp.Expression]) -> exp.Expression:
+    """Replace every column reference by its expression in ``mapping`` (parenthesised)."""
+
+    def swap(n: exp.Expression) -> exp.Expression:
+        if isinstance(n, exp.Column) and not isinstance(n.this, exp.Star) and n.name in mapping:
+            new = mapping[n.name].copy()
+            atomic = isinstance(new, (exp.Column, exp.Literal, exp.Paren, exp.Null, exp.Boolean))
+            return new if atomic else exp.paren(new, copy=False)
+        return n
+
+    return node.copy().transform(swap, copy=False)
+
+
+def select(projections: Sequence[exp.Expression], from_: exp.Expression | str, *,
+           where: exp.Expression | None = None, group_by_all: bool = False) -> exp.Select:
+    q = exp.select(*projections).from_(from_ if isinstance(from_, exp.Expression) else exp.to_table(from_))
+    if where is not None:
+        q = q.where(where, copy=False)
+    if group_by_all:
+        q.set("group", exp.Group(all=True))
+    return q
+
+
+def alias(node: exp.Expression, name: str) -> exp.Alias:
+    return exp.alias_(node, ident(name))
+
+
+def create_view(name: str, query: exp.Expression, *, temp: bool = False) -> exp.Create:
+    props = exp.Properties(expressions=[exp.TemporaryProperty()]) if temp else None
+    return exp.Create(this=exp.Table(this=ident(name)), kind="VIEW", replace=True,
+                      expression=query, properties=props)
+
+
+def func(name: str, *args: exp.Expression) -> exp.Expression:
+    return exp.Anonymous(this=name, expressions=list(args))
+
+
+def try_cast(node: exp.Expression, type_sql: str) -> exp.Expression:
+    return exp.TryCast(this=node, to=exp.DataType.build(type_sql, dialect=DIALECT))
+
+
+def is_null(node: exp.Expression) -> exp.Expression:
+    return exp.Is(this=node, expression=exp.Null())
+
+
+def eq(a: exp.Expression, b: exp.Expression) -> exp.Expression:
+    return exp.EQ(this=a, expression=b)
+
+
+def string_array(values: Sequence[str]) -> exp.Expression:
+    return exp.Array(expressions=[string(v) for v in values])
+
+
+def table_function(name: str, paths: Sequence[str]) -> exp.Expression:
+    """``name(['a', 'b'])``, e.g. ``parquet_metadata`` over a list of files."""
+    return func(name, string_array(paths))
+
+
+def common_type_query(a: str, b: str) -> str:
+    """A query whose one value is the type DuckDB unifies ``a`` and ``b`` to."""
+    def side(t: str) -> exp.Select:
+        return exp.select(alias(cast(exp.Null(), t), "x"))
+    union = exp.Union(this=side(a), expression=side(b), distinct=False, by_name=True)
+    return render(exp.select(func("typeof", column("x"))).from_(union.subquery()).limit(1))
+
+
+def fill_slots(skeleton: str, fragments: Mapping[str, exp.Expression]) -> str:
+    """Put rendered trees into a rendered skeleton in place of slot identifiers.
+
+    Rendering a large tree is the costly part of building a query; a skeleton rendered once with
+    identifiers such as ``__dh_slot_from__`` can be filled for each batch with small trees.
+    """
+    out = skeleton
+    for slot, node in fragments.items():
+        if slot not in out:
+            raise KeyError(slot)
+        out = out.replace(slot, render(node))
+    return out
