@@ -14,8 +14,12 @@ from typing import Any
 def _harness(args: argparse.Namespace) -> Any:
     from duckharness.harness import Harness
 
-    h = Harness(args.source, metric_dirs=args.metric_dir or (), workers=args.workers,
-                tracer=(lambda sql: print(sql, file=sys.stderr)) if args.trace else None)
+    h = Harness(
+        args.source,
+        metric_dirs=args.metric_dir or (),
+        workers=args.workers,
+        tracer=(lambda sql: print(sql, file=sys.stderr)) if args.trace else None,
+    )
     if getattr(args, "experiments", None):
         h.load_experiments(args.experiments)
     return h
@@ -34,8 +38,13 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     from duckharness.results import FORMATS
 
     with _harness(args) as h:
-        df = h.metrics(args.metric or None, pairs=args.pair or None,
-                       experiments=args.experiment or None, by=args.by or None, window=_window(args))
+        df = h.metrics(
+            args.metric or None,
+            pairs=args.pair or None,
+            experiments=args.experiment or None,
+            by=args.by or None,
+            window=_window(args),
+        )
     sys.stdout.write(FORMATS[args.format](df).rstrip("\n") + "\n")
     return 0
 
@@ -53,13 +62,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"Wrote {len(paths)} daily Parquet files, metadata.json and experiments.sql to {out}")
     with Harness(out) as h:
         h.load_experiments(os.path.join(out, "experiments.sql"))
-        print(f"Session window: {h.session_window.describe() if h.session_window else 'none'}; "
-              f"experiments: {', '.join(h.experiments.names)}\n")
+        print(
+            f"Session window: {h.session_window.describe() if h.session_window else 'none'}; "
+            f"experiments: {', '.join(h.experiments.names)}\n"
+        )
         df = h.metrics(["count", "r2", "rmse", "mae", "bias", "corr", "hit_rate"])
         print(format_table(df.filter(df["metric"] != "n_excluded")))
         print("\nPer day, pred_10s:target_10s, r2 and corr:")
-        per_day = h.metrics(["r2", "corr"], pairs=["pred_10s:target_10s"], experiments=["baseline", "tight"],
-                            by="day")
+        per_day = h.metrics(["r2", "corr"], pairs=["pred_10s:target_10s"], experiments=["baseline", "tight"], by="day")
         print(format_table(per_day.filter(per_day["metric"] != "n_excluded")))
         t = h.last_run.timings if h.last_run else {}
         print("\nTimings (s): " + ", ".join(f"{k} {v:.3f}" for k, v in t.items()))
@@ -72,16 +82,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of short error messages")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="write a sample dataset and evaluate experiments on it",
-                       description="Write a sample dataset (several days crossing a DST switch, three horizons) "
-                                   "and run experiments and metrics on it.")
+    d = sub.add_parser(
+        "demo",
+        help="write a sample dataset and evaluate experiments on it",
+        description="Write a sample dataset (several days crossing a DST switch, three horizons) "
+        "and run experiments and metrics on it.",
+    )
     d.add_argument("dir", nargs="?", help="where to write the sample data (default: a temp folder)")
     d.add_argument("--days", type=int, default=6, help="trading days to write (default 6)")
     d.add_argument("--rows", type=int, default=20_000, help="rows per day (default 20000)")
     d.set_defaults(func=cmd_demo)
 
-    m = sub.add_parser("metrics", help="compute metrics for experiments and pred:target pairs",
-                       description="Compute metrics for every experiment and pred:target pair.")
+    m = sub.add_parser(
+        "metrics",
+        help="compute metrics for experiments and pred:target pairs",
+        description="Compute metrics for every experiment and pred:target pair.",
+    )
     m.add_argument("source", help="directory, glob or Parquet file of backtest results")
     m.add_argument("--experiments", metavar="FILE", help="SQL file of '-- experiment: NAME' statements")
     m.add_argument("--experiment", action="append", metavar="NAME", help="only these experiments (repeatable)")

@@ -17,7 +17,7 @@ class ConnectionConfig:
     timezone: str = "UTC"
 
     def open(self, tracer: Callable[[str], None] | None = None) -> duckdb.DuckDBPyConnection:
-        config: dict[str, str | int | bool] = {}
+        config: dict[str, str | bool | int | float | list[str]] = {}
         if self.threads:
             config["threads"] = self.threads
         if self.memory_limit:

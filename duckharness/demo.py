@@ -34,7 +34,8 @@ SELECT * REPLACE (
 
 def trading_days(start: dt.date, n: int) -> list[dt.date]:
     """The first ``n`` weekdays from ``start``."""
-    days, d = [], start
+    days: list[dt.date] = []
+    d = start
     while len(days) < n:
         if d.weekday() < 5:
             days.append(d)
@@ -63,8 +64,14 @@ def one_day(day: dt.date, rows: int, rng: np.random.Generator, symbols: int = 50
     return pa.table(cols)
 
 
-def write_demo_dataset(out: str | os.PathLike[str], *, days: int = 6, rows: int = 20_000,
-                       start: dt.date = dt.date(2026, 3, 4), seed: int = 0) -> list[str]:
+def write_demo_dataset(
+    out: str | os.PathLike[str],
+    *,
+    days: int = 6,
+    rows: int = 20_000,
+    start: dt.date = dt.date(2026, 3, 4),
+    seed: int = 0,
+) -> list[str]:
     """Write ``days`` daily files (crossing the 2026-03-08 DST switch) and ``metadata.json``.
 
     Returns the paths of the Parquet files written.
@@ -76,8 +83,13 @@ def write_demo_dataset(out: str | os.PathLike[str], *, days: int = 6, rows: int 
         path = os.path.join(out, f"{day.isoformat()}.parquet")
         pq.write_table(one_day(day, rows, rng), path, row_group_size=max(1024, rows // 8))
         paths.append(path)
-    meta = {"start_time": "09:30:00", "end_time": "16:00:00", "timezone": "US/Eastern",
-            "model": "synthetic-demo", "horizons": list(HORIZONS)}
+    meta = {
+        "start_time": "09:30:00",
+        "end_time": "16:00:00",
+        "timezone": "US/Eastern",
+        "model": "synthetic-demo",
+        "horizons": list(HORIZONS),
+    }
     with open(os.path.join(out, "metadata.json"), "w") as f:
         json.dump(meta, f, indent=2)
     with open(os.path.join(out, "experiments.sql"), "w") as f:

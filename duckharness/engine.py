@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import duckdb
 import polars as pl
@@ -20,7 +19,7 @@ from duckharness import sqlbuild as sb
 from duckharness.connection import ConnectionConfig, fetch_all
 from duckharness.errors import InputError, UnknownColumnError
 from duckharness.executor import ThreadExecutor
-from duckharness.experiments import BASELINE, Experiments, Inlined
+from duckharness.experiments import Experiments, Inlined
 from duckharness.metadata import SessionWindow
 from duckharness.metricfile import Metric
 from duckharness.plan import (
@@ -50,7 +49,7 @@ class RunStats:
     queries: list[str] = field(default_factory=list)
 
 
-def baseline_query(dataset: Dataset, window: SessionWindow | None) -> exp.Expression:
+def baseline_query(dataset: Dataset, window: SessionWindow | None) -> exp.Expr:
     """``SELECT * FROM read_parquet([...]) WHERE <window on every day>`` over the whole source."""
     where, _ = window_and_day(dataset, dataset.files, window)
     return sb.select([exp.Star()], sb.read_parquet(dataset.paths), where=where)
@@ -59,7 +58,7 @@ def baseline_query(dataset: Dataset, window: SessionWindow | None) -> exp.Expres
 def make_batches(files: Sequence[FileInfo], batch_size: int) -> list[list[FileInfo]]:
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}.")
-    return [list(files[i:i + batch_size]) for i in range(0, len(files), batch_size)]
+    return [list(files[i : i + batch_size]) for i in range(0, len(files), batch_size)]
 
 
 def _frame(con: duckdb.DuckDBPyConnection, sql: str, tracer: Tracer | None) -> pl.DataFrame:
@@ -71,10 +70,20 @@ def _frame(con: duckdb.DuckDBPyConnection, sql: str, tracer: Tracer | None) -> p
     return pl.DataFrame(rows, schema=names, orient="row", infer_schema_length=None)
 
 
-def run_metrics(dataset: Dataset, experiments: Experiments, names: Sequence[str], pairs: Sequence[Pair],
-                metrics: Sequence[Metric], by: Sequence[str], window: SessionWindow | None, *,
-                executor: ThreadExecutor, batch_size: int = 1, tracer: Tracer | None = None,
-                stats: RunStats | None = None) -> pl.DataFrame:
+def run_metrics(
+    dataset: Dataset,
+    experiments: Experiments,
+    names: Sequence[str],
+    pairs: Sequence[Pair],
+    metrics: Sequence[Metric],
+    by: Sequence[str],
+    window: SessionWindow | None,
+    *,
+    executor: ThreadExecutor,
+    batch_size: int = 1,
+    tracer: Tracer | None = None,
+    stats: RunStats | None = None,
+) -> pl.DataFrame:
     """Compute ``metrics`` for every experiment in ``names`` and pair, grouped by ``by``."""
     stats = stats if stats is not None else RunStats()
     t0 = time.perf_counter()
@@ -101,8 +110,11 @@ def run_metrics(dataset: Dataset, experiments: Experiments, names: Sequence[str]
         sqls = [scan.batch_query(b, window) for b in batches]
         stats.queries.extend(sqls[:1])
         t1 = time.perf_counter()
-        frames = executor.map(lambda con, i: _frame(con, sqls[i], tracer), list(range(len(batches))),
-                              describe=lambda i: [f.path for f in batches[i]])
+        frames = executor.map(
+            lambda con, i: _frame(con, sqls[i], tracer),
+            list(range(len(batches))),
+            describe=lambda i: [f.path for f in batches[i]],
+        )
         stats.timings["map"] = time.perf_counter() - t1
         results.append((targets, pl.concat(frames, how="vertical_relaxed")))
 
@@ -110,16 +122,19 @@ def run_metrics(dataset: Dataset, experiments: Experiments, names: Sequence[str]
     base = baseline_query(dataset, window)
     for n in whole:
         cols = experiments.columns(n)
-        rel = experiments.query(n, base).subquery("e")
-        scan = FusedScan(dataset, {n: (Inlined((), {c: sb.column(c) for c in cols}), cols)}, pairs, metrics, by,
-                         columns=cols)
+        rel = exp.Subquery(this=experiments.query(n, base), alias=exp.TableAlias(this=sb.ident("e")))
+        scan = FusedScan(
+            dataset, {n: (Inlined((), {c: sb.column(c) for c in cols}), cols)}, pairs, metrics, by, columns=cols
+        )
         tcol = dataset.time_column
         if tcol is not None and tcol in cols:
-            day = _per_row_window(sb.column(tcol), dataset.time_is_aware,
-                                  window.timezone if window else dataset.metadata.timezone, window)[1]
+            day = _per_row_window(
+                sb.column(tcol), dataset.time_is_aware, window.timezone if window else dataset.metadata.timezone, window
+            )[1]
         elif "day" in by:
-            raise UnknownColumnError(f"Cannot group experiment {n!r} by day: it has no time column "
-                                     f"{tcol!r}.", column=str(tcol), experiment=n)
+            raise UnknownColumnError(
+                f"Cannot group experiment {n!r} by day: it has no time column {tcol!r}.", column=str(tcol), experiment=n
+            )
         else:
             day = sb.cast(exp.Null(), "DATE")
         con = ConnectionConfig(threads=executor.workers).open()
@@ -132,8 +147,10 @@ def run_metrics(dataset: Dataset, experiments: Experiments, names: Sequence[str]
                 results.append((targets, _frame(con, sql, tracer)))
             except duckdb.Error as e:
                 from duckharness.errors import ExecutionError
-                raise ExecutionError(f"Experiment {n!r} failed: {str(e).strip().splitlines()[0]}",
-                                     files=dataset.paths, sql=sql) from e
+
+                raise ExecutionError(
+                    f"Experiment {n!r} failed: {str(e).strip().splitlines()[0]}", files=dataset.paths, sql=sql
+                ) from e
         finally:
             con.close()
     if whole:
@@ -145,8 +162,9 @@ def run_metrics(dataset: Dataset, experiments: Experiments, names: Sequence[str]
     return tidy
 
 
-def _shifts(scan: FusedScan, relation: exp.Expression, tracer: Tracer | None,
-            con: duckdb.DuckDBPyConnection | None = None) -> dict[str, float]:
+def _shifts(
+    scan: FusedScan, relation: exp.Expr, tracer: Tracer | None, con: duckdb.DuckDBPyConnection | None = None
+) -> dict[str, float]:
     q = scan.shift_query(relation)
     if q is None:
         return {}
@@ -160,8 +178,13 @@ def _shifts(scan: FusedScan, relation: exp.Expression, tracer: Tracer | None,
     return {sb.render(e): round_shift(v) for e, v in zip(scan.shift_expressions(), row, strict=True)}
 
 
-def finalize(results: Sequence[tuple[list[Target], pl.DataFrame]], metrics: Sequence[Metric],
-             out_keys: Sequence[str], names: Sequence[str], pairs: Sequence[Pair]) -> pl.DataFrame:
+def finalize(
+    results: Sequence[tuple[list[Target], pl.DataFrame]],
+    metrics: Sequence[Metric],
+    out_keys: Sequence[str],
+    names: Sequence[str],
+    pairs: Sequence[Pair],
+) -> pl.DataFrame:
     """Merge each target's cells and evaluate every metric's final query; tidy output."""
     per_metric: dict[str, list[pl.DataFrame]] = {m.name: [] for m in metrics}
     excluded: list[pl.DataFrame] = []
@@ -172,23 +195,34 @@ def finalize(results: Sequence[tuple[list[Target], pl.DataFrame]], metrics: Sequ
                 selected = selected & pl.col(k).fill_null(False)  # a NULL condition does not select
             cells = partials.filter(selected)
             valid = pl.col(t.valid).fill_null(False)
-            label = [pl.lit(t.experiment).alias("experiment"), pl.lit(t.pair.pred).alias("pred"),
-                     pl.lit(t.pair.target).alias("target")]
+            label = [
+                pl.lit(t.experiment).alias("experiment"),
+                pl.lit(t.pair.pred).alias("pred"),
+                pl.lit(t.pair.target).alias("target"),
+            ]
             bad = merge_partials(cells.filter(~valid), out_keys, {ROWS: "sum"})
-            excluded.append(bad.select(*label, *out_keys, pl.lit("n_excluded").alias("metric"),
-                                       pl.col(ROWS).cast(pl.Float64).alias("value")))
+            excluded.append(
+                bad.select(
+                    *label,
+                    *out_keys,
+                    pl.lit("n_excluded").alias("metric"),
+                    pl.col(ROWS).cast(pl.Float64).alias("value"),
+                )
+            )
             # One merge per target for every (column, merge function) its metrics need.
             how: dict[str, str] = {}
             for m in metrics:
                 for s, col in t.stats[m.name].items():
                     how[f"{col}|{m.merge[s]}"] = m.merge[s]
-            good = cells.filter(valid).select(
-                *out_keys, *[pl.col(c.split("|")[0]).alias(c) for c in how])
+            good = cells.filter(valid).select(*out_keys, *[pl.col(c.split("|")[0]).alias(c) for c in how])
             merged = merge_partials(good, out_keys, how)
             for m in metrics:
                 cols = t.stats[m.name]
-                per_metric[m.name].append(merged.select(
-                    *label, *out_keys, *[pl.col(f"{cols[s]}|{m.merge[s]}").alias(s) for s in m.stat_names]))
+                per_metric[m.name].append(
+                    merged.select(
+                        *label, *out_keys, *[pl.col(f"{cols[s]}|{m.merge[s]}").alias(s) for s in m.stat_names]
+                    )
+                )
     frames: list[pl.DataFrame] = []
     con = ConnectionConfig(threads=1).open()
     try:
@@ -199,23 +233,30 @@ def finalize(results: Sequence[tuple[list[Target], pl.DataFrame]], metrics: Sequ
             q = sb.select([sb.column("__i"), sb.alias(m.final.copy(), "value")], "merged")
             values = con.sql(sb.render(q)).pl()
             con.unregister("merged")
-            frames.append(merged.select("__i", "experiment", "pred", "target", *out_keys)
-                          .join(values, on="__i").drop("__i")
-                          .with_columns(pl.lit(m.name).alias("metric"),
-                                        pl.col("value").cast(pl.Float64)))
+            frames.append(
+                merged.select("__i", "experiment", "pred", "target", *out_keys)
+                .join(values, on="__i")
+                .drop("__i")
+                .with_columns(pl.lit(m.name).alias("metric"), pl.col("value").cast(pl.Float64))
+            )
     finally:
         con.close()
     frames.extend(excluded)
-    out = pl.concat([f.select("experiment", "pred", "target", *out_keys, "metric", "value") for f in frames],
-                    how="vertical_relaxed")
+    out = pl.concat(
+        [f.select("experiment", "pred", "target", *out_keys, "metric", "value") for f in frames], how="vertical_relaxed"
+    )
     # NaN from 0/0 in a final formula means "undefined": report it as null.
     out = out.with_columns(pl.when(pl.col("value").is_nan()).then(None).otherwise(pl.col("value")).alias("value"))
-    order = {"experiment": {n: i for i, n in enumerate(names)},
-             "pred": {p.pred: i for i, p in enumerate(pairs)},
-             "metric": {m.name: i for i, m in enumerate(metrics)} | {"n_excluded": len(metrics)}}
-    out = out.with_columns(*[pl.col(c).replace_strict(o, default=len(o), return_dtype=pl.Int64).alias(f"__o_{c}")
-                             for c, o in order.items()])
-    out = out.sort(["__o_experiment", "__o_pred", "target", *out_keys, "__o_metric"]).drop(
-        [f"__o_{c}" for c in order])
+    order = {
+        "experiment": {n: i for i, n in enumerate(names)},
+        "pred": {p.pred: i for i, p in enumerate(pairs)},
+        "metric": {m.name: i for i, m in enumerate(metrics)} | {"n_excluded": len(metrics)},
+    }
+    out = out.with_columns(
+        *[
+            pl.col(c).replace_strict(o, default=len(o), return_dtype=pl.Int64).alias(f"__o_{c}")
+            for c, o in order.items()
+        ]
+    )
+    out = out.sort(["__o_experiment", "__o_pred", "target", *out_keys, "__o_metric"]).drop([f"__o_{c}" for c in order])
     return out.rename({DAY: "day"}) if DAY in out_keys else out
-

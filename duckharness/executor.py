@@ -36,9 +36,13 @@ class ThreadExecutor:
         self.workers = workers or default_workers()
         self.config = config or ConnectionConfig(threads=1)
 
-    def map(self, fn: Callable[[duckdb.DuckDBPyConnection, T], R], tasks: Sequence[T],
-            describe: Callable[[T], list[str]] = lambda t: [],
-            on_done: Callable[[], None] | None = None) -> list[R]:
+    def map(
+        self,
+        fn: Callable[[duckdb.DuckDBPyConnection, T], R],
+        tasks: Sequence[T],
+        describe: Callable[[T], list[str]] = lambda t: [],
+        on_done: Callable[[], None] | None = None,
+    ) -> list[R]:
         local = threading.local()
         opened: list[duckdb.DuckDBPyConnection] = []
         lock = threading.Lock()

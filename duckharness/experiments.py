@@ -40,7 +40,7 @@ class Step:
     name: str
     base: str
     sql: str
-    query: exp.Select | exp.Expression
+    query: exp.Select | exp.Expr
     depends: tuple[str, ...] = ()
 
     def render(self, *, pretty: bool = True) -> str:
@@ -51,11 +51,11 @@ class Step:
 class Inlined:
     """An experiment as expressions over baseline columns: a WHERE list and a column mapping."""
 
-    conditions: tuple[exp.Expression, ...]
-    mapping: Mapping[str, exp.Expression] = field(default_factory=dict)
+    conditions: tuple[exp.Expr, ...]
+    mapping: Mapping[str, exp.Expr] = field(default_factory=dict)
 
 
-def _referenced_tables(tree: exp.Expression) -> list[str]:
+def _referenced_tables(tree: exp.Expr) -> list[str]:
     ctes = {c.alias_or_name for c in tree.find_all(exp.CTE)}
     out: dict[str, None] = {}
     for t in tree.find_all(exp.Table):
@@ -81,16 +81,18 @@ def parse_step(name: str, sql: str, base: str | None) -> Step:
         tables = _referenced_tables(tree)
         if not tables:
             raise ExperimentSQLError(
-                f"Experiment {name!r}: the SELECT must read FROM its base (e.g. FROM baseline).", experiment=name)
+                f"Experiment {name!r}: the SELECT must read FROM its base (e.g. FROM baseline).", experiment=name
+            )
         if base is not None and base not in tables:
             raise ExperimentSQLError(
                 f"Experiment {name!r}: base {base!r} was given but the SELECT reads from {', '.join(tables)}.",
-                experiment=name)
+                experiment=name,
+            )
         return Step(name, base or tables[0], sql, tree, tuple(tables))
     if isinstance(tree, (exp.DDL, exp.DML, exp.Command)) or not isinstance(tree, exp.Condition):
         raise ExperimentSQLError(
-            f"Experiment {name!r}: a step is a WHERE condition or a SELECT, got {type(tree).__name__}.",
-            experiment=name)
+            f"Experiment {name!r}: a step is a WHERE condition or a SELECT, got {type(tree).__name__}.", experiment=name
+        )
     parent = base or BASELINE
     query = exp.select(exp.Star()).from_(exp.Table(this=sb.ident(parent))).where(tree)
     return Step(name, parent, sql, query, (parent,))
@@ -137,7 +139,9 @@ def order_steps(steps: Iterable[Step], known: Iterable[str]) -> list[Step]:
             if dep not in pending and dep not in done:
                 raise UnknownExperimentError(
                     f"Experiment {s.name!r} reads from {dep!r}, which is not an experiment "
-                    f"(known: {', '.join(sorted(done | set(pending)))}).", experiment=dep)
+                    f"(known: {', '.join(sorted(done | set(pending)))}).",
+                    experiment=dep,
+                )
     while pending:
         # Keep the file's order where the dependencies allow it.
         ready = next((s for s in pending.values() if all(d in done for d in s.depends)), None)
@@ -157,7 +161,7 @@ def _find_cycle(pending: Mapping[str, Step]) -> list[str]:
     while node not in path:
         path.append(node)
         node = next(d for d in pending[node].depends if d in pending)
-    return path[path.index(node):] + [node]
+    return [*path[path.index(node) :], node]
 
 
 _COLUMN_ERR = re.compile(r'(?:column|Column)\s+(?:with name\s+)?"?([^"\s]+)"?\s+(?:not found|does not exist)')
@@ -170,7 +174,7 @@ class Experiments:
     and returns each view's output columns; it raises :class:`duckdb.Error` on a binding error.
     """
 
-    def __init__(self, baseline_columns: Mapping[str, str], binder: Callable[[str, exp.Expression], dict[str, str]]):
+    def __init__(self, baseline_columns: Mapping[str, str], binder: Callable[[str, exp.Expr], dict[str, str]]):
         self._bind = binder
         self._steps: dict[str, Step] = {}
         self._columns: dict[str, dict[str, str]] = {BASELINE: dict(baseline_columns)}
@@ -190,7 +194,8 @@ class Experiments:
     def _check_known(self, name: str) -> None:
         if name not in self:
             raise UnknownExperimentError(
-                f"Unknown experiment {name!r}. Defined: {', '.join(self.names)}.", experiment=name)
+                f"Unknown experiment {name!r}. Defined: {', '.join(self.names)}.", experiment=name
+            )
 
     def columns(self, name: str) -> dict[str, str]:
         self._check_known(name)
@@ -201,14 +206,17 @@ class Experiments:
         step = parse_step(name, sql, base)
         if name in self._steps:
             raise DuplicateExperimentError(
-                f"Experiment {name!r} already exists. Remove it first or choose another name.", experiment=name)
+                f"Experiment {name!r} already exists. Remove it first or choose another name.", experiment=name
+            )
         for dep in step.depends:
             if dep == name:
                 raise ExperimentCycleError(f"Experiment {name!r} reads from itself.", cycle=[name, name])
             if dep not in self:
                 raise UnknownExperimentError(
                     f"Experiment {name!r} reads from {dep!r}, which is not an experiment "
-                    f"(defined: {', '.join(self.names)}).", experiment=dep)
+                    f"(defined: {', '.join(self.names)}).",
+                    experiment=dep,
+                )
         self._columns[name] = self._bind_step(step)
         self._steps[name] = step
         return step
@@ -221,8 +229,9 @@ class Experiments:
         self._check_known(name)
         users = [s.name for s in self._steps.values() if name in s.depends]
         if users:
-            raise ExperimentError(f"Experiment {name!r} is the base of {', '.join(users)}; remove those first.",
-                                  experiment=name)
+            raise ExperimentError(
+                f"Experiment {name!r} is the base of {', '.join(users)}; remove those first.", experiment=name
+            )
         del self._steps[name]
         del self._columns[name]
 
@@ -236,25 +245,30 @@ class Experiments:
                 raise UnknownColumnError(
                     f"Experiment {step.name!r} reads column {col!r}, which {step.base!r} does not have. "
                     f"Columns of {step.base!r}: {', '.join(self._columns[step.base])}.",
-                    column=col, experiment=step.name) from None
-            raise ExperimentSQLError(f"Experiment {step.name!r} is not valid SQL for DuckDB: {msg}",
-                                     experiment=step.name) from None
+                    column=col,
+                    experiment=step.name,
+                ) from None
+            raise ExperimentSQLError(
+                f"Experiment {step.name!r} is not valid SQL for DuckDB: {msg}", experiment=step.name
+            ) from None
 
     # -- views --------------------------------------------------------------------------------
     def chain(self, name: str) -> list[Step]:
         """The steps from baseline to ``name`` (dependencies first)."""
         self._check_known(name)
         out: list[Step] = []
+
         def visit(n: str) -> None:
             if n == BASELINE or any(s.name == n for s in out):
                 return
             for d in self._steps[n].depends:
                 visit(d)
             out.append(self._steps[n])
+
         visit(name)
         return out
 
-    def query(self, name: str, baseline: exp.Expression) -> exp.Expression:
+    def query(self, name: str, baseline: exp.Expr) -> exp.Expr:
         """One self-contained query for ``name``: ``WITH baseline AS (...), step AS (...) SELECT *``."""
         q = exp.select(exp.Star()).from_(exp.Table(this=sb.ident(name)))
         q = q.with_(sb.ident(BASELINE), as_=baseline.copy())
@@ -276,11 +290,26 @@ class Experiments:
         return _inline_select(step.query, parent, list(self._columns[name]))
 
 
-def _inline_select(q: exp.Expression, parent: Inlined, out_names: list[str]) -> Inlined | None:
+def _inline_select(q: exp.Expr, parent: Inlined, out_names: list[str]) -> Inlined | None:
     if not isinstance(q, exp.Select):
         return None
-    for arg in ("joins", "group", "having", "qualify", "limit", "offset", "distinct", "with_", "laterals",
-                "pivots", "windows", "sample", "prewhere", "connect", "match"):
+    for arg in (
+        "joins",
+        "group",
+        "having",
+        "qualify",
+        "limit",
+        "offset",
+        "distinct",
+        "with_",
+        "laterals",
+        "pivots",
+        "windows",
+        "sample",
+        "prewhere",
+        "connect",
+        "match",
+    ):
         if q.args.get(arg):
             return None
     from_ = q.args.get("from_") or q.args.get("from")
@@ -291,16 +320,21 @@ def _inline_select(q: exp.Expression, parent: Inlined, out_names: list[str]) -> 
             return None
         if isinstance(node, exp.Select) and node is not q:
             return None
-        if isinstance(node, exp.Func) and (node.sql_name().lower() in _VOLATILE or
-                                            (isinstance(node, exp.Anonymous) and str(node.this).lower() in _VOLATILE)):
+        if isinstance(node, exp.Func) and (
+            node.sql_name().lower() in _VOLATILE
+            or (isinstance(node, exp.Anonymous) and str(node.this).lower() in _VOLATILE)
+        ):
             return None
         if isinstance(node, exp.Rand):
             return None
     env = dict(parent.mapping)
-    items: list[tuple[str | None, exp.Expression]] = []
+    items: list[tuple[str | None, exp.Expr]] = []
     for proj in q.expressions:
-        star = proj if isinstance(proj, exp.Star) else (
-            proj.this if isinstance(proj, exp.Column) and isinstance(proj.this, exp.Star) else None)
+        star = (
+            proj
+            if isinstance(proj, exp.Star)
+            else (proj.this if isinstance(proj, exp.Column) and isinstance(proj.this, exp.Star) else None)
+        )
         if star is not None:
             excluded = {c.name for c in (star.args.get("except_") or star.args.get("except") or [])}
             replaced = {r.alias: r.this for r in (star.args.get("replace") or [])}

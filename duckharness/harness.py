@@ -45,10 +45,17 @@ class Harness:
         >>> h.metrics(["r2", "corr"], pairs=["pred_10s:target_10s"])      # doctest: +SKIP
     """
 
-    def __init__(self, source: Any, *, storage_options: Mapping[str, Any] | None = None,
-                 metadata: Mapping[str, Any] | str | os.PathLike[str] | None = None,
-                 metric_dirs: Sequence[str | os.PathLike[str]] = (), workers: int | None = None,
-                 batch_size: int = 1, tracer: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        source: Any,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | str | os.PathLike[str] | None = None,
+        metric_dirs: Sequence[str | os.PathLike[str]] = (),
+        workers: int | None = None,
+        batch_size: int = 1,
+        tracer: Callable[[str], None] | None = None,
+    ) -> None:
         self.tracer = tracer
         t = time.perf_counter()
         self.dataset: Dataset = open_dataset(source, metadata=metadata, tracer=tracer)
@@ -59,12 +66,18 @@ class Harness:
         self.batch_size = batch_size
         self.last_run: RunStats | None = None
         self._schema_con = ConnectionConfig(threads=1).open()
-        self._schema_con.execute(sb.render(exp.Create(
-            this=exp.Table(this=sb.ident(BASELINE)), kind="TABLE",
-            expression=sb.select([exp.Star()], sb.read_parquet(self.dataset.paths)).limit(0)))).fetchall()
+        self._schema_con.execute(
+            sb.render(
+                exp.Create(
+                    this=exp.Table(this=sb.ident(BASELINE)),
+                    kind="TABLE",
+                    expression=sb.select([exp.Star()], sb.read_parquet(self.dataset.paths)).limit(0),
+                )
+            )
+        ).fetchall()
         self.experiments = Experiments(self.dataset.columns, self._bind)
 
-    def _bind(self, name: str, query: exp.Expression) -> dict[str, str]:
+    def _bind(self, name: str, query: exp.Expr) -> dict[str, str]:
         self._schema_con.execute(sb.render(sb.create_view(name, query))).fetchall()
         rows = self._schema_con.execute(sb.render(exp.Describe(this=exp.Table(this=sb.ident(name))))).fetchall()
         return {r[0]: r[1] for r in rows}
@@ -114,8 +127,11 @@ class Harness:
             return window
         start, end = window
         tz = self.dataset.metadata.timezone
-        return SessionWindow(parse_wall_time(start, key="window start") if start else None,
-                             parse_wall_time(end, key="window end") if end else None, tz)
+        return SessionWindow(
+            parse_wall_time(start, key="window start") if start else None,
+            parse_wall_time(end, key="window end") if end else None,
+            tz,
+        )
 
     # -- experiments ------------------------------------------------------------------------
     def add_experiment(self, name: str, sql: str, base: str | None = None) -> Step:
@@ -142,18 +158,25 @@ class Harness:
         self.experiments.step(name)
         return sb.render(self.experiments.query(name, base), pretty=pretty)
 
-    def relation(self, name: str = BASELINE, *, window: WindowArg = None,
-                 con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyRelation:
+    def relation(
+        self, name: str = BASELINE, *, window: WindowArg = None, con: duckdb.DuckDBPyConnection | None = None
+    ) -> duckdb.DuckDBPyRelation:
         """A lazy DuckDB relation of an experiment's rows."""
         con = con or self._schema_con
         return con.sql(self.experiment_sql(name, window=window, pretty=False))
 
     # -- metrics ----------------------------------------------------------------------------
-    def metrics(self, metrics: Sequence[str | Metric] | str | None = None,
-                pairs: Sequence[str | tuple[str, str] | Pair] | str | None = None,
-                experiments: Sequence[str] | str | None = None, by: str | Sequence[str] | None = None,
-                *, window: WindowArg = None, workers: int | None = None,
-                batch_size: int | None = None) -> pl.DataFrame:
+    def metrics(
+        self,
+        metrics: Sequence[str | Metric] | str | None = None,
+        pairs: Sequence[str | tuple[str, str] | Pair] | str | None = None,
+        experiments: Sequence[str] | str | None = None,
+        by: str | Sequence[str] | None = None,
+        *,
+        window: WindowArg = None,
+        workers: int | None = None,
+        batch_size: int | None = None,
+    ) -> pl.DataFrame:
         """Exact metrics for every experiment × pair, pooled or grouped by ``by``.
 
         Args:
@@ -175,9 +198,19 @@ class Harness:
         executor = ThreadExecutor(workers or self.workers)
         self.last_run = RunStats()
         self.last_run.timings["listing"] = self.listing_seconds
-        return run_metrics(self.dataset, self.experiments, names, pair_list, ms, by_list, self._window(window),
-                           executor=executor, batch_size=batch_size or self.batch_size, tracer=self.tracer,
-                           stats=self.last_run)
+        return run_metrics(
+            self.dataset,
+            self.experiments,
+            names,
+            pair_list,
+            ms,
+            by_list,
+            self._window(window),
+            executor=executor,
+            batch_size=batch_size or self.batch_size,
+            tracer=self.tracer,
+            stats=self.last_run,
+        )
 
     def _pairs(self, pairs: Any) -> list[Pair]:
         if pairs is None:
@@ -185,8 +218,9 @@ class Harness:
             if not found:
                 raise InputError("No pred_X/target_X column pairs found; pass pairs=['PRED:TARGET'].")
             return found
-        if isinstance(pairs, (str, Pair)) or (isinstance(pairs, tuple) and len(pairs) == 2 and
-                                               all(isinstance(x, str) for x in pairs)):
+        if isinstance(pairs, (str, Pair)) or (
+            isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(x, str) for x in pairs)
+        ):
             pairs = [pairs]
         return [Pair.parse(p) for p in pairs]
 
@@ -220,8 +254,7 @@ class Harness:
 
     def __repr__(self) -> str:
         days = {f.time_min.date() for f in self.dataset.files if f.time_min is not None}
-        return (f"Harness({self.dataset.root!r}, files={len(self.dataset.files)}, days={len(days)}, "
-                f"experiments={self.experiments.names})")
-
-
-
+        return (
+            f"Harness({self.dataset.root!r}, files={len(self.dataset.files)}, days={len(days)}, "
+            f"experiments={self.experiments.names})"
+        )

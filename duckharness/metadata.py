@@ -41,9 +41,7 @@ def parse_wall_time(text: Any, *, key: str, path: str | None = None) -> dt.time:
     try:
         return dt.time(int(hh), int(mm), int(ss or 0), int((frac or "0").ljust(6, "0")))
     except ValueError:
-        raise MetadataError(
-            f"Key {key!r}{where} is not a valid time of day: {text!r}.", path=path, key=key
-        ) from None
+        raise MetadataError(f"Key {key!r}{where} is not a valid time of day: {text!r}.", path=path, key=key) from None
 
 
 def load_timezone(name: Any, *, key: str = "timezone", path: str | None = None) -> zoneinfo.ZoneInfo:
@@ -156,8 +154,11 @@ def parse_metadata(raw: Any, *, path: str | None = None) -> Metadata:
     where = f" {path}" if path else ""
     if not isinstance(raw, dict):
         raise MetadataError(f"Metadata file{where} must hold a JSON object.", path=path)
-    start = parse_wall_time(raw["start_time"], key="start_time", path=path) if raw.get("start_time") is not None else None
-    end = parse_wall_time(raw["end_time"], key="end_time", path=path) if raw.get("end_time") is not None else None
+    start = end = None
+    if raw.get("start_time") is not None:
+        start = parse_wall_time(raw["start_time"], key="start_time", path=path)
+    if raw.get("end_time") is not None:
+        end = parse_wall_time(raw["end_time"], key="end_time", path=path)
     tz_name = raw.get("timezone", DEFAULT_TIMEZONE)
     load_timezone(tz_name, path=path)
     time_column = raw.get("time_column")

@@ -49,9 +49,9 @@ class Metric:
 
     name: str
     description: str
-    stats: tuple[tuple[str, exp.Expression], ...]  # (stat name, aggregate over input roles)
+    stats: tuple[tuple[str, exp.Expr], ...]  # (stat name, aggregate over input roles)
     merge: Mapping[str, str]  # stat name -> sum | min | max
-    final: exp.Expression  # scalar over stat names
+    final: exp.Expr  # scalar over stat names
     path: str
     source: str  # the file's text
 
@@ -73,8 +73,9 @@ def _single_select(sql: str, *, section: str, table: str, path: str) -> exp.Sele
         raise _fail(path, f"the {section} query must be one SELECT, got {type(tree).__name__}.")
     for arg in ("joins", "group", "having", "qualify", "order", "limit", "offset", "distinct", "with_"):
         if tree.args.get(arg):
-            raise _fail(path, f"the {section} query may not use {arg.upper().rstrip('_')} "
-                              f"(the engine adds grouping itself).")
+            raise _fail(
+                path, f"the {section} query may not use {arg.upper().rstrip('_')} (the engine adds grouping itself)."
+            )
     if section != "stats" and tree.args.get("where"):
         raise _fail(path, f"the {section} query may not have a WHERE clause.")
     if tree.args.get("where"):
@@ -88,12 +89,11 @@ def _single_select(sql: str, *, section: str, table: str, path: str) -> exp.Sele
     return tree
 
 
-def _projections(tree: exp.Select, *, section: str, path: str) -> list[tuple[str, exp.Expression]]:
-    out: list[tuple[str, exp.Expression]] = []
+def _projections(tree: exp.Select, *, section: str, path: str) -> list[tuple[str, exp.Expr]]:
+    out: list[tuple[str, exp.Expr]] = []
     for p in tree.expressions:
         if not isinstance(p, exp.Alias) or not p.alias:
-            raise _fail(path, f"every column of the {section} query needs a name: "
-                              f"write `{sb.render(p)} AS name`.")
+            raise _fail(path, f"every column of the {section} query needs a name: write `{sb.render(p)} AS name`.")
         if p.alias in {n for n, _ in out}:
             raise _fail(path, f"the {section} query names column {p.alias!r} twice.")
         out.append((p.alias, p.this))
@@ -125,8 +125,11 @@ def parse_metric(text: str, *, path: str) -> Metric:
             if h := _HEADER.match(line):
                 header[h.group(1).lower()] = h.group(2)
             elif line.strip() and not line.strip().startswith("--"):
-                raise _fail(path, "SQL before the first '-- stats' marker; a metric file has a header of "
-                                  "'-- key: value' lines, then '-- stats', optional '-- merge', and '-- final'.")
+                raise _fail(
+                    path,
+                    "SQL before the first '-- stats' marker; a metric file has a header of "
+                    "'-- key: value' lines, then '-- stats', optional '-- merge', and '-- final'.",
+                )
         else:
             sections[current].append(line)
     for required in ("stats", "final"):
@@ -145,8 +148,7 @@ def parse_metric(text: str, *, path: str) -> Metric:
             raise _fail(path, f"stats column {stat!r} may not use a window function.")
         for col in sb.column_names(node):
             if col not in ROLES:
-                raise _fail(path, f"stats column {stat!r} reads column {col!r}; input has only "
-                                  f"{', '.join(ROLES)}.")
+                raise _fail(path, f"stats column {stat!r} reads column {col!r}; input has only {', '.join(ROLES)}.")
     names = [n for n, _ in stats]
 
     merge = {n: "sum" for n in names}
@@ -170,8 +172,7 @@ def parse_metric(text: str, *, path: str) -> Metric:
         raise _fail(path, "the final query works on one merged row; it may not aggregate.")
     for col in sb.column_names(final):
         if col not in names:
-            raise _fail(path, f"the final query reads {col!r}, which is not a stats column "
-                              f"({', '.join(names)}).")
+            raise _fail(path, f"the final query reads {col!r}, which is not a stats column ({', '.join(names)}).")
     return Metric(name, header.get("description", ""), tuple(stats), merge, final, path, text)
 
 
@@ -208,8 +209,11 @@ class MetricLibrary:
         for f in sorted(folder.glob("*.sql")):
             m = load_metric_file(f)
             if m.name in seen:
-                raise MetricError(f"Metric {m.name!r} is defined twice in {folder}: {seen[m.name]} and {f}.",
-                                  metric=m.name, path=str(f))
+                raise MetricError(
+                    f"Metric {m.name!r} is defined twice in {folder}: {seen[m.name]} and {f}.",
+                    metric=m.name,
+                    path=str(f),
+                )
             seen[m.name] = str(f)
             self._metrics[m.name] = m
 
@@ -224,8 +228,9 @@ class MetricLibrary:
         try:
             return self._metrics[name]
         except KeyError:
-            raise UnknownMetricError(f"Unknown metric {name!r}. Available: {', '.join(self.names)}.",
-                                     metric=name) from None
+            raise UnknownMetricError(
+                f"Unknown metric {name!r}. Available: {', '.join(self.names)}.", metric=name
+            ) from None
 
     def resolve(self, names: Sequence[str | Metric] | str | None) -> list[Metric]:
         if names is None:

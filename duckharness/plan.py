@@ -48,7 +48,7 @@ class Pair:
             p, t = text.split(":", 1)
             return cls(p.strip(), t.strip())
         if text.startswith("pred_"):
-            return cls(text, "target_" + text[len("pred_"):])
+            return cls(text, "target_" + text[len("pred_") :])
         raise InputError(f"Pair {text!r} must be written PRED:TARGET, e.g. pred_10s:target_10s.")
 
 
@@ -78,39 +78,57 @@ def round_shift(value: float | None) -> float:
 class FusedScan:
     """The aggregate query shared by all inlinable experiments of one call."""
 
-    def __init__(self, dataset: Dataset, experiments: Mapping[str, tuple[Inlined, Mapping[str, str]]],
-                 pairs: Sequence[Pair], metrics: Sequence[Metric], by: Sequence[str],
-                 columns: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        dataset: Dataset,
+        experiments: Mapping[str, tuple[Inlined, Mapping[str, str]]],
+        pairs: Sequence[Pair],
+        metrics: Sequence[Metric],
+        by: Sequence[str],
+        columns: Mapping[str, str] | None = None,
+    ):
         self.dataset = dataset
         self.metrics = list(metrics)
-        self.keys: dict[str, exp.Expression] = {}
-        self.aggregates: dict[str, exp.Expression] = {ROWS: exp.Count(this=exp.Star())}
+        self.keys: dict[str, exp.Expr] = {}
+        self.aggregates: dict[str, exp.Expr] = {ROWS: exp.Count(this=exp.Star())}
         self._agg_by_text: dict[str, str] = {sb.render(self.aggregates[ROWS]): ROWS}
         self._key_by_text: dict[str, str] = {}
         self._skeleton: str | None = None
-        self.by: list[tuple[str, exp.Expression]] = []
+        self.by: list[tuple[str, exp.Expr]] = []
         source_columns = columns if columns is not None else dataset.columns
         for b in by:
             if b == "day":
                 continue
             if b not in source_columns:
-                raise UnknownColumnError(f"Cannot group by {b!r}: no such column. Columns: "
-                                         f"{', '.join(source_columns)}.", column=b)
+                raise UnknownColumnError(
+                    f"Cannot group by {b!r}: no such column. Columns: {', '.join(source_columns)}.", column=b
+                )
             self.by.append((b, sb.column(b)))
-        self.bound: list[tuple[str, Pair, Inlined, exp.Expression, exp.Expression, str, str]] = []
+        self.bound: list[tuple[str, Pair, Inlined, exp.Expr, exp.Expr, str, str]] = []
         for name, (inl, cols) in experiments.items():
             for pair in pairs:
                 for c in (pair.pred, pair.target):
                     if c not in inl.mapping:
                         raise UnknownColumnError(
                             f"Experiment {name!r} has no column {c!r} (pair {pair.pred}:{pair.target}).",
-                            column=c, experiment=name)
-                self.bound.append((name, pair, inl, inl.mapping[pair.pred], inl.mapping[pair.target],
-                                   cols[pair.pred], cols[pair.target]))
+                            column=c,
+                            experiment=name,
+                        )
+                self.bound.append(
+                    (
+                        name,
+                        pair,
+                        inl,
+                        inl.mapping[pair.pred],
+                        inl.mapping[pair.target],
+                        cols[pair.pred],
+                        cols[pair.target],
+                    )
+                )
 
-    def shift_expressions(self) -> list[exp.Expression]:
+    def shift_expressions(self) -> list[exp.Expr]:
         """Distinct pred/target expressions whose typical value sets the shift of ``*_c`` roles."""
-        seen: dict[str, exp.Expression] = {}
+        seen: dict[str, exp.Expr] = {}
         for _, _, _, p, t, _, _ in self.bound:
             seen.setdefault(sb.render(p), p)
             seen.setdefault(sb.render(t), t)
@@ -123,20 +141,20 @@ class FusedScan:
             conds = tuple(self._key(c) for c in inl.conditions)
             valid = self._key(exp.and_(sb.is_valid_number(p, ptype), sb.is_valid_number(t, ttype)))
             roles = {
-                "pred": p, "target": t,
+                "pred": p,
+                "target": t,
                 "pred_c": exp.Sub(this=exp.paren(p.copy()), expression=sb.number(shifts.get(sb.render(p), 0.0))),
                 "target_c": exp.Sub(this=exp.paren(t.copy()), expression=sb.number(shifts.get(sb.render(t), 0.0))),
             }
             target = Target(name, pair, conds, valid)
             for m in self.metrics:
                 target.stats[m.name] = {
-                    stat: self._aggregate(sb.cast(sb.substitute_columns(agg, roles), "DOUBLE"))
-                    for stat, agg in m.stats
+                    stat: self._aggregate(sb.cast(sb.substitute_columns(agg, roles), "DOUBLE")) for stat, agg in m.stats
                 }
             targets.append(target)
         return targets
 
-    def _key(self, node: exp.Expression) -> str:
+    def _key(self, node: exp.Expr) -> str:
         text = sb.render(node)
         if text not in self._key_by_text:
             name = f"__k{len(self._key_by_text)}"
@@ -144,7 +162,7 @@ class FusedScan:
             self.keys[name] = node
         return self._key_by_text[text]
 
-    def _aggregate(self, node: exp.Expression) -> str:
+    def _aggregate(self, node: exp.Expr) -> str:
         text = sb.render(node)
         if text not in self._agg_by_text:
             name = f"__s{len(self._agg_by_text)}"
@@ -163,14 +181,20 @@ class FusedScan:
             proj += [sb.alias(e, n) for n, e in self.by]
             proj += [sb.alias(e, n) for n, e in self.keys.items()]
             proj += [sb.alias(e, n) for n, e in self.aggregates.items()]
-            self._skeleton = sb.render(sb.select(proj, sb.column(_SLOT_FROM), where=sb.column(_SLOT_WHERE),
-                                                 group_by_all=True))
+            self._skeleton = sb.render(
+                sb.select(proj, sb.column(_SLOT_FROM), where=sb.column(_SLOT_WHERE), group_by_all=True)
+            )
         where, day = window_and_day(self.dataset, files, window)
-        return sb.fill_slots(self._skeleton, {
-            _SLOT_DAY: day, _SLOT_FROM: batch_relation(self.dataset, files),
-            _SLOT_WHERE: where if where is not None else exp.true()})
+        return sb.fill_slots(
+            self._skeleton,
+            {
+                _SLOT_DAY: day,
+                _SLOT_FROM: batch_relation(self.dataset, files),
+                _SLOT_WHERE: where if where is not None else exp.true(),
+            },
+        )
 
-    def whole_query(self, relation: exp.Expression, day: exp.Expression) -> exp.Expression:
+    def whole_query(self, relation: exp.Expr, day: exp.Expr) -> exp.Expr:
         """The same aggregates over one relation (an experiment that must see all rows at once)."""
         proj = [sb.alias(day, DAY)]
         proj += [sb.alias(e, n) for n, e in self.by]
@@ -178,7 +202,7 @@ class FusedScan:
         proj += [sb.alias(e, n) for n, e in self.aggregates.items()]
         return sb.select(proj, relation, group_by_all=True)
 
-    def shift_query(self, relation: exp.Expression, sample_rows: int = 10_000) -> exp.Expression | None:
+    def shift_query(self, relation: exp.Expr, sample_rows: int = 10_000) -> exp.Expr | None:
         """Medians of each pred/target expression over the first rows of ``relation``."""
         exprs = self.shift_expressions()
         if not exprs:
@@ -187,12 +211,16 @@ class FusedScan:
         proj = []
         for i, e in enumerate(exprs):
             x = sb.cast(e.copy(), "DOUBLE")
-            proj.append(sb.alias(exp.Filter(this=sb.func("median", x),
-                                            expression=exp.Where(this=sb.func("isfinite", x.copy()))), f"m{i}"))
+            proj.append(
+                sb.alias(
+                    exp.Filter(this=sb.func("median", x), expression=exp.Where(this=sb.func("isfinite", x.copy()))),
+                    f"m{i}",
+                )
+            )
         return sb.select(proj, sample.subquery("sample"))
 
 
-def batch_relation(dataset: Dataset, files: Sequence[FileInfo]) -> exp.Expression:
+def batch_relation(dataset: Dataset, files: Sequence[FileInfo]) -> exp.Expr:
     """``read_parquet`` of the batch, with columns the batch lacks added as typed NULLs and
     columns whose type differs cast to the dataset's union type, so every batch has one schema."""
     rp = sb.read_parquet([f.path for f in files])
@@ -204,21 +232,24 @@ def batch_relation(dataset: Dataset, files: Sequence[FileInfo]) -> exp.Expressio
     if not missing and not retype:
         return rp
     star = exp.Star(replace=[sb.alias(sb.cast(sb.column(c), dataset.columns[c]), c) for c in retype] or None)
-    proj: list[exp.Expression] = [star]
+    proj: list[exp.Expr] = [star]
     proj += [sb.alias(sb.cast(exp.Null(), dataset.columns[c]), c) for c in missing]
     return sb.select(proj, rp).subquery("src")
 
 
 def _local_dates(lo: dt.datetime, hi: dt.datetime, tz: str) -> list[dt.date]:
     z = zoneinfo.ZoneInfo(tz)
+
     def local(x: dt.datetime) -> dt.date:
         return (x if x.tzinfo else x.replace(tzinfo=dt.UTC)).astimezone(z).date()
+
     a, b = local(lo), local(hi)
     return [a + dt.timedelta(days=i) for i in range((b - a).days + 1)]
 
 
-def window_and_day(dataset: Dataset, files: Sequence[FileInfo],
-                   window: SessionWindow | None) -> tuple[exp.Expression | None, exp.Expression]:
+def window_and_day(
+    dataset: Dataset, files: Sequence[FileInfo], window: SessionWindow | None
+) -> tuple[exp.Expr | None, exp.Expr]:
     """The WHERE condition of the session window and the day label for a batch of files."""
     tcol = dataset.time_column
     if tcol is None:
@@ -241,8 +272,9 @@ def window_and_day(dataset: Dataset, files: Sequence[FileInfo],
         conds = []
         for d in ordered:
             lo, hi, incl = window.bounds(d)
-            conds.append((d, sb.between(ts, sb.timestamp(lo, with_tz=aware), sb.timestamp(hi, with_tz=aware),
-                                        hi_inclusive=incl)))
+            conds.append(
+                (d, sb.between(ts, sb.timestamp(lo, with_tz=aware), sb.timestamp(hi, with_tz=aware), hi_inclusive=incl))
+            )
         where = sb.or_all(c for _, c in conds)
         if len(conds) == 1:
             return where, sb.date(ordered[0])
@@ -257,17 +289,20 @@ def window_and_day(dataset: Dataset, files: Sequence[FileInfo],
     return None, exp.Case(ifs=ifs, default=sb.date(ordered[-1]))
 
 
-def _per_row_window(ts: exp.Expression, aware: bool, tz: str,
-                    window: SessionWindow | None) -> tuple[exp.Expression | None, exp.Expression]:
+def _per_row_window(
+    ts: exp.Expr, aware: bool, tz: str, window: SessionWindow | None
+) -> tuple[exp.Expr | None, exp.Expr]:
     """Fallback when footers have no time statistics: convert each row to local time."""
     instant = ts if aware else sb.cast(ts, "TIMESTAMPTZ")
     local = sb.func("timezone", sb.string(tz), instant)
     local_time, local_date = sb.cast(local, "TIME"), sb.cast(local.copy(), "DATE")
     if window is None:
         return None, local_date
-    def t(v: dt.time) -> exp.Expression:
+
+    def t(v: dt.time) -> exp.Expr:
         return sb.cast(sb.string(v.isoformat()), "TIME")
-    parts = []
+
+    parts: list[exp.Expr] = []
     if window.start is not None:
         parts.append(exp.GTE(this=local_time.copy(), expression=t(window.start)))
     if window.end is not None:
@@ -275,8 +310,9 @@ def _per_row_window(ts: exp.Expression, aware: bool, tz: str,
     if window.overnight:
         where = sb.or_all(parts)
         assert window.start is not None
-        day: exp.Expression = exp.Case(
+        day: exp.Expr = exp.Case(
             ifs=[exp.If(this=exp.GTE(this=local_time.copy(), expression=t(window.start)), true=local_date)],
-            default=exp.Sub(this=local_date.copy(), expression=exp.Interval(this=sb.string("1"), unit=exp.var("DAY"))))
+            default=exp.Sub(this=local_date.copy(), expression=exp.Interval(this=sb.string("1"), unit=exp.var("DAY"))),
+        )
         return where, sb.cast(day, "DATE")
     return sb.and_all(parts), local_date

@@ -135,30 +135,49 @@ def _top_level_columns(rows: list[tuple[str, int | None, str | None]]) -> dict[s
     """
     out: dict[str, str] = {}
     it = iter(rows[1:])  # rows[0] is the root
+
     def skip(n: int) -> None:
         for _ in range(n):
             _, children, _ = next(it)
             skip(children or 0)
+
     for name, children, dtype in it:
         out[name] = dtype or "UNKNOWN"
         skip(children or 0)
     return out
 
 
-def read_footers(paths: list[str], *, con: duckdb.DuckDBPyConnection,
-                 tracer: Callable[[str], None] | None = None) -> dict[str, tuple[int, dict[str, str]]]:
+def read_footers(
+    paths: list[str], *, con: duckdb.DuckDBPyConnection, tracer: Callable[[str], None] | None = None
+) -> dict[str, tuple[int, dict[str, str]]]:
     """Row count and top-level schema of every file, from their footers, in one query each."""
     try:
-        schema_rows = fetch_all(con, sb.render(sb.select(
-            [sb.column(c) for c in ("file_name", "name", "num_children", "duckdb_type")],
-            sb.table_function("parquet_schema", paths))), tracer)
-        count_rows = fetch_all(con, sb.render(sb.select(
-            [sb.column("file_name"), sb.column("num_rows")], sb.table_function("parquet_file_metadata", paths))), tracer)
+        schema_rows = fetch_all(
+            con,
+            sb.render(
+                sb.select(
+                    [sb.column(c) for c in ("file_name", "name", "num_children", "duckdb_type")],
+                    sb.table_function("parquet_schema", paths),
+                )
+            ),
+            tracer,
+        )
+        count_rows = fetch_all(
+            con,
+            sb.render(
+                sb.select(
+                    [sb.column("file_name"), sb.column("num_rows")], sb.table_function("parquet_file_metadata", paths)
+                )
+            ),
+            tracer,
+        )
     except duckdb.Error:
         # Find the culprit so the error names it.
         for p in paths:
             try:
-                fetch_all(con, sb.render(sb.select([sb.column("num_rows")], sb.table_function("parquet_file_metadata", [p]))))
+                fetch_all(
+                    con, sb.render(sb.select([sb.column("num_rows")], sb.table_function("parquet_file_metadata", [p])))
+                )
             except duckdb.Error as e:
                 raise SourceError(f"Cannot read Parquet file {p}: {_first_line(e)}", path=p) from None
         raise
@@ -169,17 +188,29 @@ def read_footers(paths: list[str], *, con: duckdb.DuckDBPyConnection,
     return {p: (int(counts[p]), _top_level_columns(by_file[p])) for p in paths}
 
 
-def read_time_ranges(paths: list[str], time_column: str, type_sql: str, *, con: duckdb.DuckDBPyConnection,
-                     tracer: Callable[[str], None] | None = None) -> dict[str, tuple[Any, Any]]:
+def read_time_ranges(
+    paths: list[str],
+    time_column: str,
+    type_sql: str,
+    *,
+    con: duckdb.DuckDBPyConnection,
+    tracer: Callable[[str], None] | None = None,
+) -> dict[str, tuple[Any, Any]]:
     """Min and max of the time column per file from row-group statistics (no data read)."""
     target = "TIMESTAMPTZ" if type_sql == "TIMESTAMP WITH TIME ZONE" else "TIMESTAMP"
-    sql = sb.render(sb.select(
-        [sb.column("file_name"),
-         sb.alias(sb.func("min", sb.try_cast(sb.column("stats_min_value"), target)), "lo"),
-         sb.alias(sb.func("max", sb.try_cast(sb.column("stats_max_value"), target)), "hi"),
-         sb.alias(sb.func("bool_or", sb.is_null(sb.column("stats_min_value"))), "missing")],
-        sb.table_function("parquet_metadata", paths),
-        where=sb.eq(sb.column("path_in_schema"), sb.string(time_column)), group_by_all=True))
+    sql = sb.render(
+        sb.select(
+            [
+                sb.column("file_name"),
+                sb.alias(sb.func("min", sb.try_cast(sb.column("stats_min_value"), target)), "lo"),
+                sb.alias(sb.func("max", sb.try_cast(sb.column("stats_max_value"), target)), "hi"),
+                sb.alias(sb.func("bool_or", sb.is_null(sb.column("stats_min_value"))), "missing"),
+            ],
+            sb.table_function("parquet_metadata", paths),
+            where=sb.eq(sb.column("path_in_schema"), sb.string(time_column)),
+            group_by_all=True,
+        )
+    )
     out: dict[str, tuple[Any, Any]] = {}
     for fname, lo, hi, missing in fetch_all(con, sql, tracer):
         out[fname] = (None, None) if missing else (lo, hi)
@@ -197,11 +228,16 @@ def detect_time_column(columns: Mapping[str, str], metadata: Metadata) -> str | 
             raise MetadataError(
                 f"Key 'time_column' in {metadata.path or 'metadata'} names column {metadata.time_column!r}, "
                 f"which the data does not have. Columns: {', '.join(columns)}.",
-                path=metadata.path, key="time_column")
+                path=metadata.path,
+                key="time_column",
+            )
         if not columns[metadata.time_column].startswith("TIMESTAMP"):
             raise MetadataError(
                 f"Key 'time_column' names {metadata.time_column!r} of type {columns[metadata.time_column]}, "
-                f"not a timestamp.", path=metadata.path, key="time_column")
+                f"not a timestamp.",
+                path=metadata.path,
+                key="time_column",
+            )
         return metadata.time_column
     if "ts" in columns and columns["ts"].startswith("TIMESTAMP"):
         return "ts"
@@ -212,7 +248,10 @@ def detect_time_column(columns: Mapping[str, str], metadata: Metadata) -> str | 
         found = ", ".join(stamps) if stamps else "none"
         raise MetadataError(
             f"Metadata {metadata.path or ''} sets a session window but the time column is ambiguous "
-            f"(timestamp columns: {found}); set 'time_column'.", path=metadata.path, key="time_column")
+            f"(timestamp columns: {found}); set 'time_column'.",
+            path=metadata.path,
+            key="time_column",
+        )
     return None
 
 
@@ -233,8 +272,13 @@ def _common_type(a: str, b: str, con: duckdb.DuckDBPyConnection) -> str:
     return str(row[0][0])
 
 
-def open_dataset(source: Any, *, metadata: Any = None, config: ConnectionConfig | None = None,
-                 tracer: Callable[[str], None] | None = None) -> Dataset:
+def open_dataset(
+    source: Any,
+    *,
+    metadata: Any = None,
+    config: ConnectionConfig | None = None,
+    tracer: Callable[[str], None] | None = None,
+) -> Dataset:
     """List the source, read every footer once, and load ``metadata.json``."""
     paths, root = list_local(source)
     meta = load_metadata(root, metadata)

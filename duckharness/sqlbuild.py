@@ -45,7 +45,7 @@ def string(value: str) -> exp.Literal:
     return exp.Literal.string(value)
 
 
-def number(value: float | int) -> exp.Expression:
+def number(value: float | int) -> exp.Expr:
     """A numeric literal that round-trips the Python value exactly (negative values included)."""
     if isinstance(value, bool):
         return exp.Boolean(this=value)
@@ -56,12 +56,12 @@ def number(value: float | int) -> exp.Expression:
     return exp.Neg(this=lit) if text.startswith("-") else lit
 
 
-def render(node: exp.Expression, *, pretty: bool = False) -> str:
+def render(node: exp.Expr, *, pretty: bool = False) -> str:
     """Render a tree as DuckDB SQL."""
     return node.sql(dialect=DIALECT, pretty=pretty)
 
 
-def timestamp(value: dt.datetime, *, with_tz: bool) -> exp.Expression:
+def timestamp(value: dt.datetime, *, with_tz: bool) -> exp.Expr:
     """A TIMESTAMPTZ literal of an aware UTC instant, or a naive TIMESTAMP of its UTC wall time."""
     utc = value.astimezone(dt.UTC)
     if with_tz:
@@ -69,45 +69,45 @@ def timestamp(value: dt.datetime, *, with_tz: bool) -> exp.Expression:
     return exp.cast(string(utc.strftime("%Y-%m-%d %H:%M:%S.%f")), "TIMESTAMP")
 
 
-def date(value: dt.date) -> exp.Expression:
+def date(value: dt.date) -> exp.Expr:
     return exp.cast(string(value.isoformat()), "DATE")
 
 
-def read_parquet(paths: Sequence[str], *, union_by_name: bool = True) -> exp.Expression:
+def read_parquet(paths: Sequence[str], *, union_by_name: bool = True) -> exp.Expr:
     """``read_parquet([...], union_by_name = true)`` over the given files or globs."""
-    args: list[exp.Expression] = [exp.Array(expressions=[string(p) for p in paths])]
+    args: list[exp.Expr] = [exp.Array(expressions=[string(p) for p in paths])]
     if union_by_name:
         args.append(exp.EQ(this=exp.var("union_by_name"), expression=exp.true()))
     return exp.Anonymous(this="read_parquet", expressions=args)
 
 
-def and_all(conditions: Iterable[exp.Expression]) -> exp.Expression | None:
+def and_all(conditions: Iterable[exp.Expr]) -> exp.Expr | None:
     conds = [exp.paren(c.copy(), copy=False) for c in conditions]
     if not conds:
         return None
     return exp.and_(*conds, copy=False) if len(conds) > 1 else conds[0]
 
 
-def or_all(conditions: Iterable[exp.Expression]) -> exp.Expression | None:
+def or_all(conditions: Iterable[exp.Expr]) -> exp.Expr | None:
     conds = [exp.paren(c.copy(), copy=False) for c in conditions]
     if not conds:
         return None
     return exp.or_(*conds, copy=False) if len(conds) > 1 else conds[0]
 
 
-def between(col: exp.Expression, lo: exp.Expression, hi: exp.Expression, *, hi_inclusive: bool) -> exp.Expression:
+def between(col: exp.Expr, lo: exp.Expr, hi: exp.Expr, *, hi_inclusive: bool) -> exp.Expr:
     if hi_inclusive:
         return exp.Between(this=col.copy(), low=lo, high=hi)
     return exp.and_(exp.GTE(this=col.copy(), expression=lo), exp.LT(this=col.copy(), expression=hi))
 
 
-def cast(node: exp.Expression, type_sql: str) -> exp.Expression:
+def cast(node: exp.Expr, type_sql: str) -> exp.Expr:
     return exp.Cast(this=node, to=exp.DataType.build(type_sql, dialect=DIALECT))
 
 
-def is_valid_number(node: exp.Expression, type_sql: str) -> exp.Expression:
+def is_valid_number(node: exp.Expr, type_sql: str) -> exp.Expr:
     """``x IS NOT NULL`` and, for floating-point columns, ``NOT isnan(x)``."""
-    cond: exp.Expression = exp.Not(this=exp.Is(this=node.copy(), expression=exp.Null()))
+    cond: exp.Expr = exp.Not(this=exp.Is(this=node.copy(), expression=exp.Null()))
     if type_sql.upper() in ("DOUBLE", "FLOAT", "REAL", "FLOAT4", "FLOAT8"):
         cond = exp.and_(cond, exp.Not(this=exp.Anonymous(this="isnan", expressions=[node.copy()])))
     return cond
@@ -115,7 +115,8 @@ def is_valid_number(node: exp.Expression, type_sql: str) -> exp.Expression:
 
 # --- parsing user SQL -------------------------------------------------------------------------
 
-def parse_statement(sql: str) -> exp.Expression:
+
+def parse_statement(sql: str) -> exp.Expr:
     """Parse exactly one SQL statement; raise :class:`SQLParseError` with the parser's message."""
     try:
         trees = [t for t in sqlglot.parse(sql, dialect=DIALECT) if t is not None]
@@ -126,7 +127,7 @@ def parse_statement(sql: str) -> exp.Expression:
     return trees[0]
 
 
-def parse_expression(sql: str) -> exp.Expression:
+def parse_expression(sql: str) -> exp.Expr:
     """Parse a scalar SQL expression such as a WHERE condition."""
     try:
         return sqlglot.parse_one(sql, dialect=DIALECT, into=exp.Condition)
@@ -141,7 +142,7 @@ def _first_error(e: ParseError) -> str:
     return str(e)
 
 
-def column_names(node: exp.Expression) -> list[str]:
+def column_names(node: exp.Expr) -> list[str]:
     """Unqualified names of the columns a tree reads, in order of first appearance."""
     seen: dict[str, None] = {}
     for c in node.find_all(exp.Column):
@@ -149,10 +150,10 @@ def column_names(node: exp.Expression) -> list[str]:
     return list(seen)
 
 
-def substitute_columns(node: exp.Expression, mapping: Mapping[str, exp.Expression]) -> exp.Expression:
+def substitute_columns(node: exp.Expr, mapping: Mapping[str, exp.Expr]) -> exp.Expr:
     """Replace every column reference by its expression in ``mapping`` (parenthesised)."""
 
-    def swap(n: exp.Expression) -> exp.Expression:
+    def swap(n: exp.Expr) -> exp.Expr:
         if isinstance(n, exp.Column) and not isinstance(n.this, exp.Star) and n.name in mapping:
             new = mapping[n.name].copy()
             atomic = isinstance(new, (exp.Column, exp.Literal, exp.Paren, exp.Null, exp.Boolean))
@@ -162,9 +163,10 @@ def substitute_columns(node: exp.Expression, mapping: Mapping[str, exp.Expressio
     return node.copy().transform(swap, copy=False)
 
 
-def select(projections: Sequence[exp.Expression], from_: exp.Expression | str, *,
-           where: exp.Expression | None = None, group_by_all: bool = False) -> exp.Select:
-    q = exp.select(*projections).from_(from_ if isinstance(from_, exp.Expression) else exp.to_table(from_))
+def select(
+    projections: Sequence[exp.Expr], from_: exp.Expr | str, *, where: exp.Expr | None = None, group_by_all: bool = False
+) -> exp.Select:
+    q = exp.select(*projections).from_(from_ if isinstance(from_, exp.Expr) else exp.to_table(from_))
     if where is not None:
         q = q.where(where, copy=False)
     if group_by_all:
@@ -172,50 +174,51 @@ def select(projections: Sequence[exp.Expression], from_: exp.Expression | str, *
     return q
 
 
-def alias(node: exp.Expression, name: str) -> exp.Alias:
+def alias(node: exp.Expr, name: str) -> exp.Expr:
     return exp.alias_(node, ident(name))
 
 
-def create_view(name: str, query: exp.Expression, *, temp: bool = False) -> exp.Create:
+def create_view(name: str, query: exp.Expr, *, temp: bool = False) -> exp.Create:
     props = exp.Properties(expressions=[exp.TemporaryProperty()]) if temp else None
-    return exp.Create(this=exp.Table(this=ident(name)), kind="VIEW", replace=True,
-                      expression=query, properties=props)
+    return exp.Create(this=exp.Table(this=ident(name)), kind="VIEW", replace=True, expression=query, properties=props)
 
 
-def func(name: str, *args: exp.Expression) -> exp.Expression:
+def func(name: str, *args: exp.Expr) -> exp.Expr:
     return exp.Anonymous(this=name, expressions=list(args))
 
 
-def try_cast(node: exp.Expression, type_sql: str) -> exp.Expression:
+def try_cast(node: exp.Expr, type_sql: str) -> exp.Expr:
     return exp.TryCast(this=node, to=exp.DataType.build(type_sql, dialect=DIALECT))
 
 
-def is_null(node: exp.Expression) -> exp.Expression:
+def is_null(node: exp.Expr) -> exp.Expr:
     return exp.Is(this=node, expression=exp.Null())
 
 
-def eq(a: exp.Expression, b: exp.Expression) -> exp.Expression:
+def eq(a: exp.Expr, b: exp.Expr) -> exp.Expr:
     return exp.EQ(this=a, expression=b)
 
 
-def string_array(values: Sequence[str]) -> exp.Expression:
+def string_array(values: Sequence[str]) -> exp.Expr:
     return exp.Array(expressions=[string(v) for v in values])
 
 
-def table_function(name: str, paths: Sequence[str]) -> exp.Expression:
+def table_function(name: str, paths: Sequence[str]) -> exp.Expr:
     """``name(['a', 'b'])``, e.g. ``parquet_metadata`` over a list of files."""
     return func(name, string_array(paths))
 
 
 def common_type_query(a: str, b: str) -> str:
     """A query whose one value is the type DuckDB unifies ``a`` and ``b`` to."""
+
     def side(t: str) -> exp.Select:
         return exp.select(alias(cast(exp.Null(), t), "x"))
+
     union = exp.Union(this=side(a), expression=side(b), distinct=False, by_name=True)
     return render(exp.select(func("typeof", column("x"))).from_(union.subquery()).limit(1))
 
 
-def fill_slots(skeleton: str, fragments: Mapping[str, exp.Expression]) -> str:
+def fill_slots(skeleton: str, fragments: Mapping[str, exp.Expr]) -> str:
     """Put rendered trees into a rendered skeleton in place of slot identifiers.
 
     Rendering a large tree is the costly part of building a query; a skeleton rendered once with
