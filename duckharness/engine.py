@@ -67,7 +67,13 @@ def _frame(con: duckdb.DuckDBPyConnection, sql: str, tracer: Tracer | None) -> p
     cur = con.execute(sql)
     names = [d[0] for d in cur.description]
     rows = cur.fetchall()
-    return pl.DataFrame(rows, schema=names, orient="row", infer_schema_length=None)
+    frame = pl.DataFrame(rows, schema=names, orient="row", infer_schema_length=None)
+    # Give empty batches (no rows in the window) the same types as the others.
+    fixed = {n: pl.Float64 for n in names if n.startswith("__s") or n == ROWS}
+    fixed |= {n: pl.Boolean for n in names if n.startswith("__k")}
+    if DAY in names:
+        fixed[DAY] = pl.Date
+    return frame.cast(fixed)  # type: ignore[arg-type]
 
 
 def run_metrics(
@@ -157,7 +163,7 @@ def run_metrics(
         stats.timings["whole"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
-    tidy = finalize(results, metrics, out_keys, names, pairs)
+    tidy = finalize(results, metrics, out_keys, names, pairs, tracer)
     stats.timings["reduce"] = time.perf_counter() - t3
     return tidy
 
@@ -184,6 +190,7 @@ def finalize(
     out_keys: Sequence[str],
     names: Sequence[str],
     pairs: Sequence[Pair],
+    tracer: Tracer | None = None,
 ) -> pl.DataFrame:
     """Merge each target's cells and evaluate every metric's final query; tidy output."""
     per_metric: dict[str, list[pl.DataFrame]] = {m.name: [] for m in metrics}
@@ -231,7 +238,10 @@ def finalize(
             stat_only = merged.select("__i", *[pl.col(s).cast(pl.Float64) for s in m.stat_names])
             con.register("merged", stat_only)
             q = sb.select([sb.column("__i"), sb.alias(m.final.copy(), "value")], "merged")
-            values = con.sql(sb.render(q)).pl()
+            sql = sb.render(q)
+            if tracer is not None:
+                tracer(sql)
+            values = con.sql(sql).pl()
             con.unregister("merged")
             frames.append(
                 merged.select("__i", "experiment", "pred", "target", *out_keys)

@@ -14,7 +14,7 @@ import polars as pl
 from sqlglot import exp
 
 from duckharness import sqlbuild as sb
-from duckharness.connection import ConnectionConfig
+from duckharness.connection import ConnectionConfig, fetch_all
 from duckharness.engine import RunStats, baseline_query, run_metrics
 from duckharness.errors import InputError
 from duckharness.executor import ThreadExecutor
@@ -78,8 +78,8 @@ class Harness:
         self.experiments = Experiments(self.dataset.columns, self._bind)
 
     def _bind(self, name: str, query: exp.Expr) -> dict[str, str]:
-        self._schema_con.execute(sb.render(sb.create_view(name, query))).fetchall()
-        rows = self._schema_con.execute(sb.render(exp.Describe(this=exp.Table(this=sb.ident(name))))).fetchall()
+        fetch_all(self._schema_con, sb.render(sb.create_view(name, query)), self.tracer)
+        rows = fetch_all(self._schema_con, sb.render(exp.Describe(this=exp.Table(this=sb.ident(name)))), self.tracer)
         return {r[0]: r[1] for r in rows}
 
     # -- the data ---------------------------------------------------------------------------
