@@ -69,11 +69,11 @@ def _frame(con: duckdb.DuckDBPyConnection, sql: str, tracer: Tracer | None) -> p
     rows = cur.fetchall()
     frame = pl.DataFrame(rows, schema=names, orient="row", infer_schema_length=None)
     # Give empty batches (no rows in the window) the same types as the others.
-    fixed = {n: pl.Float64 for n in names if n.startswith("__s") or n == ROWS}
+    fixed: dict[str, type[pl.DataType]] = {n: pl.Float64 for n in names if n.startswith("__s") or n == ROWS}
     fixed |= {n: pl.Boolean for n in names if n.startswith("__k")}
     if DAY in names:
         fixed[DAY] = pl.Date
-    return frame.cast(fixed)  # type: ignore[arg-type]
+    return frame.cast(fixed)  # type: ignore[arg-type,unused-ignore]
 
 
 def run_metrics(
