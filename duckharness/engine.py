@@ -37,6 +37,7 @@ from duckharness.source import Dataset, FileInfo
 from duckharness.stats import merge_partials
 
 Tracer = Callable[[str], None]
+EXCLUDED = "__excluded"
 
 
 @dataclass
@@ -51,7 +52,7 @@ class RunStats:
 
 def baseline_query(dataset: Dataset, window: SessionWindow | None) -> exp.Expr:
     """``SELECT * FROM read_parquet([...]) WHERE <window on every day>`` over the whole source."""
-    where, _ = window_and_day(dataset, dataset.files, window)
+    where, _ = window_and_day(dataset, dataset.files, window, need_day=False)
     return sb.select([exp.Star()], sb.read_parquet(dataset.paths), where=where)
 
 
@@ -125,15 +126,16 @@ def run_metrics(
         results.append((targets, pl.concat(frames, how="vertical_relaxed")))
 
     t2 = time.perf_counter()
-    base = baseline_query(dataset, window)
+    base = baseline_query(dataset, window) if whole else None
     for n in whole:
+        assert base is not None
         cols = experiments.columns(n)
         rel = exp.Subquery(this=experiments.query(n, base), alias=exp.TableAlias(this=sb.ident("e")))
         scan = FusedScan(
             dataset, {n: (Inlined((), {c: sb.column(c) for c in cols}), cols)}, pairs, metrics, by, columns=cols
         )
         tcol = dataset.time_column
-        if tcol is not None and tcol in cols:
+        if tcol is not None and tcol in cols and "day" in by:
             day = _per_row_window(
                 sb.column(tcol), dataset.time_is_aware, window.timezone if window else dataset.metadata.timezone, window
             )[1]
@@ -207,22 +209,26 @@ def finalize(
                 pl.lit(t.pair.pred).alias("pred"),
                 pl.lit(t.pair.target).alias("target"),
             ]
-            bad = merge_partials(cells.filter(~valid), out_keys, {ROWS: "sum"})
-            excluded.append(
-                bad.select(
-                    *label,
-                    *out_keys,
-                    pl.lit("n_excluded").alias("metric"),
-                    pl.col(ROWS).cast(pl.Float64).alias("value"),
-                )
-            )
-            # One merge per target for every (column, merge function) its metrics need.
-            how: dict[str, str] = {}
+            # One merge per target over all its cells, so every group that has rows gets every
+            # metric and n_excluded: stats come from valid cells only, n_excluded from the rest.
+            how: dict[str, str] = {EXCLUDED: "sum"}
             for m in metrics:
                 for s, col in t.stats[m.name].items():
                     how[f"{col}|{m.merge[s]}"] = m.merge[s]
-            good = cells.filter(valid).select(*out_keys, *[pl.col(c.split("|")[0]).alias(c) for c in how])
-            merged = merge_partials(good, out_keys, how)
+            cells = cells.select(
+                *out_keys,
+                pl.when(valid).then(0.0).otherwise(pl.col(ROWS)).alias(EXCLUDED),
+                *[pl.when(valid).then(pl.col(c.split("|")[0])).alias(c) for c in how if c != EXCLUDED],
+            )
+            merged = merge_partials(cells, out_keys, how)
+            excluded.append(
+                merged.select(
+                    *label,
+                    *out_keys,
+                    pl.lit("n_excluded").alias("metric"),
+                    pl.col(EXCLUDED).alias("value"),
+                )
+            )
             for m in metrics:
                 cols = t.stats[m.name]
                 per_metric[m.name].append(

@@ -94,6 +94,7 @@ class FusedScan:
         self._agg_by_text: dict[str, str] = {sb.render(self.aggregates[ROWS]): ROWS}
         self._key_by_text: dict[str, str] = {}
         self._skeleton: str | None = None
+        self.need_day = "day" in by
         self.by: list[tuple[str, exp.Expr]] = []
         source_columns = columns if columns is not None else dataset.columns
         for b in by:
@@ -184,7 +185,7 @@ class FusedScan:
             self._skeleton = sb.render(
                 sb.select(proj, sb.column(_SLOT_FROM), where=sb.column(_SLOT_WHERE), group_by_all=True)
             )
-        where, day = window_and_day(self.dataset, files, window)
+        where, day = window_and_day(self.dataset, files, window, need_day=self.need_day)
         return sb.fill_slots(
             self._skeleton,
             {
@@ -247,20 +248,32 @@ def _local_dates(lo: dt.datetime, hi: dt.datetime, tz: str) -> list[dt.date]:
     return [a + dt.timedelta(days=i) for i in range((b - a).days + 1)]
 
 
+# Beyond this many days in one batch, per-day constants cost more than converting each row.
+MAX_DAY_BRANCHES = 8
+MAX_WINDOW_DAYS = 31
+
+
 def window_and_day(
-    dataset: Dataset, files: Sequence[FileInfo], window: SessionWindow | None
+    dataset: Dataset, files: Sequence[FileInfo], window: SessionWindow | None, *, need_day: bool = True
 ) -> tuple[exp.Expr | None, exp.Expr]:
-    """The WHERE condition of the session window and the day label for a batch of files."""
+    """The WHERE condition of the session window and the day label for a batch of files.
+
+    For files with time statistics the window is one ``BETWEEN`` of UTC bounds per local day
+    (so row-group statistics can skip data) and the day label is a constant when the batch holds
+    one day. Batches that span many days, or files without statistics, convert rows to local time.
+    """
+    no_day = sb.cast(exp.Null(), "DATE")
     tcol = dataset.time_column
     if tcol is None:
         if window is not None:
             raise InputError("A session window needs a time column; set 'time_column' in metadata.json.")
-        return None, sb.cast(exp.Null(), "DATE")
+        return None, no_day
     ts = sb.column(tcol)
     aware = dataset.time_is_aware
     tz = window.timezone if window is not None else dataset.metadata.timezone
     if any(f.time_min is None or f.time_max is None for f in files):
-        return _per_row_window(ts, aware, tz, window)
+        where, day = _per_row_window(ts, aware, tz, window)
+        return where, day if need_day else no_day
     days: set[dt.date] = set()
     for f in files:
         assert f.time_min is not None and f.time_max is not None
@@ -268,25 +281,31 @@ def window_and_day(
     if window is not None and window.overnight:
         days.update(d - dt.timedelta(days=1) for d in list(days))
     ordered = sorted(days)
-    if window is not None:
-        conds = []
+    per_row_where, per_row_day = _per_row_window(ts, aware, tz, window)
+    branches: list[tuple[exp.Expr, dt.date]] = []
+    if window is None:
+        where = None
+        for d in ordered[:-1]:
+            _, nxt = day_bounds(d, tz)
+            branches.append((exp.LT(this=ts.copy(), expression=sb.timestamp(nxt, with_tz=aware)), d))
+    elif len(ordered) > MAX_WINDOW_DAYS:
+        where = per_row_where
+    else:
         for d in ordered:
             lo, hi, incl = window.bounds(d)
-            conds.append(
-                (d, sb.between(ts, sb.timestamp(lo, with_tz=aware), sb.timestamp(hi, with_tz=aware), hi_inclusive=incl))
+            branches.append(
+                (sb.between(ts, sb.timestamp(lo, with_tz=aware), sb.timestamp(hi, with_tz=aware), hi_inclusive=incl), d)
             )
-        where = sb.or_all(c for _, c in conds)
-        if len(conds) == 1:
-            return where, sb.date(ordered[0])
-        case = exp.Case(ifs=[exp.If(this=c, true=sb.date(d)) for d, c in conds])
-        return where, case
+        where = sb.or_all(c for c, _ in branches)
+    if not need_day:
+        return where, no_day
     if len(ordered) == 1:
-        return None, sb.date(ordered[0])
-    ifs = []
-    for d in ordered[:-1]:
-        _, nxt = day_bounds(d, tz)
-        ifs.append(exp.If(this=exp.LT(this=ts.copy(), expression=sb.timestamp(nxt, with_tz=aware)), true=sb.date(d)))
-    return None, exp.Case(ifs=ifs, default=sb.date(ordered[-1]))
+        return where, sb.date(ordered[0])
+    if len(ordered) > MAX_DAY_BRANCHES:
+        return where, per_row_day
+    if window is None:
+        return where, exp.Case(ifs=[exp.If(this=c, true=sb.date(d)) for c, d in branches], default=sb.date(ordered[-1]))
+    return where, exp.Case(ifs=[exp.If(this=c, true=sb.date(d)) for c, d in branches])
 
 
 def _per_row_window(
