@@ -21,7 +21,11 @@ def _harness(args: argparse.Namespace) -> Any:
         tracer=(lambda sql: print(sql, file=sys.stderr)) if args.trace else None,
     )
     if getattr(args, "experiments", None):
-        h.load_experiments(args.experiments)
+        try:
+            h.load_experiments(args.experiments)
+        except BaseException:
+            h.close()
+            raise
     return h
 
 

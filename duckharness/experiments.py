@@ -68,7 +68,7 @@ def parse_step(name: str, sql: str, base: str | None) -> Step:
     """Turn the user's SQL for one experiment into a :class:`Step` (no binding yet)."""
     if not isinstance(name, str) or not name.strip() or not _NAME.match(name):
         raise ExperimentSQLError(f"Experiment name {name!r} is not valid.", experiment=str(name))
-    if name == BASELINE:
+    if name.lower() == BASELINE:
         raise DuplicateExperimentError("'baseline' is the windowed source; choose another name.", experiment=name)
     text = sql.strip().rstrip(";").strip()
     if not text:
@@ -98,7 +98,7 @@ def parse_step(name: str, sql: str, base: str | None) -> Step:
     return Step(name, parent, sql, query, (parent,))
 
 
-def parse_experiments_file(text: str, *, path: str = "<experiments>") -> list[Step]:
+def parse_experiments_file(text: str, *, path: str = "<experiments>", known: Iterable[str] = (BASELINE,)) -> list[Step]:
     """Split a file whose statements are each preceded by ``-- experiment: NAME``.
 
     Example:
@@ -126,7 +126,7 @@ def parse_experiments_file(text: str, *, path: str = "<experiments>") -> list[St
             raise DuplicateExperimentError(f"{path}: experiment {name!r} is defined twice.", experiment=name)
         seen.add(name)
         steps.append(parse_step(name, "\n".join(lines), None))
-    return order_steps(steps, known={BASELINE})
+    return order_steps(steps, known=set(known))
 
 
 def order_steps(steps: Iterable[Step], known: Iterable[str]) -> list[Step]:
@@ -164,7 +164,10 @@ def _find_cycle(pending: Mapping[str, Step]) -> list[str]:
     return [*path[path.index(node) :], node]
 
 
-_COLUMN_ERR = re.compile(r'(?:column|Column)\s+(?:with name\s+)?"?([^"\s]+)"?\s+(?:not found|does not exist)')
+_COLUMN_ERR = re.compile(
+    r'(?:[Cc]olumn\s+(?:with name\s+)?"?([^"\s]+)"?\s+(?:not found|does not exist))'
+    r'|(?:does not have a column named\s+"([^"]+)")'
+)
 
 
 class Experiments:
@@ -204,9 +207,12 @@ class Experiments:
     def add(self, name: str, sql: str, base: str | None = None) -> Step:
         """Parse, validate and register one step (see :func:`parse_step`)."""
         step = parse_step(name, sql, base)
-        if name in self._steps:
+        # DuckDB names are case-insensitive: "Liquid" and "liquid" would be the same view.
+        clash = next((n for n in self._steps if n.lower() == name.lower()), None)
+        if clash is not None:
+            same = "already exists" if clash == name else f"clashes with {clash!r} (names are case-insensitive)"
             raise DuplicateExperimentError(
-                f"Experiment {name!r} already exists. Remove it first or choose another name.", experiment=name
+                f"Experiment {name!r} {same}. Remove it first or choose another name.", experiment=name
             )
         for dep in step.depends:
             if dep == name:
@@ -241,7 +247,7 @@ class Experiments:
         except duckdb.Error as e:
             msg = str(e).strip().splitlines()[0]
             if m := _COLUMN_ERR.search(msg):
-                col = m.group(1)
+                col = m.group(1) or m.group(2)
                 raise UnknownColumnError(
                     f"Experiment {step.name!r} reads column {col!r}, which {step.base!r} does not have. "
                     f"Columns of {step.base!r}: {', '.join(self._columns[step.base])}.",

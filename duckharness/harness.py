@@ -146,7 +146,9 @@ class Harness:
             text = p.read_text(encoding="utf-8")
         except OSError as e:
             raise InputError(f"Cannot read experiments file {p}: {e.strerror}.") from None
-        steps = parse_experiments_file(text, path=str(p))
+        except UnicodeDecodeError as e:
+            raise InputError(f"Experiments file {p} is not UTF-8 text (byte {e.start}).") from None
+        steps = parse_experiments_file(text, path=str(p), known=self.experiments.names)
         self.experiments.add_all(steps)
         return [s.name for s in steps]
 

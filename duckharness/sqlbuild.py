@@ -106,10 +106,14 @@ def cast(node: exp.Expr, type_sql: str) -> exp.Expr:
 
 
 def is_valid_number(node: exp.Expr, type_sql: str) -> exp.Expr:
-    """``x IS NOT NULL`` and, for floating-point columns, ``NOT isnan(x)``."""
+    """``x IS NOT NULL`` and, for floating-point columns, ``isfinite(x)`` (no NaN, no ±inf).
+
+    ``isnan`` is not used: DuckDB folds it to false when a Parquet column's min/max statistics
+    (which leave NaN out) are finite, so NaN rows would slip through (duckdb/duckdb#7803).
+    """
     cond: exp.Expr = exp.Not(this=exp.Is(this=node.copy(), expression=exp.Null()))
     if type_sql.upper() in ("DOUBLE", "FLOAT", "REAL", "FLOAT4", "FLOAT8"):
-        cond = exp.and_(cond, exp.Not(this=exp.Anonymous(this="isnan", expressions=[node.copy()])))
+        cond = exp.and_(cond, exp.Anonymous(this="isfinite", expressions=[node.copy()]))
     return cond
 
 

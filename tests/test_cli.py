@@ -1,0 +1,281 @@
+"""The command line, in a real subprocess and in-process through ``duckharness.cli.main``."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from duckharness import Harness
+from duckharness.cli import build_parser, main
+from duckharness.demo import write_demo_dataset
+
+PAIR = "pred_10s:target_10s"
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "duckharness", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+
+
+def rows_of(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("cli") / "demo"
+    write_demo_dataset(folder, days=3, rows=600)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def api_r2(demo: Path) -> dict[str, float]:
+    with Harness(demo) as h:
+        h.load_experiments(demo / "experiments.sql")
+        df = h.metrics(["r2"], pairs=[PAIR])
+    df = df.filter(pl.col("metric") == "r2")
+    return dict(zip(df["experiment"].to_list(), df["value"].to_list(), strict=True))
+
+
+# -- demo ----------------------------------------------------------------------------------------------
+
+def test_demo_subprocess_writes_files_and_prints_a_table(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc = run_cli("demo", str(out), "--days", "2", "--rows", "400")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["2026-03-04.parquet", "2026-03-05.parquet",
+                                                     "experiments.sql", "metadata.json"]
+    assert json.loads((out / "metadata.json").read_text())["timezone"] == "US/Eastern"
+    text = proc.stdout
+    assert f"Wrote 2 daily Parquet files, metadata.json and experiments.sql to {out}" in text
+    header = next(line for line in text.splitlines() if line.startswith("experiment"))
+    for col in ("pred", "target", "count", "r2", "rmse", "mae", "bias", "corr", "hit_rate"):
+        assert col in header.split()
+    for name in ("baseline", "liquid", "tight", "clipped"):
+        assert any(line.startswith(name + " ") for line in text.splitlines())
+    assert "Traceback" not in proc.stderr
+
+
+def test_demo_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "d"
+    assert main(["demo", str(out), "--days", "1", "--rows", "300"]) == 0
+    captured = capsys.readouterr()
+    assert len(list(out.glob("*.parquet"))) == 1
+    assert "Session window: 09:30:00–16:00:00 US/Eastern" in captured.out
+    assert "experiments: baseline, liquid, tight, clipped" in captured.out
+    lines = captured.out.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith("experiment"))
+    assert set(lines[i + 1].replace(" ", "")) == {"-"}  # the rule under the header
+    assert captured.err == ""
+
+
+# -- metrics -----------------------------------------------------------------------------------------
+
+def test_metrics_csv_subprocess_matches_python_api(demo: Path, api_r2: dict[str, float]) -> None:
+    proc = run_cli("metrics", str(demo), "--experiments", str(demo / "experiments.sql"), "--metric", "r2",
+                   "--pair", PAIR, "--format", "csv")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "experiment,pred,target,metric,value"
+    rows = [r for r in rows_of(proc.stdout) if r["metric"] == "r2"]
+    assert [r["experiment"] for r in rows] == ["baseline", "liquid", "tight", "clipped"]
+    for r in rows:
+        assert (r["pred"], r["target"]) == ("pred_10s", "target_10s")
+        assert float(r["value"]) == pytest.approx(api_r2[r["experiment"]], rel=1e-12)
+
+
+def test_metrics_csv_in_process_matches_python_api(demo: Path, api_r2: dict[str, float],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["metrics", str(demo), "--experiments", str(demo / "experiments.sql"), "--metric", "r2",
+                 "--pair", PAIR, "--format", "csv"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.splitlines()[0] == "experiment,pred,target,metric,value"
+    got = {r["experiment"]: float(r["value"]) for r in rows_of(out) if r["metric"] == "r2"}
+    assert got == pytest.approx(api_r2, rel=1e-12)
+
+
+def test_metrics_by_day_csv_has_a_day_column(demo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["metrics", str(demo), "--metric", "count", "--pair", PAIR, "--by", "day", "--format", "csv"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.splitlines()[0] == "experiment,pred,target,day,metric,value"
+    counts = {r["day"]: float(r["value"]) for r in rows_of(out) if r["metric"] == "count"}
+    assert sorted(counts) == ["2026-03-04", "2026-03-05", "2026-03-06"]
+    with Harness(demo) as h:
+        total = h.metrics(["count"], pairs=[PAIR])
+    assert sum(counts.values()) == total.filter(pl.col("metric") == "count")["value"][0]
+
+
+def test_by_day_output_has_an_n_excluded_row_per_day(demo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Pooled output has an n_excluded row per (experiment, pair); grouped output should too.
+    assert main(["metrics", str(demo), "--metric", "count", "--pair", PAIR, "--by", "day", "--format", "csv"]) == 0
+    rows = rows_of(capsys.readouterr().out)
+    days = {r["day"] for r in rows}
+    assert {r["day"] for r in rows if r["metric"] == "n_excluded"} == days
+    assert all(float(r["value"]) == 0 for r in rows if r["metric"] == "n_excluded")
+
+
+def test_metrics_json_parses(demo: Path, api_r2: dict[str, float], capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["metrics", str(demo), "--experiments", str(demo / "experiments.sql"), "--metric", "r2",
+                 "--pair", PAIR, "--format", "json"])
+    assert code == 0
+    records = json.loads(capsys.readouterr().out)
+    assert isinstance(records, list)
+    r2 = {r["experiment"]: r["value"] for r in records if r["metric"] == "r2"}
+    assert r2 == pytest.approx(api_r2, rel=1e-12)
+    assert set(records[0]) == {"experiment", "pred", "target", "metric", "value"}
+
+
+def test_metrics_table_format_is_the_default(demo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["metrics", str(demo), "--metric", "count", "--metric", "mae", "--pair", PAIR]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["experiment", "pred", "target", "count", "mae", "n_excluded"]
+    assert lines[2].split()[:3] == ["baseline", "pred_10s", "target_10s"]
+
+
+def test_experiment_option_limits_the_experiments(demo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["metrics", str(demo), "--experiments", str(demo / "experiments.sql"), "--experiment", "tight",
+                 "--metric", "count", "--pair", PAIR, "--format", "csv"]) == 0
+    assert {r["experiment"] for r in rows_of(capsys.readouterr().out)} == {"tight"}
+
+
+def test_window_options_change_the_rows_counted(demo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def count(*extra: str) -> float:
+        assert main(["metrics", str(demo), "--metric", "count", "--pair", PAIR, "--format", "csv", *extra]) == 0
+        return next(float(r["value"]) for r in rows_of(capsys.readouterr().out) if r["metric"] == "count")
+    session, everything, morning = count(), count("--no-window"), count("--window", "09:30-12:00")
+    assert everything == 3 * 600
+    assert morning < session < everything
+
+
+def test_user_metric_dir_option(demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "n_rows.sql").write_text("-- stats\nSELECT count(*) AS n FROM input;\n"
+                                         "-- final\nSELECT n AS value FROM merged;\n")
+    assert main(["metrics", str(demo), "--metric-dir", str(tmp_path), "--metric", "n_rows", "--metric", "count",
+                 "--pair", PAIR, "--format", "csv"]) == 0
+    rows = rows_of(capsys.readouterr().out)
+    values = {r["metric"]: r["value"] for r in rows}
+    assert values["n_rows"] == values["count"]
+
+
+# -- errors --------------------------------------------------------------------------------------------
+
+def test_missing_source_subprocess_prints_error_without_traceback(tmp_path: Path) -> None:
+    proc = run_cli("metrics", str(tmp_path / "nowhere"))
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("Error: ")
+    assert "nowhere" in proc.stderr and "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+ERROR_CASES = {
+    # case: (arguments after "metrics", experiments file text or None, what stderr must say)
+    "missing_source": (["{tmp}/nowhere"], None, "does not exist"),
+    "unknown_metric": (["{demo}", "--metric", "r3"], None, "Unknown metric 'r3'. Available:"),
+    "sql_before_marker": (["{demo}", "--experiments", "{exp}"], "volume > 1\n",
+                          "SQL before the first '-- experiment: NAME' line"),
+    "unknown_column": (["{demo}", "--experiments", "{exp}"], "-- experiment: x\nvolumne > 1\n",
+                       "reads column 'volumne'"),
+    "missing_experiments_file": (["{demo}", "--experiments", "{tmp}/none.sql"], None,
+                                 "Cannot read experiments file"),
+    "unknown_experiment": (["{demo}", "--experiment", "ghost"], None, "Unknown experiment 'ghost'"),
+    "bad_pair": (["{demo}", "--pair", "garbage"], None, "must be written PRED:TARGET"),
+    "bad_window": (["{demo}", "--window", "9.30-16:00"], None, "'window start'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_errors_print_error_line_and_exit_1(demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            case: str) -> None:
+    template, experiments, needle = ERROR_CASES[case]
+    exp_file = tmp_path / "exp.sql"
+    if experiments is not None:
+        exp_file.write_text(experiments)
+    args = [a.format(demo=demo, tmp=tmp_path, exp=exp_file) for a in template]
+    assert main(["metrics", *args]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("Error: ")
+    assert needle in captured.err
+    assert "Traceback" not in captured.err
+    assert captured.out == ""
+
+
+def test_experiments_file_that_is_not_utf8_is_a_clean_error(demo: Path, tmp_path: Path) -> None:
+    f = tmp_path / "exp.sql"
+    f.write_bytes(b"-- experiment: x\n\xff\xfe volume > 1\n")
+    proc = run_cli("metrics", str(demo), "--experiments", str(f))
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("Error: ")
+    assert "Traceback" not in proc.stderr
+
+
+def test_debug_flag_raises_the_library_error(tmp_path: Path) -> None:
+    from duckharness import SourceError
+
+    with pytest.raises(SourceError, match="nowhere"):
+        main(["--debug", "metrics", str(tmp_path / "nowhere")])
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["metrics", "x", "--format", "xml"])
+    assert info.value.code == 2
+    assert "invalid choice: 'xml'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+
+
+# -- help ----------------------------------------------------------------------------------------------
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert len(actions) == 1
+    return dict(actions[0].choices)
+
+
+def test_there_are_subcommands() -> None:
+    assert {"demo", "metrics"} <= set(_subparsers())
+
+
+@pytest.mark.parametrize("name", sorted(_subparsers()))
+def test_every_subcommand_has_help(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    sub = _subparsers()[name]
+    with pytest.raises(SystemExit) as info:
+        main([name, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    flat = " ".join(out.split())
+    assert out.startswith(f"usage: duckharness {name}")
+    assert sub.description and " ".join(sub.description.split()) in flat
+    for action in sub._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{name}: argument {action.dest} has no help text"
+        for opt in action.option_strings:
+            assert opt in out
+
+
+def test_top_level_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    parser = build_parser()
+    sub_action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps = {c.dest: c.help for c in sub_action._choices_actions}
+    for name in _subparsers():
+        assert name in out
+        assert helps.get(name), f"subcommand {name} has no one-line help"
+        assert helps[name] in " ".join(out.split())

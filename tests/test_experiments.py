@@ -1,0 +1,394 @@
+"""Experiments: condition and SELECT steps, chains, the SQL they render, errors, and files of them."""
+
+from __future__ import annotations
+
+import datetime as dt
+import zoneinfo
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pytest
+from conftest import SESSION, read_all, write_dataset
+
+from duckharness import (
+    DuplicateExperimentError,
+    ExperimentCycleError,
+    ExperimentError,
+    ExperimentSQLError,
+    Harness,
+    UnknownColumnError,
+    UnknownExperimentError,
+)
+from duckharness.demo import one_day, trading_days
+from duckharness.experiments import parse_experiments_file
+
+EASTERN = zoneinfo.ZoneInfo("America/New_York")
+PAIR = "pred_10s:target_10s"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four days x 1500 rows (2026-03-04..09, across the DST switch), 09:30-16:00 US/Eastern window."""
+    rng = np.random.default_rng(7)
+    folder = tmp_path_factory.mktemp("exp") / "bt"
+    tables = {d.isoformat(): one_day(d, 1500, rng, symbols=10) for d in trading_days(dt.date(2026, 3, 4), 4)}
+    write_dataset(folder, tables, SESSION)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cols(data: Path) -> dict[str, np.ndarray]:
+    """Every column as numpy, plus ``in_window``: the session window computed row by row in Python."""
+    t: pa.Table = read_all(data)
+    out = {name: t[name].to_numpy(zero_copy_only=False) for name in t.column_names if name != "ts"}
+    local = [x.astimezone(EASTERN).time() for x in t["ts"].to_pylist()]
+    out["in_window"] = np.array([dt.time(9, 30) <= x <= dt.time(16) for x in local])
+    return out
+
+
+@pytest.fixture
+def h(data: Path) -> Harness:
+    with Harness(data) as harness:
+        yield harness
+
+
+def count_of(h: Harness, name: str, pair: str = PAIR) -> float:
+    df = h.metrics(["count"], pairs=[pair], experiments=[name])
+    return df.filter(df["metric"] == "count")["value"][0]
+
+
+def metric_of(h: Harness, name: str, metric: str, pair: str = PAIR) -> float:
+    df = h.metrics([metric], pairs=[pair], experiments=[name])
+    return df.filter(df["metric"] == metric)["value"][0]
+
+
+# -- steps and chains ------------------------------------------------------------------------------
+
+def test_condition_step_filters_baseline_rows(h: Harness, cols: dict[str, np.ndarray]) -> None:
+    h.add_experiment("liquid", "volume > 1000")
+    expected = np.sum(cols["in_window"] & (cols["volume"] > 1000))
+    assert count_of(h, "liquid") == expected
+    assert count_of(h, "baseline") == np.sum(cols["in_window"])
+    assert 0 < expected < np.sum(cols["in_window"])
+
+
+def test_select_step_filters_rows_like_the_equivalent_condition(h: Harness, cols: dict[str, np.ndarray]) -> None:
+    h.add_experiment("tight", "SELECT * FROM baseline WHERE spread < 0.02")
+    assert h.experiments.step("tight").base == "baseline"
+    assert count_of(h, "tight") == np.sum(cols["in_window"] & (cols["spread"] < 0.02))
+
+
+def test_chained_steps_apply_every_condition(h: Harness, cols: dict[str, np.ndarray]) -> None:
+    h.add_experiment("liquid", "volume > 1000")
+    h.add_experiment("tight", "SELECT * FROM liquid WHERE spread < 0.02")
+    h.add_experiment("up", "pred_10s > 0", base="tight")
+    mask = cols["in_window"] & (cols["volume"] > 1000) & (cols["spread"] < 0.02) & (cols["pred_10s"] > 0)
+    assert count_of(h, "up") == np.sum(mask)
+    p, t = cols["pred_10s"][mask], cols["target_10s"][mask]
+    assert metric_of(h, "up", "mse") == pytest.approx(np.mean((p - t) ** 2), rel=1e-10)
+    assert [s.name for s in h.experiments.chain("up")] == ["liquid", "tight", "up"]
+    assert h.experiments.names == ["baseline", "liquid", "tight", "up"]
+
+
+def test_experiment_sql_shows_the_whole_chain_and_runs_in_plain_duckdb(
+        h: Harness, data: Path, cols: dict[str, np.ndarray]) -> None:
+    h.add_experiment("liquid", "volume > 1000")
+    h.add_experiment("tight", "SELECT * FROM liquid WHERE spread < 0.02")
+    sql = h.experiment_sql("tight")
+    # Every link of the chain, in order, from the Parquet files up.
+    positions = [sql.upper().index("READ_PARQUET"), sql.index("liquid AS ("), sql.index("tight AS (")]
+    assert positions == sorted(positions)
+    for f in sorted(data.glob("*.parquet")):
+        assert str(f) in sql
+    assert "volume > 1000" in sql and "spread < 0.02" in sql
+    rows = duckdb.connect().execute(sql).fetchall()
+    expected = np.sum(cols["in_window"] & (cols["volume"] > 1000) & (cols["spread"] < 0.02))
+    assert len(rows) == expected
+    assert len(rows[0]) == len(h.columns)
+
+
+def test_baseline_sql_applies_the_session_window(h: Harness, cols: dict[str, np.ndarray]) -> None:
+    rows = duckdb.connect().execute(h.experiment_sql("baseline")).fetchall()
+    assert len(rows) == np.sum(cols["in_window"])
+    no_window = duckdb.connect().execute(h.experiment_sql("baseline", window=False)).fetchall()
+    assert len(no_window) == len(cols["volume"])
+
+
+def test_relation_gives_the_rows_of_an_experiment(h: Harness, cols: dict[str, np.ndarray]) -> None:
+    h.add_experiment("liquid", "volume > 1000")
+    got = h.relation("liquid").aggregate("count(*) AS n, sum(volume) AS v").fetchall()[0]
+    mask = cols["in_window"] & (cols["volume"] > 1000)
+    assert got == (np.sum(mask), np.sum(cols["volume"][mask]))
+
+
+def test_column_changing_select_then_a_step_on_the_new_column(h: Harness, cols: dict[str, np.ndarray]) -> None:
+    h.add_experiment("scaled", "SELECT *, pred_10s * 2 AS pred_2x, volume * spread AS notional FROM baseline")
+    h.add_experiment("big", "notional > 20", base="scaled")
+    assert h.experiments.columns("scaled")["pred_2x"] == "DOUBLE"
+    assert "notional" in h.experiments.columns("big")
+    mask = cols["in_window"] & (cols["volume"] * cols["spread"] > 20)
+    assert 0 < np.sum(mask) < np.sum(cols["in_window"])
+    assert count_of(h, "big", "pred_2x:target_10s") == np.sum(mask)
+    p, t = 2 * cols["pred_10s"][mask], cols["target_10s"][mask]
+    assert metric_of(h, "big", "mae", "pred_2x:target_10s") == pytest.approx(np.mean(np.abs(p - t)), rel=1e-10)
+    rows = duckdb.connect().execute(h.experiment_sql("big")).fetchall()
+    assert len(rows) == np.sum(mask)
+
+
+def test_select_replace_changes_the_column_metrics_see(h: Harness, cols: dict[str, np.ndarray]) -> None:
+    h.add_experiment("clipped", "SELECT * REPLACE (greatest(least(pred_10s, 0.1), -0.1) AS pred_10s) FROM baseline")
+    m = cols["in_window"]
+    p, t = np.clip(cols["pred_10s"][m], -0.1, 0.1), cols["target_10s"][m]
+    assert metric_of(h, "clipped", "mse") == pytest.approx(np.mean((p - t) ** 2), rel=1e-10)
+
+
+def test_step_that_is_not_row_by_row_still_gives_its_rows(h: Harness, cols: dict[str, np.ndarray]) -> None:
+    # A subquery cannot be inlined; the experiment then runs as a whole query.
+    h.add_experiment("busy_symbols", "symbol IN (SELECT symbol FROM baseline GROUP BY symbol HAVING sum(volume) > 0)")
+    h.add_experiment("busy_liquid", "volume > 2500", base="busy_symbols")
+    assert h.experiments.inline("busy_symbols") is None
+    assert count_of(h, "busy_liquid") == np.sum(cols["in_window"] & (cols["volume"] > 2500))
+
+
+def test_removing_a_step_that_others_use_is_refused(h: Harness) -> None:
+    h.add_experiment("liquid", "volume > 1000")
+    h.add_experiment("tight", "spread < 0.02", base="liquid")
+    with pytest.raises(ExperimentError, match=r"'liquid' is the base of tight"):
+        h.experiments.remove("liquid")
+    h.experiments.remove("tight")
+    h.experiments.remove("liquid")
+    assert h.experiments.names == ["baseline"]
+
+
+# -- errors ------------------------------------------------------------------------------------------
+
+def test_unknown_column_error_names_experiment_and_column(h: Harness) -> None:
+    with pytest.raises(UnknownColumnError, match=r"Experiment 'bad' reads column 'volumne'") as info:
+        h.add_experiment("bad", "volumne > 1000")
+    assert info.value.column == "volumne"
+    assert info.value.experiment == "bad"
+    assert "volume" in str(info.value)  # lists the columns that exist
+    assert "bad" not in h.experiments
+
+
+def test_unknown_column_in_a_select_names_its_base(h: Harness) -> None:
+    h.add_experiment("narrow", "SELECT ts, pred_10s, target_10s FROM baseline")
+    with pytest.raises(UnknownColumnError, match=r"'volume', which 'narrow' does not have") as info:
+        h.add_experiment("after", "SELECT * FROM narrow WHERE volume > 10")
+    assert (info.value.column, info.value.experiment) == ("volume", "after")
+
+
+def test_unknown_qualified_column_is_unknown_column_error(h: Harness) -> None:
+    with pytest.raises(UnknownColumnError, match="volumne") as info:
+        h.add_experiment("qualified", "SELECT * FROM baseline WHERE baseline.volumne > 1000")
+    assert (info.value.column, info.value.experiment) == ("volumne", "qualified")
+
+
+def test_unknown_base_argument_is_unknown_experiment_error(h: Harness) -> None:
+    with pytest.raises(UnknownExperimentError, match=r"Experiment 'x' reads from 'nope'") as info:
+        h.add_experiment("x", "volume > 1", base="nope")
+    assert info.value.experiment == "nope"
+    assert "x" not in h.experiments
+
+
+def test_unknown_table_in_select_is_unknown_experiment_error(h: Harness) -> None:
+    with pytest.raises(UnknownExperimentError, match=r"'y' reads from 'liquidd'"):
+        h.add_experiment("y", "SELECT * FROM liquidd WHERE volume > 1")
+
+
+def test_asking_for_an_unknown_experiment_names_it(h: Harness) -> None:
+    with pytest.raises(UnknownExperimentError, match=r"Unknown experiment 'ghost'. Defined: baseline"):
+        h.metrics(["count"], pairs=[PAIR], experiments=["ghost"])
+    with pytest.raises(UnknownExperimentError, match="ghost"):
+        h.experiment_sql("ghost")
+
+
+def test_duplicate_name_is_refused(h: Harness) -> None:
+    h.add_experiment("liquid", "volume > 1000")
+    with pytest.raises(DuplicateExperimentError, match=r"'liquid' already exists") as info:
+        h.add_experiment("liquid", "volume > 2000")
+    assert info.value.experiment == "liquid"
+    assert h.experiments.step("liquid").sql == "volume > 1000"
+
+
+def test_baseline_is_a_reserved_name(h: Harness) -> None:
+    with pytest.raises(DuplicateExperimentError, match="baseline"):
+        h.add_experiment("baseline", "volume > 1")
+
+
+@pytest.mark.parametrize(("sql", "why"), [
+    ("volume >", "does not parse"),
+    ("SELECT * FROM baseline WHERE (volume > 1", "does not parse"),
+    ("SELECT * FROM baseline; SELECT * FROM baseline", "does not parse"),
+    ("DROP TABLE baseline", "WHERE condition or a SELECT"),
+    ("SELECT 1 AS x", "must read FROM its base"),
+    ("   ", "has no SQL"),
+])
+def test_sql_that_is_not_a_step_is_experiment_sql_error(h: Harness, sql: str, why: str) -> None:
+    with pytest.raises(ExperimentSQLError, match=why) as info:
+        h.add_experiment("broken", sql)
+    assert "'broken'" in str(info.value)
+    assert info.value.experiment == "broken"
+    assert "broken" not in h.experiments
+
+
+def test_sql_duckdb_cannot_bind_is_experiment_sql_error(h: Harness) -> None:
+    with pytest.raises(ExperimentSQLError, match=r"'agg'.*aggregate"):
+        h.add_experiment("agg", "sum(volume) > 1")
+
+
+def test_select_from_other_table_than_given_base_is_refused(h: Harness) -> None:
+    h.add_experiment("liquid", "volume > 1000")
+    with pytest.raises(ExperimentSQLError, match=r"base 'baseline' was given but the SELECT reads from liquid"):
+        h.add_experiment("z", "SELECT * FROM liquid", base="baseline")
+
+
+def test_step_reading_itself_is_a_cycle(h: Harness) -> None:
+    with pytest.raises(ExperimentCycleError, match="itself") as info:
+        h.add_experiment("loop", "SELECT * FROM loop")
+    assert info.value.cycle == ["loop", "loop"]
+
+
+def test_cycle_in_experiments_file_names_the_cycle(h: Harness, tmp_path: Path) -> None:
+    f = tmp_path / "exp.sql"
+    f.write_text("-- experiment: ok\nvolume > 1\n"
+                 "-- experiment: a\nSELECT * FROM c WHERE volume > 1;\n"
+                 "-- experiment: b\nSELECT * FROM a;\n"
+                 "-- experiment: c\nSELECT * FROM b;\n")
+    with pytest.raises(ExperimentCycleError, match="cycle") as info:
+        h.load_experiments(f)
+    cycle = info.value.cycle
+    assert cycle[0] == cycle[-1]
+    assert sorted(cycle[:-1]) == ["a", "b", "c"]
+    for name in ("a", "b", "c"):
+        assert name in str(info.value)
+    assert info.value.experiment == cycle[0]
+
+
+def test_two_step_cycle_in_file_is_detected_before_anything_is_added(h: Harness, tmp_path: Path) -> None:
+    f = tmp_path / "exp.sql"
+    f.write_text("-- experiment: a\nSELECT * FROM b\n-- experiment: b\nSELECT * FROM a\n")
+    with pytest.raises(ExperimentCycleError) as info:
+        h.load_experiments(f)
+    cycle = info.value.cycle
+    assert len(cycle) == 3 and cycle[0] == cycle[-1] and set(cycle) == {"a", "b"}
+    assert h.experiments.names == ["baseline"]
+
+
+# -- experiments files -------------------------------------------------------------------------------
+
+def test_experiments_file_with_forward_reference(h: Harness, tmp_path: Path, cols: dict[str, np.ndarray]) -> None:
+    f = tmp_path / "exp.sql"
+    f.write_text("""\
+-- comments before the first marker are fine
+-- experiment: tight
+-- (tight is defined before its base)
+SELECT * FROM liquid WHERE spread < 0.02;
+
+-- experiment: liquid
+volume > 1000;
+--experiment:up
+SELECT * FROM tight WHERE pred_10s > 0
+""")
+    names = h.load_experiments(f)
+    assert set(names) == {"tight", "liquid", "up"}
+    assert h.experiments.names == ["baseline", "liquid", "tight", "up"]
+    assert h.experiments.step("tight").base == "liquid"
+    assert h.experiments.step("liquid").base == "baseline"
+    mask = cols["in_window"] & (cols["volume"] > 1000) & (cols["spread"] < 0.02)
+    assert count_of(h, "tight") == np.sum(mask)
+    assert count_of(h, "up") == np.sum(mask & (cols["pred_10s"] > 0))
+
+
+def test_experiments_file_steps_may_build_on_existing_experiments(h: Harness, tmp_path: Path) -> None:
+    h.add_experiment("liquid", "volume > 1000")
+    f = tmp_path / "exp.sql"
+    f.write_text("-- experiment: tight\nSELECT * FROM liquid WHERE spread < 0.02\n")
+    assert h.load_experiments(f) == ["tight"]
+    assert h.experiments.chain("tight")[0].name == "liquid"
+
+
+def test_markers_are_case_and_space_insensitive() -> None:
+    steps = parse_experiments_file("--   Experiment :  first  \nvolume > 1\n-- EXPERIMENT: second\nspread < 1\n")
+    assert [s.name for s in steps] == ["first", "second"]
+
+
+@pytest.mark.parametrize(("text", "error", "match"), [
+    ("volume > 1\n-- experiment: a\nvolume > 2\n", ExperimentSQLError, "SQL before the first"),
+    ("-- just a comment\n", ExperimentSQLError, "no '-- experiment: NAME' lines"),
+    ("-- experiment: a\nvolume > 1\n-- experiment: a\nvolume > 2\n", DuplicateExperimentError, "'a' is defined twice"),
+    ("-- experiment: a\nSELECT * FROM nowhere\n", UnknownExperimentError, "'a' reads from 'nowhere'"),
+    ("-- experiment: a\n\n-- experiment: b\nvolume > 1\n", ExperimentSQLError, "'a' has no SQL"),
+])
+def test_bad_experiments_file_errors(h: Harness, tmp_path: Path, text: str, error: type[Exception],
+                                     match: str) -> None:
+    f = tmp_path / "exp.sql"
+    f.write_text(text)
+    with pytest.raises(error, match=match):
+        h.load_experiments(f)
+
+
+def test_missing_experiments_file_is_an_input_error(h: Harness, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="Cannot read experiments file"):
+        h.load_experiments(tmp_path / "missing.sql")
+
+
+def test_unknown_column_in_file_names_the_step(h: Harness, tmp_path: Path) -> None:
+    f = tmp_path / "exp.sql"
+    f.write_text("-- experiment: liquid\nvolume > 1000\n-- experiment: oops\nSELECT * FROM liquid WHERE sprd < 1\n")
+    with pytest.raises(UnknownColumnError, match="'oops'") as info:
+        h.load_experiments(f)
+    assert info.value.column == "sprd"
+
+
+# -- quoting -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["my liquid", "o'brien", "liquid -- not a comment", "Δ spread"])
+def test_experiment_names_that_need_quoting(h: Harness, cols: dict[str, np.ndarray], name: str) -> None:
+    h.add_experiment(name, "volume > 1000")
+    quoted = '"' + name + '"'
+    h.add_experiment("child", f"SELECT * FROM {quoted} WHERE spread < 0.02")
+    assert h.experiments.step("child").base == name
+    mask = cols["in_window"] & (cols["volume"] > 1000)
+    assert count_of(h, name) == np.sum(mask)
+    df = h.metrics(["count"], pairs=[PAIR], experiments=[name, "child"])
+    assert df["experiment"].unique(maintain_order=True).to_list() == [name, "child"]
+    sql = h.experiment_sql("child")
+    assert quoted in sql
+    assert len(duckdb.connect().execute(sql).fetchall()) == np.sum(mask & (cols["spread"] < 0.02))
+
+
+def test_quoted_names_in_an_experiments_file(h: Harness, tmp_path: Path, cols: dict[str, np.ndarray]) -> None:
+    f = tmp_path / "exp.sql"
+    f.write_text("-- experiment: it's tight\nSELECT * FROM \"my liquid\" WHERE spread < 0.02\n"
+                 "-- experiment: my liquid\nvolume > 1000\n")
+    h.load_experiments(f)
+    mask = cols["in_window"] & (cols["volume"] > 1000) & (cols["spread"] < 0.02)
+    assert count_of(h, "it's tight") == np.sum(mask)
+
+
+def test_double_quote_in_a_name_is_refused_cleanly(h: Harness) -> None:
+    with pytest.raises(ExperimentSQLError, match="not valid") as info:
+        h.add_experiment('say "hi"', "volume > 1")
+    assert info.value.experiment == 'say "hi"'
+
+
+def test_names_differing_only_in_case_do_not_clobber_each_other(h: Harness) -> None:
+    # DuckDB identifiers are case-insensitive: 'Liquid' and 'liquid' are the same view to it.
+    h.add_experiment("liquid", "SELECT *, 1 AS extra FROM baseline WHERE volume > 1000")
+    try:
+        h.add_experiment("Liquid", "volume > 4000")
+    except DuplicateExperimentError:
+        return  # refusing the second name is a fine answer
+    # Otherwise both must stay usable: a step on 'liquid' still sees its 'extra' column.
+    h.add_experiment("uses_extra", "extra = 1", base="liquid")
+    assert count_of(h, "uses_extra") == count_of(h, "liquid")
+
+
+# -- a check of the helper itself --------------------------------------------------------------------
+
+def test_window_reference_is_not_trivial(cols: dict[str, np.ndarray]) -> None:
+    inside = np.sum(cols["in_window"])
+    assert 0.6 * len(cols["volume"]) < inside < 0.8 * len(cols["volume"])  # 6.5 of 9 hours

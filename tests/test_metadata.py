@@ -1,0 +1,280 @@
+"""metadata.json: parsing, validation errors that name the file and key, and session-window bounds."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from conftest import write_dataset
+
+from duckharness import Harness, MetadataError, SessionWindow
+from duckharness.metadata import DEFAULT_TIMEZONE, parse_metadata, parse_metadata_text
+
+UTC = dt.UTC
+
+
+def utc(*args: int) -> dt.datetime:
+    return dt.datetime(*args, tzinfo=UTC)
+
+
+def small_table(rows: int = 10) -> pa.Table:
+    start = np.datetime64("2026-03-05T14:00:00", "us")
+    return pa.table({
+        "ts": pa.array(start + np.arange(rows).astype("timedelta64[m]"), pa.timestamp("us", tz="UTC")),
+        "volume": np.arange(rows, dtype=np.int64),
+        "pred_a": np.linspace(-1, 1, rows),
+        "target_a": np.linspace(1, -1, rows),
+    })
+
+
+def folder_with_metadata(tmp_path: Path, text: str | None, table: pa.Table | None = None) -> Path:
+    folder = tmp_path / "data"
+    write_dataset(folder, {"day1": table if table is not None else small_table()}, None)
+    if text is not None:
+        (folder / "metadata.json").write_text(text)
+    return folder
+
+
+# -- valid metadata -------------------------------------------------------------------------------
+
+def test_hh_mm_times_parse_to_a_session_window(tmp_path: Path) -> None:
+    folder = folder_with_metadata(tmp_path, json.dumps({"start_time": "09:30", "end_time": "16:00",
+                                                         "timezone": "America/Chicago"}))
+    with Harness(folder) as h:
+        meta = h.metadata
+        assert meta.start_time == dt.time(9, 30)
+        assert meta.end_time == dt.time(16, 0)
+        assert meta.timezone == "America/Chicago"
+        assert meta.path == str(folder / "metadata.json")
+        assert h.session_window == SessionWindow(dt.time(9, 30), dt.time(16), "America/Chicago")
+
+
+def test_hh_mm_ss_times_keep_their_seconds() -> None:
+    meta = parse_metadata({"start_time": "09:30:15", "end_time": "15:59:59"})
+    assert meta.start_time == dt.time(9, 30, 15)
+    assert meta.end_time == dt.time(15, 59, 59)
+    assert meta.session_window is not None
+    assert meta.session_window.describe() == "09:30:15–15:59:59 US/Eastern"
+
+
+def test_timezone_defaults_to_us_eastern(tmp_path: Path) -> None:
+    folder = folder_with_metadata(tmp_path, json.dumps({"start_time": "09:30", "end_time": "16:00"}))
+    with Harness(folder) as h:
+        assert DEFAULT_TIMEZONE == "US/Eastern"
+        assert h.metadata.timezone == "US/Eastern"
+        assert h.session_window is not None and h.session_window.timezone == "US/Eastern"
+
+
+def test_empty_metadata_object_means_no_window_and_default_timezone(tmp_path: Path) -> None:
+    folder = folder_with_metadata(tmp_path, "{}")
+    with Harness(folder) as h:
+        assert h.session_window is None
+        assert h.metadata.timezone == "US/Eastern"
+        assert dict(h.metadata.extra) == {}
+
+
+def test_unknown_keys_are_kept_in_extra(tmp_path: Path) -> None:
+    raw = {"start_time": "09:30", "end_time": "16:00", "model": "gbm-v3", "horizons": ["1s", "10s"],
+           "params": {"depth": 6}}
+    folder = folder_with_metadata(tmp_path, json.dumps(raw))
+    with Harness(folder) as h:
+        assert dict(h.metadata.extra) == {"model": "gbm-v3", "horizons": ["1s", "10s"], "params": {"depth": 6}}
+        # Known keys are not duplicated in extra, and as_dict gives everything back.
+        assert "start_time" not in h.metadata.extra
+        extra = {k: raw[k] for k in ("model", "horizons", "params")}
+        assert h.metadata.as_dict() == {"start_time": "09:30:00", "end_time": "16:00:00",
+                                        "timezone": "US/Eastern", **extra}
+
+
+def test_metadata_mapping_passed_to_harness_replaces_the_file(tmp_path: Path) -> None:
+    folder = folder_with_metadata(tmp_path, None)  # no metadata.json at all
+    with Harness(folder, metadata={"start_time": "10:00", "timezone": "Europe/London"}) as h:
+        assert h.metadata.start_time == dt.time(10)
+        assert h.metadata.timezone == "Europe/London"
+        assert h.metadata.path is None
+
+
+def test_time_column_from_metadata_is_used(tmp_path: Path) -> None:
+    table = small_table().append_column("ts2", small_table()["ts"])
+    folder = folder_with_metadata(tmp_path, json.dumps({"time_column": "ts2"}), table)
+    with Harness(folder) as h:
+        assert h.time_column == "ts2"
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+def test_missing_metadata_file_names_the_expected_path(tmp_path: Path) -> None:
+    folder = folder_with_metadata(tmp_path, None)
+    expected = str(folder / "metadata.json")
+    with pytest.raises(MetadataError, match="not found") as info:
+        Harness(folder)
+    assert expected in str(info.value)
+    assert info.value.path == expected
+
+
+def test_explicit_metadata_path_that_does_not_exist_is_named(tmp_path: Path) -> None:
+    folder = folder_with_metadata(tmp_path, "{}")
+    missing = tmp_path / "elsewhere" / "meta.json"
+    with pytest.raises(MetadataError, match=r"meta\.json") as info:
+        Harness(folder, metadata=str(missing))
+    assert info.value.path == str(missing)
+
+
+def test_invalid_json_names_the_file(tmp_path: Path) -> None:
+    folder = folder_with_metadata(tmp_path, '{"start_time": "09:30",')
+    path = str(folder / "metadata.json")
+    with pytest.raises(MetadataError, match="not valid JSON") as info:
+        Harness(folder)
+    assert path in str(info.value)
+    assert info.value.path == path
+
+
+def test_json_that_is_not_an_object_is_rejected() -> None:
+    with pytest.raises(MetadataError, match="JSON object") as info:
+        parse_metadata_text("[1, 2, 3]", path="/x/metadata.json")
+    assert info.value.path == "/x/metadata.json"
+
+
+def test_unknown_time_zone_names_the_timezone_key(tmp_path: Path) -> None:
+    folder = folder_with_metadata(tmp_path, json.dumps({"start_time": "09:30", "timezone": "Mars/Olympus_Mons"}))
+    with pytest.raises(MetadataError, match=r"Unknown time zone 'Mars/Olympus_Mons' for key 'timezone'") as info:
+        Harness(folder)
+    assert info.value.key == "timezone"
+    assert info.value.path == str(folder / "metadata.json")
+
+
+@pytest.mark.parametrize("bad", [123, "", None])
+def test_timezone_that_is_not_a_name_is_rejected(bad: object) -> None:
+    with pytest.raises(MetadataError, match="'timezone'") as info:
+        parse_metadata({"timezone": bad})
+    assert info.value.key == "timezone"
+
+
+@pytest.mark.parametrize(("key", "text", "why"), [
+    ("start_time", "9.30", "must be a wall-clock time"),
+    ("end_time", "25:00", "not a valid time of day"),
+    ("start_time", "09:60", "not a valid time of day"),
+    ("end_time", "16h00", "must be a wall-clock time"),
+    ("start_time", "", "must be a wall-clock time"),
+    ("end_time", 1600, "must be a wall-clock time"),
+])
+def test_malformed_times_name_the_key_and_value(key: str, text: object, why: str) -> None:
+    with pytest.raises(MetadataError, match=why) as info:
+        parse_metadata({key: text}, path="/data/metadata.json")
+    message = str(info.value)
+    assert repr(key) in message
+    assert repr(text) in message
+    assert "/data/metadata.json" in message
+    assert info.value.key == key
+
+
+def test_malformed_time_in_file_fails_when_the_harness_opens(tmp_path: Path) -> None:
+    folder = folder_with_metadata(tmp_path, json.dumps({"start_time": "9.30", "end_time": "16:00"}))
+    with pytest.raises(MetadataError, match=r"'start_time'.*'9\.30'") as info:
+        Harness(folder)
+    assert info.value.path == str(folder / "metadata.json")
+
+
+def test_time_column_naming_a_missing_column_is_an_error(tmp_path: Path) -> None:
+    folder = folder_with_metadata(tmp_path, json.dumps({"time_column": "when"}))
+    with pytest.raises(MetadataError, match=r"'time_column'.*'when'") as info:
+        Harness(folder)
+    assert info.value.key == "time_column"
+    assert "ts" in str(info.value)  # lists the columns that do exist
+
+
+def test_time_column_that_is_not_a_timestamp_is_an_error(tmp_path: Path) -> None:
+    folder = folder_with_metadata(tmp_path, json.dumps({"time_column": "volume"}))
+    with pytest.raises(MetadataError, match=r"'volume'.*not a timestamp") as info:
+        Harness(folder)
+    assert info.value.key == "time_column"
+
+
+def test_time_column_that_is_not_a_string_is_an_error() -> None:
+    with pytest.raises(MetadataError, match="time_column") as info:
+        parse_metadata({"time_column": 5})
+    assert info.value.key == "time_column"
+
+
+def test_metadata_errors_are_value_errors() -> None:
+    with pytest.raises(ValueError, match="timezone"):
+        parse_metadata({"timezone": "Nowhere/Nothing"})
+
+
+# -- SessionWindow.bounds around the US daylight-saving switches ------------------------------------
+# 2026: clocks go forward on Sunday 2026-03-08 at 02:00 EST (UTC-5 -> UTC-4) and back on Sunday
+# 2026-11-01 at 02:00 EDT (UTC-4 -> UTC-5).
+
+REGULAR = SessionWindow(dt.time(9, 30), dt.time(16), "US/Eastern")
+
+
+@pytest.mark.parametrize(("day", "lo", "hi"), [
+    (dt.date(2026, 3, 6), utc(2026, 3, 6, 14, 30), utc(2026, 3, 6, 21, 0)),    # Friday, EST
+    (dt.date(2026, 3, 9), utc(2026, 3, 9, 13, 30), utc(2026, 3, 9, 20, 0)),    # Monday, EDT
+    (dt.date(2026, 10, 30), utc(2026, 10, 30, 13, 30), utc(2026, 10, 30, 20, 0)),  # Friday, EDT
+    (dt.date(2026, 11, 2), utc(2026, 11, 2, 14, 30), utc(2026, 11, 2, 21, 0)),     # Monday, EST
+])
+def test_regular_session_bounds_either_side_of_dst_switch(day: dt.date, lo: dt.datetime, hi: dt.datetime) -> None:
+    got_lo, got_hi, inclusive = REGULAR.bounds(day)
+    assert (got_lo, got_hi, inclusive) == (lo, hi, True)
+    assert got_lo.utcoffset() == dt.timedelta(0) and got_hi.utcoffset() == dt.timedelta(0)
+
+
+def test_window_on_spring_forward_day_is_one_hour_shorter_in_real_time() -> None:
+    w = SessionWindow(dt.time(0, 0), dt.time(4, 0), "US/Eastern")
+    lo, hi, _ = w.bounds(dt.date(2026, 3, 8))
+    assert lo == utc(2026, 3, 8, 5, 0)   # 00:00 EST
+    assert hi == utc(2026, 3, 8, 8, 0)   # 04:00 EDT
+    assert hi - lo == dt.timedelta(hours=3)
+
+
+def test_window_on_fall_back_day_is_one_hour_longer_in_real_time() -> None:
+    w = SessionWindow(dt.time(0, 0), dt.time(4, 0), "US/Eastern")
+    lo, hi, _ = w.bounds(dt.date(2026, 11, 1))
+    assert lo == utc(2026, 11, 1, 4, 0)  # 00:00 EDT
+    assert hi == utc(2026, 11, 1, 9, 0)  # 04:00 EST
+    assert hi - lo == dt.timedelta(hours=5)
+
+
+def test_overnight_window_across_spring_forward_ends_next_day_in_new_offset() -> None:
+    w = SessionWindow(dt.time(18, 0), dt.time(6, 0), "US/Eastern")
+    assert w.overnight
+    lo, hi, inclusive = w.bounds(dt.date(2026, 3, 7))
+    assert lo == utc(2026, 3, 7, 23, 0)  # 18:00 EST on Saturday
+    assert hi == utc(2026, 3, 8, 10, 0)  # 06:00 EDT on Sunday
+    assert inclusive is True
+
+
+def test_overnight_window_across_fall_back() -> None:
+    w = SessionWindow(dt.time(22, 0), dt.time(3, 0), "US/Eastern")
+    lo, hi, _ = w.bounds(dt.date(2026, 10, 31))
+    assert lo == utc(2026, 11, 1, 2, 0)  # 22:00 EDT on Saturday
+    assert hi == utc(2026, 11, 1, 8, 0)  # 03:00 EST on Sunday
+    assert hi - lo == dt.timedelta(hours=6)
+
+
+def test_open_ended_window_runs_to_next_local_midnight_exclusive() -> None:
+    w = SessionWindow(dt.time(9, 30), None, "US/Eastern")
+    lo, hi, inclusive = w.bounds(dt.date(2026, 3, 8))
+    assert lo == utc(2026, 3, 8, 13, 30)  # 09:30 EDT
+    assert hi == utc(2026, 3, 9, 4, 0)    # midnight EDT
+    assert inclusive is False
+
+
+def test_window_without_start_begins_at_local_midnight() -> None:
+    w = SessionWindow(None, dt.time(16), "US/Eastern")
+    lo, hi, inclusive = w.bounds(dt.date(2026, 3, 8))
+    assert lo == utc(2026, 3, 8, 5, 0)    # midnight EST (before the switch)
+    assert hi == utc(2026, 3, 8, 20, 0)   # 16:00 EDT
+    assert inclusive is True
+
+
+def test_bounds_follow_european_dst_dates_not_us_ones() -> None:
+    w = SessionWindow(dt.time(8, 0), dt.time(16, 30), "Europe/London")
+    # 2026-03-09 is after the US switch but London is still on GMT until 2026-03-29.
+    assert w.bounds(dt.date(2026, 3, 9))[:2] == (utc(2026, 3, 9, 8, 0), utc(2026, 3, 9, 16, 30))
+    assert w.bounds(dt.date(2026, 3, 30))[:2] == (utc(2026, 3, 30, 7, 0), utc(2026, 3, 30, 15, 30))
