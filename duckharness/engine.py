@@ -24,6 +24,7 @@ from duckharness.metadata import SessionWindow
 from duckharness.metricfile import Metric
 from duckharness.plan import (
     DAY,
+    MAX_VIEW_WINDOW_DAYS,
     ROWS,
     FusedScan,
     Pair,
@@ -52,7 +53,7 @@ class RunStats:
 
 def baseline_query(dataset: Dataset, window: SessionWindow | None) -> exp.Expr:
     """``SELECT * FROM read_parquet([...]) WHERE <window on every day>`` over the whole source."""
-    where, _ = window_and_day(dataset, dataset.files, window, need_day=False)
+    where, _ = window_and_day(dataset, dataset.files, window, need_day=False, max_window_days=MAX_VIEW_WINDOW_DAYS)
     return sb.select([exp.Star()], sb.read_parquet(dataset.paths), where=where)
 
 

@@ -9,6 +9,8 @@ statistics skip data) instead of converting every row to local time.
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import itertools
 import json
 import re
 import zoneinfo
@@ -81,8 +83,26 @@ class SessionWindow:
     def overnight(self) -> bool:
         return self.start is not None and self.end is not None and self.end <= self.start
 
+    def intervals(self, day: dt.date) -> tuple[tuple[dt.datetime, dt.datetime, bool], ...]:
+        """The UTC intervals ``(lo, hi, hi_inclusive)`` whose instants read, on the local clock,
+        a wall-clock time inside the window of ``day``; ``lo`` is always inclusive.
+
+        Usually one interval. When a daylight-saving change falls inside the window's edge
+        (a start of 01:30 on a night when 01:00–02:00 happens twice, say), the instants that show
+        an inside wall-clock time form two intervals, and both are returned.
+
+        Example:
+            >>> w = SessionWindow(dt.time(9, 30), dt.time(16), "US/Eastern")
+            >>> [(a.isoformat(), b.isoformat()) for a, b, _ in w.intervals(dt.date(2026, 3, 9))]
+            [('2026-03-09T13:30:00+00:00', '2026-03-09T20:00:00+00:00')]
+            >>> w = SessionWindow(dt.time(1, 30), dt.time(3), "Europe/London")
+            >>> [(a.time().isoformat(), b.time().isoformat()) for a, b, _ in w.intervals(dt.date(2026, 10, 25))]
+            [('00:30:00', '01:00:00'), ('01:30:00', '03:00:00')]
+        """
+        return _window_intervals(self, day)
+
     def bounds(self, day: dt.date) -> tuple[dt.datetime, dt.datetime, bool]:
-        """UTC bounds ``(lo, hi, hi_inclusive)`` of the window on local ``day``.
+        """The envelope ``(lo, hi, hi_inclusive)`` of :meth:`intervals` for ``day``, in UTC.
 
         Example:
             >>> w = SessionWindow(dt.time(9, 30), dt.time(16), "US/Eastern")
@@ -91,19 +111,61 @@ class SessionWindow:
             >>> [b.isoformat() for b in w.bounds(dt.date(2026, 3, 9))[:2]]
             ['2026-03-09T13:30:00+00:00', '2026-03-09T20:00:00+00:00']
         """
-        tz = self.tz
-        lo = dt.datetime.combine(day, self.start or dt.time(0), tz)
-        if self.end is None:
-            hi, inclusive = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(0), tz), False
-        else:
-            end_day = day + dt.timedelta(days=1) if self.overnight else day
-            hi, inclusive = dt.datetime.combine(end_day, self.end, tz), True
-        return lo.astimezone(dt.UTC), hi.astimezone(dt.UTC), inclusive
+        parts = self.intervals(day)
+        return parts[0][0], parts[-1][1], parts[-1][2]
 
     def describe(self) -> str:
         s = self.start.isoformat() if self.start else "start of day"
         e = self.end.isoformat() if self.end else "end of day"
         return f"{s}–{e} {self.timezone}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _window_intervals(window: SessionWindow, day: dt.date) -> tuple[tuple[dt.datetime, dt.datetime, bool], ...]:
+    tz = window.tz
+    first = dt.datetime.combine(day, window.start or dt.time(0))  # naive local wall-clock
+    if window.end is None:
+        last, last_inclusive = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(0)), False
+    else:
+        last = dt.datetime.combine(day + dt.timedelta(days=1) if window.overnight else day, window.end)
+        last_inclusive = True
+
+    def utc(local: dt.datetime, fold: int = 0) -> dt.datetime:
+        return local.replace(tzinfo=tz, fold=fold).astimezone(dt.UTC)
+
+    lo0, hi0 = utc(first) - dt.timedelta(days=1), utc(last) + dt.timedelta(days=1)
+    if lo0.astimezone(tz).utcoffset() == hi0.astimezone(tz).utcoffset():
+        return ((utc(first), utc(last), last_inclusive),)  # no clock change anywhere near
+
+    def wall(t: dt.datetime) -> dt.datetime:
+        return t.astimezone(tz).replace(tzinfo=None)
+
+    def inside(t: dt.datetime) -> bool:
+        w = wall(t)
+        return first <= w and (w <= last if last_inclusive else w < last)
+
+    # Break points: every reading of the two edges, and each instant the offset changes.
+    points = {lo0, hi0, utc(first, 0), utc(first, 1), utc(last, 0), utc(last, 1)}
+    t = lo0
+    while t < hi0:
+        nxt = min(t + dt.timedelta(hours=1), hi0)
+        if t.astimezone(tz).utcoffset() != nxt.astimezone(tz).utcoffset():
+            a, b = t, nxt  # offset(a) is old, offset(b) new: bisect to the first new instant
+            while b - a > dt.timedelta(seconds=1):
+                mid = a + (b - a) / 2
+                a, b = (mid, b) if mid.astimezone(tz).utcoffset() == t.astimezone(tz).utcoffset() else (a, mid)
+            points.add(b.replace(microsecond=0) if b.microsecond else b)
+        t = nxt
+    ordered = sorted(p for p in points if lo0 <= p <= hi0)
+    out: list[list[Any]] = []
+    for a, b in itertools.pairwise(ordered):
+        if not inside(a + (b - a) / 2):
+            continue
+        if out and out[-1][1] == a:
+            out[-1][1] = b
+        else:
+            out.append([a, b])
+    return tuple((a, b, inside(b)) for a, b in out)
 
 
 def day_bounds(day: dt.date, timezone: str) -> tuple[dt.datetime, dt.datetime]:

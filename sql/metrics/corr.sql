@@ -10,5 +10,10 @@ SELECT
     sum(pred_c * target_c) AS spt
 FROM input;
 -- final
-SELECT (spt - sp * st / n) / nullif(sqrt((spp - sp * sp / n) * (stt - st * st / n)), 0) AS value
+-- A variance below 1e-12 of the sum of squares it comes from is rounding noise: that column is
+-- constant and the correlation is undefined (NULL).
+SELECT
+    CASE WHEN spp - sp * sp / n > 1e-12 * spp AND stt - st * st / n > 1e-12 * stt
+         THEN (spt - sp * st / n) / sqrt((spp - sp * sp / n) * (stt - st * st / n))
+    END AS value
 FROM merged;

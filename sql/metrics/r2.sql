@@ -8,4 +8,7 @@ SELECT
     sum(target_c * target_c) AS stt
 FROM input;
 -- final
-SELECT 1 - sse / nullif(stt - st * st / n, 0) AS value FROM merged;
+-- SST below 1e-12 of the sum of squares it comes from is rounding noise: the target is constant
+-- and R² is undefined (NULL).
+SELECT CASE WHEN stt - st * st / n > 1e-12 * stt THEN 1 - sse / (stt - st * st / n) END AS value
+FROM merged;

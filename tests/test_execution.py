@@ -1,0 +1,162 @@
+"""Execution: parallel workers, batching, fused vs separate runs, grouping consistency."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from conftest import SESSION, read_all, write_dataset
+
+from duckharness import Harness
+from duckharness.demo import one_day, trading_days
+
+INLINABLE = {
+    "liquid": "volume > 1000",
+    "tight": "SELECT * FROM liquid WHERE spread < 0.02",
+    "clipped": "SELECT * REPLACE (greatest(least(pred_10s, 0.5), -0.5) AS pred_10s) FROM baseline",
+    "clipped_pos": "SELECT * FROM clipped WHERE f_mom > 0",
+}
+WHOLE = {
+    "pm": "SELECT *, avg(pred_10s) OVER (PARTITION BY symbol) AS pm FROM baseline",
+    "pm_liquid": "SELECT * FROM pm WHERE volume > 1000",
+}
+METRICS = ["count", "r2", "mse", "rmse", "mae", "bias", "corr", "hit_rate"]
+KEYS = ["experiment", "pred", "target", "metric"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Seven demo days (08:00-17:00 US/Eastern) across the 2026-03-08 switch."""
+    out = tmp_path_factory.mktemp("exec")
+    rng = np.random.default_rng(42)
+    write_dataset(out, {d.isoformat(): one_day(d, 2000, rng, symbols=12)
+                        for d in trading_days(dt.date(2026, 3, 4), 7)}, SESSION, row_group_size=1000)
+    return out
+
+
+def harness(folder: Path, experiments: dict[str, str], **kw: object) -> Harness:
+    h = Harness(folder, **kw)
+    for name, sql in experiments.items():
+        h.add_experiment(name, sql)
+    return h
+
+
+def _rows(df: pl.DataFrame) -> dict[tuple, float | None]:
+    keys = [c for c in df.columns if c != "value"]
+    out = {tuple(r[k] for k in keys): r["value"] for r in df.iter_rows(named=True)}
+    assert len(out) == df.height  # one value per key
+    return out
+
+
+def assert_close(a: dict, b: dict, rel: float, abs_: float = 1e-14) -> None:
+    """Same keys; counts equal; other values within ``rel`` (nulls must match). ``abs_`` is for
+    values near zero such as an r2 of 1e-5, which is 1 - sse/sst and so only exact to ~1e-16."""
+    assert set(a) == set(b)
+    for k in a:  # the key ends with the metric name
+        if k[-1] in ("count", "n_excluded") or a[k] is None or b[k] is None:
+            assert a[k] == b[k], k
+    assert {k: v for k, v in a.items() if v is not None} == pytest.approx(
+        {k: v for k, v in b.items() if v is not None}, rel=rel, abs=abs_)
+
+
+# --- workers and batches ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("by", [None, "day", "symbol"], ids=["pooled", "by_day", "by_symbol"])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_workers_1_and_2_give_bit_identical_values(folder: Path, batch_size: int, by: str | None) -> None:
+    h = harness(folder, INLINABLE, batch_size=batch_size)
+    one = h.metrics(METRICS, by=by, workers=1)
+    two = h.metrics(METRICS, by=by, workers=2)
+    assert one.drop("value").equals(two.drop("value"))
+    assert one["value"].to_list() == two["value"].to_list()  # ==, not approx
+    assert one.filter(pl.col("value").is_null()).height == 0  # nothing hides behind null == null
+
+
+def test_batch_size_3_gives_the_same_values_as_batch_size_1(folder: Path) -> None:
+    # Batches change how the float sums are split, so the last bits may differ (the merge is exact
+    # up to rounding); counts are integers and must be equal.
+    h = harness(folder, INLINABLE)
+    for by in (None, "day"):
+        assert_close(_rows(h.metrics(METRICS, by=by, batch_size=3, workers=2)),
+                     _rows(h.metrics(METRICS, by=by, batch_size=1, workers=1)), rel=1e-12)
+
+
+def test_experiments_that_cannot_be_inlined_agree_across_worker_counts_to_rounding(folder: Path) -> None:
+    # Experiments that need all rows at once run as one multi-threaded DuckDB query, whose parallel
+    # sums may round differently from run to run: equal to 1e-12, counts exactly (documented).
+    h = harness(folder, WHOLE)
+    one = h.metrics(METRICS, pairs=["pred_10s:target_10s", "pm:target_10s"], experiments=list(WHOLE), workers=1)
+    for _ in range(3):
+        two = h.metrics(METRICS, pairs=["pred_10s:target_10s", "pm:target_10s"], experiments=list(WHOLE), workers=2)
+        assert one.drop("value").equals(two.drop("value"))
+        assert_close(_rows(one), _rows(two), rel=1e-12)
+        counts = one.filter(pl.col("metric") == "count")["value"].to_list()
+        assert counts == two.filter(pl.col("metric") == "count")["value"].to_list()
+
+
+# --- fused vs alone --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("by", [None, "day"], ids=["pooled", "by_day"])
+def test_fused_run_of_all_experiments_equals_each_experiment_run_alone(folder: Path, by: str | None) -> None:
+    h = harness(folder, INLINABLE | WHOLE)
+    fused = h.metrics(METRICS, pairs=["pred_10s:target_10s", "pred_1s:target_1s"], by=by)
+    assert set(fused["experiment"]) == {"baseline", *INLINABLE, *WHOLE}
+    alone = pl.concat([h.metrics(METRICS, pairs=["pred_10s:target_10s", "pred_1s:target_1s"], by=by,
+                                 experiments=[name]) for name in h.experiments.names])
+    assert_close(_rows(fused), _rows(alone), rel=1e-12)
+
+
+def test_fused_run_equals_experiments_computed_from_their_own_rows(folder: Path) -> None:
+    """Not only self-consistent: the fused filter cells give the counts of the filtered rows."""
+    h = harness(folder, INLINABLE)
+    got = _rows(h.metrics(["count"], pairs=["pred_10s:target_10s"]).filter(metric="count"))
+    df = read_all(folder).to_pandas()
+    local = df["ts"].dt.tz_convert("US/Eastern")
+    minutes = local.dt.hour.astype(int) * 60 + local.dt.minute.astype(int)
+    exact = (local.dt.second == 0) & (local.dt.microsecond == 0)
+    w = df[(minutes >= 570) & ((minutes < 960) | ((minutes == 960) & exact))]
+    liquid = w[w["volume"] > 1000]
+    expected = {"baseline": len(w), "liquid": len(liquid), "tight": int((liquid["spread"] < 0.02).sum()),
+                "clipped": len(w), "clipped_pos": int((w["f_mom"] > 0).sum())}
+    assert {k[0]: v for k, v in got.items()} == expected
+
+
+# --- grouping consistency --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("experiments", [INLINABLE, WHOLE], ids=["inlined", "whole"])
+def test_counts_by_day_and_symbol_sum_to_the_pooled_count(folder: Path, experiments: dict[str, str]) -> None:
+    h = harness(folder, experiments)
+    names = list(experiments)
+    pooled = h.metrics(["count"], pairs=["pred_10s:target_10s"], experiments=names)
+    grouped = h.metrics(["count"], pairs=["pred_10s:target_10s"], experiments=names, by=["day", "symbol"])
+    assert grouped.columns == ["experiment", "pred", "target", "day", "symbol", "metric", "value"]
+    for metric in ("count", "n_excluded"):
+        sums = grouped.filter(metric=metric).group_by("experiment").agg(pl.col("value").sum())
+        assert dict(sums.iter_rows()) == dict(pooled.filter(metric=metric).select("experiment", "value").iter_rows())
+    counts = grouped.filter(metric="count")
+    assert counts.select("day").n_unique() == 7 and counts.select("symbol").n_unique() == 12
+    assert counts["value"].min() > 0
+
+
+def test_counts_by_day_and_symbol_match_rows_grouped_in_pandas(folder: Path) -> None:
+    h = Harness(folder)
+    got = h.metrics(["count"], pairs=["pred_10s:target_10s"], by=["day", "symbol"]).filter(metric="count")
+    df = read_all(folder).to_pandas()
+    local = df["ts"].dt.tz_convert("US/Eastern")
+    tod = local.dt.hour.astype(int) * 3600 + local.dt.minute.astype(int) * 60 + local.dt.second.astype(int)
+    at_close = (tod == 16 * 3600) & (local.dt.microsecond == 0)
+    df["day"] = [d.date() for d in local]
+    w = df[(tod >= 9 * 3600 + 1800) & ((tod < 16 * 3600) | at_close)]
+    expected = {(d, s): float(n) for (d, s), n in w.groupby(["day", "symbol"]).size().items()}
+    assert {(r["day"], r["symbol"]): r["value"] for r in got.iter_rows(named=True)} == expected
+
+
+def test_repeated_calls_on_one_harness_give_bit_identical_results(folder: Path) -> None:
+    h = harness(folder, INLINABLE, workers=2)
+    a = h.metrics(METRICS, by="day")
+    b = h.metrics(METRICS, by="day")
+    assert a.drop("value").equals(b.drop("value"))
+    assert a["value"].to_list() == b["value"].to_list()

@@ -1,0 +1,291 @@
+"""The session window: local wall-clock time on each day, DST-correct, inclusive at both ends.
+
+References are computed per row in Python with ``zoneinfo``: a row is in the window when its
+local wall-clock time is within [start, end]; its day is its local date.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import zoneinfo
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import SESSION, read_all, write_dataset
+
+from duckharness import Harness
+
+EASTERN = "US/Eastern"
+LONDON = "Europe/London"
+# Thursday and Friday in EST, the switch day (Sunday 2026-03-08) and two days in EDT.
+EASTERN_DAYS = [dt.date(2026, 3, 5), dt.date(2026, 3, 6), dt.date(2026, 3, 8), dt.date(2026, 3, 9),
+                dt.date(2026, 3, 10)]
+# London switches on Sunday 2026-03-29 at 01:00 UTC.
+LONDON_DAYS = [dt.date(2026, 3, 26), dt.date(2026, 3, 27), dt.date(2026, 3, 28), dt.date(2026, 3, 29),
+               dt.date(2026, 3, 30)]
+US = dt.timedelta(microseconds=1)
+
+
+def local_instants(day: dt.date, tz: str, first: dt.time, last: dt.time, step_s: int,
+                   extra: Sequence[dt.time] = ()) -> list[dt.datetime]:
+    """UTC instants of a regular local grid from ``first`` to ``last`` on ``day``, plus the
+    local times ``extra`` (e.g. one microsecond either side of a window bound)."""
+    z = zoneinfo.ZoneInfo(tz)
+    lo = dt.datetime.combine(day, first, z).astimezone(dt.UTC)
+    hi = dt.datetime.combine(day, last, z).astimezone(dt.UTC)
+    n = int((hi - lo).total_seconds()) // step_s + 1
+    out = [lo + dt.timedelta(seconds=step_s * i) for i in range(n)]
+    out += [dt.datetime.combine(day, t, z).astimezone(dt.UTC) for t in extra]
+    return sorted(out)
+
+
+def table_of(instants: Sequence[dt.datetime], rng: np.random.Generator, *, unit: str = "us",
+             tz: str | None = "UTC") -> pa.Table:
+    n = len(instants)
+    naive = np.array([i.astimezone(dt.UTC).replace(tzinfo=None) for i in instants], dtype="datetime64[us]")
+    pred = rng.standard_normal(n)
+    return pa.table({
+        "ts": pa.array(naive.astype(f"datetime64[{unit}]"), pa.timestamp(unit, tz=tz)),
+        "symbol": pa.array(rng.choice(["A", "B", "C"], n)),
+        "volume": rng.integers(1, 5000, n),
+        "pred_10s": pred,
+        "target_10s": 0.5 * pred + rng.standard_normal(n),
+    })
+
+
+def near(*times: str) -> list[dt.time]:
+    """Each local time and one microsecond before and after it."""
+    out = []
+    for t in times:
+        base = dt.datetime.combine(dt.date(2000, 1, 1), dt.time.fromisoformat(t))
+        out += [(base - US).time(), base.time(), (base + US).time()]
+    return out
+
+
+def write_days(folder: Path, days: Sequence[dt.date], tz: str, metadata: dict | None, *, first: str = "08:00",
+               last: str = "17:00", step_s: int = 20, extra: Sequence[dt.time] = (), seed: int = 0,
+               row_group_size: int = 4096, unit: str = "us", ts_tz: str | None = "UTC") -> Path:
+    rng = np.random.default_rng(seed)
+    lo, hi = dt.time.fromisoformat(first), dt.time.fromisoformat(last)
+    tables = {d.isoformat(): table_of(local_instants(d, tz, lo, hi, step_s, extra), rng, unit=unit, tz=ts_tz)
+              for d in days}
+    write_dataset(folder, tables, metadata, row_group_size=row_group_size)
+    return folder
+
+
+def reference_counts(folder: Path, tz: str, start: str | None, end: str | None) -> dict[dt.date, int]:
+    """Rows per local date whose local wall-clock time is within [start, end] (None: no bound)."""
+    z = zoneinfo.ZoneInfo(tz)
+    lo = dt.time.fromisoformat(start) if start else dt.time.min
+    hi = dt.time.fromisoformat(end) if end else dt.time.max
+    out: Counter[dt.date] = Counter()
+    for t in read_all(folder)["ts"].to_pylist():
+        if t.tzinfo is None:  # naive timestamps are UTC
+            t = t.replace(tzinfo=dt.UTC)
+        local = t.astimezone(z)
+        if lo <= local.time() <= hi:
+            out[local.date()] += 1
+    return dict(out)
+
+
+def counts_by_day(h: Harness, experiment: str = "baseline", **kw: object) -> dict[dt.date, float]:
+    """Non-zero counts per day (the references have no entry for a day without rows)."""
+    res = h.metrics(["count"], pairs=["pred_10s:target_10s"], experiments=[experiment], by="day", **kw)
+    res = res.filter(metric="count")
+    return {r["day"]: r["value"] for r in res.iter_rows(named=True) if r["value"]}
+
+
+@pytest.fixture(scope="module")
+def eastern(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five days 08:00-17:00 US/Eastern every 20 s, plus rows a microsecond around 09:30, 10:00,
+    11:00 and 16:00; small row groups so statistics can skip data."""
+    return write_days(tmp_path_factory.mktemp("eastern"), EASTERN_DAYS, EASTERN, SESSION,
+                      extra=near("09:30", "10:00", "11:00", "16:00"), row_group_size=200)
+
+
+# --- the window from metadata ----------------------------------------------------------------------
+
+def test_session_window_keeps_exactly_rows_within_0930_1600_eastern_each_day_across_dst(eastern: Path) -> None:
+    expected = reference_counts(eastern, EASTERN, "09:30", "16:00")
+    # The reference does depend on DST: a fixed UTC-5 clock would shift the EDT days by an hour.
+    fixed = reference_counts(eastern, "Etc/GMT+5", "09:30", "16:00")
+    assert fixed[dt.date(2026, 3, 9)] != expected[dt.date(2026, 3, 9)]
+    assert counts_by_day(Harness(eastern)) == expected
+
+
+def test_session_window_is_inclusive_at_both_ends(tmp_path: Path) -> None:
+    # Only the rows one microsecond around each bound, on days before and after the switch.
+    folder = write_days(tmp_path, EASTERN_DAYS, EASTERN, SESSION, first="12:00", last="12:00",
+                        extra=near("09:30", "16:00"))
+    # Of 09:29:59.999999, 09:30, 09:30:00.000001, 12:00, 15:59:59.999999, 16:00 and
+    # 16:00:00.000001 the first and last are out: 5 of 7 rows per day.
+    assert counts_by_day(Harness(folder)) == dict.fromkeys(EASTERN_DAYS, 5.0)
+
+
+def test_pooled_count_equals_rows_in_session_over_all_days(eastern: Path) -> None:
+    res = Harness(eastern).metrics(["count"], pairs=["pred_10s:target_10s"])
+    expected = sum(reference_counts(eastern, EASTERN, "09:30", "16:00").values())
+    assert res.filter(metric="count")["value"].item() == expected
+
+
+def test_window_false_keeps_every_row_of_each_local_day(eastern: Path) -> None:
+    expected = reference_counts(eastern, EASTERN, None, None)
+    assert sum(expected.values()) == read_all(eastern).num_rows
+    assert counts_by_day(Harness(eastern), window=False) == expected
+
+
+def test_window_override_1000_to_1100_keeps_exactly_that_hour_each_day(eastern: Path) -> None:
+    expected = reference_counts(eastern, EASTERN, "10:00", "11:00")
+    # 181 grid rows (both ends) + 10:00:00, 10:00:00.000001, 10:59:59.999999, 11:00:00 extras.
+    assert set(expected.values()) == {185}
+    assert counts_by_day(Harness(eastern), window=("10:00", "11:00")) == expected
+
+
+@pytest.mark.parametrize("batch_size", [2, 5])
+def test_day_labels_are_right_when_one_batch_holds_several_days(eastern: Path, batch_size: int) -> None:
+    h = Harness(eastern, batch_size=batch_size)
+    assert counts_by_day(h) == reference_counts(eastern, EASTERN, "09:30", "16:00")
+    assert counts_by_day(h, window=False) == reference_counts(eastern, EASTERN, None, None)
+
+
+def test_day_labels_are_right_when_one_batch_holds_more_than_a_week(tmp_path: Path) -> None:
+    days = [dt.date(2026, 3, 2) + dt.timedelta(days=i) for i in range(12)]  # across 2026-03-08
+    folder = write_days(tmp_path, days, EASTERN, SESSION, first="00:00", last="23:59", step_s=300)
+    h = Harness(folder, batch_size=12)
+    assert counts_by_day(h) == reference_counts(folder, EASTERN, "09:30", "16:00")
+    assert counts_by_day(h, window=False) == reference_counts(folder, EASTERN, None, None)
+
+
+def test_experiment_that_cannot_be_inlined_sees_the_same_window_and_days(eastern: Path) -> None:
+    h = Harness(eastern)
+    h.add_experiment("ranked", "SELECT *, row_number() OVER (PARTITION BY symbol ORDER BY ts) AS rn FROM baseline")
+    res = h.metrics(["count"], pairs=["pred_10s:target_10s"], experiments=["ranked"], by="day")
+    assert "whole" in h.last_run.timings
+    got = {r["day"]: r["value"] for r in res.filter(metric="count").iter_rows(named=True)}
+    assert got == reference_counts(eastern, EASTERN, "09:30", "16:00")
+
+
+# --- other zones and time encodings ----------------------------------------------------------------
+
+@pytest.mark.parametrize(("start", "end"), [("08:00", "16:30"), ("00:30", "03:00"), ("16:00", None)],
+                         ids=["day_session", "night_window_containing_the_gap", "open_ended"])
+def test_window_in_europe_london_across_its_2026_03_29_switch(tmp_path: Path, start: str, end: str | None) -> None:
+    meta = {"start_time": start, "timezone": LONDON} | ({"end_time": end} if end else {})
+    folder = write_days(tmp_path, LONDON_DAYS, LONDON, meta, first="00:00", last="23:59", step_s=60,
+                        extra=near(start, *([end] if end else [])))
+    expected = reference_counts(folder, LONDON, start, end)
+    assert counts_by_day(Harness(folder)) == expected
+
+
+@pytest.mark.parametrize(("unit", "tz"), [("us", None), ("ns", "UTC"), ("ns", None), ("ms", "UTC")],
+                         ids=["naive_us", "aware_ns", "naive_ns", "aware_ms"])
+def test_window_is_the_same_for_naive_utc_and_other_timestamp_units(tmp_path: Path, unit: str, tz: str | None) -> None:
+    # (In "ms" the rows a microsecond around the bounds are truncated to whole milliseconds; the
+    # reference reads the stored values, so it sees the same.)
+    folder = write_days(tmp_path, EASTERN_DAYS, EASTERN, SESSION, extra=near("09:30", "16:00"), unit=unit,
+                        ts_tz=tz)
+    assert counts_by_day(Harness(folder)) == reference_counts(folder, EASTERN, "09:30", "16:00")
+
+
+@pytest.mark.parametrize(("day", "tz", "start", "end"), [
+    (dt.date(2026, 10, 25), LONDON, "01:30", "03:00"),   # 01:00-02:00 happens twice that night
+    (dt.date(2026, 3, 8), EASTERN, "02:30", "04:00"),    # 02:00-03:00 does not exist that night
+], ids=["start_in_repeated_fall_back_hour", "start_in_spring_forward_gap"])
+def test_window_bound_inside_a_dst_transition_keeps_wall_clock_rows(
+        tmp_path: Path, day: dt.date, tz: str, start: str, end: str) -> None:
+    # The per-day UTC bounds are built with zoneinfo's fold=0 reading of a repeated or missing
+    # local time; the wall-clock rule (and the package's own fallback for files without
+    # statistics) keeps a different set of rows.
+    folder = write_days(tmp_path, [day], tz, {"start_time": start, "end_time": end, "timezone": tz},
+                        first="00:00", last="06:00", step_s=60)
+    expected = reference_counts(folder, tz, start, end)
+    assert counts_by_day(Harness(folder)) == expected
+
+
+# --- how the window is applied -----------------------------------------------------------------
+
+@pytest.mark.parametrize("days", [EASTERN_DAYS, [dt.date(2026, 2, 15) + dt.timedelta(days=i) for i in range(40)]],
+                         ids=["five_days", "forty_days"])
+def test_experiment_sql_has_no_per_row_time_zone_conversion_when_files_have_statistics(
+        tmp_path: Path, days: list[dt.date]) -> None:
+    folder = write_days(tmp_path, days, EASTERN, SESSION, step_s=600)
+    h = Harness(folder)
+    h.add_experiment("liquid", "volume > 1000")
+    for name in ("baseline", "liquid"):
+        sql = h.experiment_sql(name)
+        assert "timezone(" not in sql.lower() and "at time zone" not in sql.lower()
+        # Per-day UTC bounds instead: 09:30 EST = 14:30 UTC, 09:30 EDT = 13:30 UTC.
+        assert "2026-03-06 14:30:00" in sql and "2026-03-09 13:30:00" in sql
+    assert counts_by_day(h) == reference_counts(folder, EASTERN, "09:30", "16:00")
+
+
+def test_files_without_statistics_fall_back_to_per_row_conversion_with_the_same_rows(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    for d in EASTERN_DAYS:
+        t = table_of(local_instants(d, EASTERN, dt.time(8), dt.time(17), 20, near("09:30", "16:00")), rng)
+        pq.write_table(t, tmp_path / f"{d}.parquet", write_statistics=False)
+    (tmp_path / "metadata.json").write_text(json.dumps(SESSION))
+    h = Harness(tmp_path)
+    assert "timezone(" in h.experiment_sql("baseline").lower()  # the check above can see a conversion
+    assert counts_by_day(h) == reference_counts(tmp_path, EASTERN, "09:30", "16:00")
+
+
+def _row_groups_scanned(sql: str, profile: Path) -> tuple[int, int]:
+    con = duckdb.connect(config={"threads": 1})
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+        con.execute("PRAGMA enable_profiling = 'json'")
+        con.execute(f"PRAGMA profiling_output = '{profile}'")
+        con.execute(sql).fetchall()
+        con.execute("PRAGMA disable_profiling")
+    finally:
+        con.close()
+    q = json.loads(profile.read_text()).get("query", {})
+    if "total_row_groups_scanned" not in q or "total_row_groups_to_scan" not in q:
+        pytest.skip("this DuckDB version does not report row groups scanned in its profile")
+    return int(q["total_row_groups_scanned"]), int(q["total_row_groups_to_scan"])
+
+
+def _row_groups_overlapping_session(folder: Path) -> tuple[int, int]:
+    """Row groups whose ts statistics intersect a day's 09:30-16:00 US/Eastern, from pyarrow footers."""
+    z = zoneinfo.ZoneInfo(EASTERN)
+    overlapping = total = 0
+    for path in sorted(folder.glob("*.parquet")):
+        md = pq.ParquetFile(path).metadata
+        col = md.schema.names.index("ts")
+        for i in range(md.num_row_groups):
+            st = md.row_group(i).column(col).statistics
+            lo, hi = st.min.astimezone(z), st.max.astimezone(z)
+            day = lo.date()
+            w_lo = dt.datetime.combine(day, dt.time(9, 30), z)
+            w_hi = dt.datetime.combine(day, dt.time(16), z)
+            total += 1
+            overlapping += int(lo <= w_hi and hi >= w_lo)
+    return overlapping, total
+
+
+def test_session_window_lets_parquet_statistics_skip_row_groups_outside_the_session(
+        eastern: Path, tmp_path: Path) -> None:
+    overlapping, total = _row_groups_overlapping_session(eastern)
+    assert overlapping < total
+    h = Harness(eastern)
+    scanned, to_scan = _row_groups_scanned(h.experiment_sql("baseline", pretty=False), tmp_path / "a.json")
+    assert (scanned, to_scan) == (overlapping, total)
+    # Without the window every row group is read: the profile does tell them apart.
+    assert _row_groups_scanned(h.experiment_sql("baseline", window=False, pretty=False),
+                               tmp_path / "b.json") == (total, total)
+    # The metrics run's own per-batch queries skip the same row groups.
+    seen: list[str] = []
+    with h.trace(seen.append):
+        h.metrics(["count"], pairs=["pred_10s:target_10s"])
+    batch = [s for s in seen if "GROUP BY ALL" in s.upper() and "READ_PARQUET" in s.upper()]
+    assert len(batch) == len(EASTERN_DAYS)
+    got = [_row_groups_scanned(s, tmp_path / f"c{i}.json") for i, s in enumerate(batch)]
+    assert (sum(s for s, _ in got), sum(t for _, t in got)) == (overlapping, total)
