@@ -16,8 +16,9 @@ import polars as pl
 from sqlglot import exp
 
 from duckharness import sqlbuild as sb
+from duckharness.chain import build_chain
 from duckharness.connection import ConnectionConfig, fetch_all
-from duckharness.errors import InputError, UnknownColumnError
+from duckharness.errors import ExecutionError, InputError, UnknownColumnError
 from duckharness.executor import ThreadExecutor
 from duckharness.experiments import Experiments, Inlined
 from duckharness.metadata import SessionWindow
@@ -29,7 +30,6 @@ from duckharness.plan import (
     FusedScan,
     Pair,
     Target,
-    _per_row_window,
     batch_relation,
     round_shift,
     window_and_day,
@@ -127,41 +127,10 @@ def run_metrics(
         results.append((targets, pl.concat(frames, how="vertical_relaxed")))
 
     t2 = time.perf_counter()
-    base = baseline_query(dataset, window) if whole else None
     for n in whole:
-        assert base is not None
-        cols = experiments.columns(n)
-        rel = exp.Subquery(this=experiments.query(n, base), alias=exp.TableAlias(this=sb.ident("e")))
-        scan = FusedScan(
-            dataset, {n: (Inlined((), {c: sb.column(c) for c in cols}), cols)}, pairs, metrics, by, columns=cols
+        results.append(
+            _run_chain(dataset, experiments, n, pairs, metrics, by, window, batches, executor, tracer, stats)
         )
-        tcol = dataset.time_column
-        if tcol is not None and tcol in cols and "day" in by:
-            day = _per_row_window(
-                sb.column(tcol), dataset.time_is_aware, window.timezone if window else dataset.metadata.timezone, window
-            )[1]
-        elif "day" in by:
-            raise UnknownColumnError(
-                f"Cannot group experiment {n!r} by day: it has no time column {tcol!r}.", column=str(tcol), experiment=n
-            )
-        else:
-            day = sb.cast(exp.Null(), "DATE")
-        con = ConnectionConfig(threads=executor.workers).open()
-        try:
-            shifts = _shifts(scan, rel, tracer, con=con)
-            targets = scan.build(shifts)
-            sql = sb.render(scan.whole_query(rel, day))
-            stats.queries.append(sql)
-            try:
-                results.append((targets, _frame(con, sql, tracer)))
-            except duckdb.Error as e:
-                from duckharness.errors import ExecutionError
-
-                raise ExecutionError(
-                    f"Experiment {n!r} failed: {str(e).strip().splitlines()[0]}", files=dataset.paths, sql=sql
-                ) from e
-        finally:
-            con.close()
     if whole:
         stats.timings["whole"] = time.perf_counter() - t2
 
@@ -169,6 +138,66 @@ def run_metrics(
     tidy = finalize(results, metrics, out_keys, names, pairs, tracer)
     stats.timings["reduce"] = time.perf_counter() - t3
     return tidy
+
+
+def _run_chain(
+    dataset: Dataset,
+    experiments: Experiments,
+    name: str,
+    pairs: Sequence[Pair],
+    metrics: Sequence[Metric],
+    by: Sequence[str],
+    window: SessionWindow | None,
+    batches: list[list[FileInfo]],
+    executor: ThreadExecutor,
+    tracer: Tracer | None,
+    stats: RunStats,
+) -> tuple[list[Target], pl.DataFrame]:
+    """Metrics of an experiment that the fused scan cannot answer: its chain is built as views
+    (and Python steps) on a connection, per batch when that gives the same rows as running it on
+    all data (:meth:`Experiments.batchable`), else once over all files."""
+    cols = experiments.columns(name)
+    scan = FusedScan(
+        dataset, {name: (Inlined((), {c: sb.column(c) for c in cols}), cols)}, pairs, metrics, by, columns=cols
+    )
+    tcol = dataset.time_column
+    if "day" in by and (tcol is None or tcol not in cols):
+        raise UnknownColumnError(
+            f"Cannot group experiment {name!r} by day: it has no time column {tcol!r}.",
+            column=str(tcol),
+            experiment=name,
+        )
+    rel = exp.Table(this=sb.ident(name))
+
+    def aggregate(con: duckdb.DuckDBPyConnection, files: Sequence[FileInfo], targets_shifts: dict[str, float]) -> str:
+        _, day = window_and_day(dataset, files, window, need_day="day" in by)
+        sql = sb.render(scan.whole_query(rel, day))
+        if not stats.queries or stats.queries[-1] != sql:
+            stats.queries.append(sql)
+        return sql
+
+    per_batch = experiments.batchable(name)
+    groups = batches if per_batch else [list(dataset.files)]
+    first = ConnectionConfig(threads=1 if per_batch else executor.workers).open()
+    try:
+        build_chain(first, dataset, experiments, name, groups[0], window, tracer)
+        shifts = _shifts(scan, rel, tracer, con=first)
+        targets = scan.build(shifts)
+        try:
+            frames = [_frame(first, aggregate(first, groups[0], shifts), tracer)]
+        except duckdb.Error as e:
+            raise ExecutionError(
+                f"Experiment {name!r} failed: {str(e).strip().splitlines()[0]}", files=[f.path for f in groups[0]]
+            ) from e
+    finally:
+        first.close()
+
+    def task(con: duckdb.DuckDBPyConnection, i: int) -> pl.DataFrame:
+        build_chain(con, dataset, experiments, name, groups[i], window, tracer)
+        return _frame(con, aggregate(con, groups[i], shifts), tracer)
+
+    frames += executor.map(task, list(range(1, len(groups))), describe=lambda i: [f.path for f in groups[i]])
+    return targets, pl.concat(frames, how="vertical_relaxed")
 
 
 def _shifts(

@@ -69,6 +69,14 @@ class UnknownColumnError(ExperimentError):
         self.column = column
 
 
+class TransformError(ExperimentError):
+    """A Python step raised, or returned something other than a Polars LazyFrame/DataFrame."""
+
+    def __init__(self, message: str, *, experiment: str | None = None, step: str | None = None) -> None:
+        super().__init__(message, experiment=experiment)
+        self.step = step
+
+
 class MetricError(InputError):
     """A metric file is malformed, or an unknown metric was asked for."""
 

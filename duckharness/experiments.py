@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import duckdb
 from sqlglot import exp
@@ -35,16 +36,57 @@ _NAME = re.compile(r"^[^\x00\"]+$")
 
 @dataclass(frozen=True)
 class Step:
-    """One experiment: its name, base, the user's SQL and the normalised SELECT over the base."""
+    """One experiment: its name and base, and either SQL (the user's text and the normalised
+    SELECT over the base) or a Python function on a Polars LazyFrame.
+
+    A Python step runs on each file batch separately when ``per_batch`` is true (the default:
+    right for row-by-row logic and for logic within a day), or once over all rows when false.
+    """
 
     name: str
     base: str
     sql: str
-    query: exp.Select | exp.Expr
+    query: exp.Expr | None
     depends: tuple[str, ...] = ()
+    fn: Callable[[Any], Any] | None = None
+    per_batch: bool = True
+
+    @property
+    def is_python(self) -> bool:
+        return self.fn is not None
+
+    @property
+    def label(self) -> str:
+        """``SQL: ...`` or ``python: module.function``, for listings."""
+        if self.fn is not None:
+            mode = "per batch" if self.per_batch else "whole data"
+            return f"python: {function_name(self.fn)} ({mode})"
+        return "SQL: " + " ".join(self.sql.split())
 
     def render(self, *, pretty: bool = True) -> str:
+        if self.query is None:
+            return f"-- {self.label}"
         return sb.render(self.query, pretty=pretty)
+
+
+def function_name(fn: Callable[..., Any]) -> str:
+    mod = getattr(fn, "__module__", None) or ""
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+    return f"{mod}.{name}" if mod and mod != "__main__" else name
+
+
+def python_step(name: str, fn: Callable[[Any], Any], base: str | None, *, per_batch: bool = True) -> Step:
+    """A step that applies ``fn`` (Polars LazyFrame -> LazyFrame) to the rows of its base."""
+    if not isinstance(name, str) or not name.strip() or not _NAME.match(name):
+        raise ExperimentSQLError(f"Experiment name {name!r} is not valid.", experiment=str(name))
+    if name.lower() == BASELINE:
+        raise DuplicateExperimentError("'baseline' is the windowed source; choose another name.", experiment=name)
+    if not callable(fn):
+        raise ExperimentError(
+            f"Experiment {name!r}: a step is SQL text or a callable, got {type(fn).__name__}.", experiment=name
+        )
+    parent = base or BASELINE
+    return Step(name, parent, function_name(fn), None, (parent,), fn, per_batch)
 
 
 @dataclass(frozen=True)
@@ -173,11 +215,12 @@ _COLUMN_ERR = re.compile(
 class Experiments:
     """The set of experiments of one harness, validated against the baseline's columns.
 
-    ``bind`` is given a list of ``(name, SELECT)`` views to create over a zero-row ``baseline``
-    and returns each view's output columns; it raises :class:`duckdb.Error` on a binding error.
+    ``binder`` is given each new step, creates it over zero-row relations (a view for SQL, the
+    function applied to an empty LazyFrame for Python) and returns its output columns; it raises
+    :class:`duckdb.Error` on a binding error.
     """
 
-    def __init__(self, baseline_columns: Mapping[str, str], binder: Callable[[str, exp.Expr], dict[str, str]]):
+    def __init__(self, baseline_columns: Mapping[str, str], binder: Callable[[Step], dict[str, str]]):
         self._bind = binder
         self._steps: dict[str, Step] = {}
         self._columns: dict[str, dict[str, str]] = {BASELINE: dict(baseline_columns)}
@@ -204,9 +247,14 @@ class Experiments:
         self._check_known(name)
         return dict(self._columns[name])
 
-    def add(self, name: str, sql: str, base: str | None = None) -> Step:
-        """Parse, validate and register one step (see :func:`parse_step`)."""
-        step = parse_step(name, sql, base)
+    def add(
+        self, name: str, sql: str | Callable[[Any], Any], base: str | None = None, *, per_batch: bool = True
+    ) -> Step:
+        """Parse, validate and register one step: SQL (see :func:`parse_step`) or a Python function
+        on a Polars LazyFrame (see :func:`python_step`)."""
+        step = (
+            parse_step(name, sql, base) if isinstance(sql, str) else python_step(name, sql, base, per_batch=per_batch)
+        )
         # DuckDB names are case-insensitive: "Liquid" and "liquid" would be the same view.
         clash = next((n for n in self._steps if n.lower() == name.lower()), None)
         if clash is not None:
@@ -231,6 +279,35 @@ class Experiments:
         for s in order_steps(steps, known=self.names):
             self.add(s.name, s.sql, s.base if s.base != BASELINE or isinstance(s.query, exp.Query) else None)
 
+    def has_python(self, name: str) -> bool:
+        """Whether any step of the chain to ``name`` is a Python function."""
+        return any(s.is_python for s in self.chain(name))
+
+    def batchable(self, name: str) -> bool:
+        """Whether running the chain on each file batch gives the same rows as running it on all
+        the data: every SQL step works row by row, and every Python step is per batch."""
+        return all((s.per_batch if s.is_python else _row_local(s.query)) for s in self.chain(name))
+
+    def tree(self) -> str:
+        """The experiments as a tree from baseline, each with its step's SQL or Python name."""
+        children: dict[str, list[str]] = {}
+        for s in self._steps.values():
+            children.setdefault(s.base, []).append(s.name)
+        lines = [BASELINE]
+
+        def walk(node: str, prefix: str) -> None:
+            kids = children.get(node, [])
+            for i, kid in enumerate(kids):
+                last = i == len(kids) - 1
+                label = self._steps[kid].label
+                if len(label) > 100:
+                    label = label[:97] + "..."
+                lines.append(f"{prefix}{'└── ' if last else '├── '}{kid}  {label}")
+                walk(kid, prefix + ("    " if last else "│   "))
+
+        walk(BASELINE, "")
+        return "\n".join(lines)
+
     def remove(self, name: str) -> None:
         self._check_known(name)
         users = [s.name for s in self._steps.values() if name in s.depends]
@@ -243,7 +320,7 @@ class Experiments:
 
     def _bind_step(self, step: Step) -> dict[str, str]:
         try:
-            return self._bind(step.name, step.query)
+            return self._bind(step)
         except duckdb.Error as e:
             msg = str(e).strip().splitlines()[0]
             if m := _COLUMN_ERR.search(msg):
@@ -279,6 +356,11 @@ class Experiments:
         q = exp.select(exp.Star()).from_(exp.Table(this=sb.ident(name)))
         q = q.with_(sb.ident(BASELINE), as_=baseline.copy())
         for s in self.chain(name):
+            if s.query is None:
+                raise ExperimentError(
+                    f"Experiment {name!r} has a Python step ({s.name}: {s.label}); it has no single SQL query.",
+                    experiment=name,
+                )
             q = q.with_(sb.ident(s.name), as_=s.query.copy())
         return q
 
@@ -290,15 +372,19 @@ class Experiments:
         if name == BASELINE:
             return Inlined((), {c: sb.column(c) for c in self._columns[BASELINE]})
         step = self._steps[name]
+        if step.query is None:
+            return None
         parent = self.inline(step.base)
         if parent is None:
             return None
         return _inline_select(step.query, parent, list(self._columns[name]))
 
 
-def _inline_select(q: exp.Expr, parent: Inlined, out_names: list[str]) -> Inlined | None:
+def _row_local(q: exp.Expr | None) -> bool:
+    """Whether a step's SELECT works row by row over a single base (no aggregate, window, join,
+    LIMIT, DISTINCT, subquery or volatile function), so it can run on any subset of the rows."""
     if not isinstance(q, exp.Select):
-        return None
+        return False
     for arg in (
         "joins",
         "group",
@@ -317,22 +403,29 @@ def _inline_select(q: exp.Expr, parent: Inlined, out_names: list[str]) -> Inline
         "match",
     ):
         if q.args.get(arg):
-            return None
+            return False
     from_ = q.args.get("from_") or q.args.get("from")
     if from_ is None or not isinstance(from_.this, exp.Table):
-        return None
+        return False
     for node in q.walk():
         if isinstance(node, (exp.AggFunc, exp.Window, exp.Subquery, exp.Unnest, exp.Lambda)):
-            return None
+            return False
         if isinstance(node, exp.Select) and node is not q:
-            return None
+            return False
         if isinstance(node, exp.Func) and (
             node.sql_name().lower() in _VOLATILE
             or (isinstance(node, exp.Anonymous) and str(node.this).lower() in _VOLATILE)
         ):
-            return None
+            return False
         if isinstance(node, exp.Rand):
-            return None
+            return False
+    return True
+
+
+def _inline_select(q: exp.Expr, parent: Inlined, out_names: list[str]) -> Inlined | None:
+    if not _row_local(q):
+        return None
+    assert isinstance(q, exp.Select)
     env = dict(parent.mapping)
     items: list[tuple[str | None, exp.Expr]] = []
     for proj in q.expressions:

@@ -14,6 +14,7 @@ import polars as pl
 from sqlglot import exp
 
 from duckharness import sqlbuild as sb
+from duckharness.chain import apply_python_step, build_chain, collect_step, relation_sql
 from duckharness.connection import ConnectionConfig, fetch_all
 from duckharness.engine import RunStats, baseline_query, run_metrics
 from duckharness.errors import InputError
@@ -75,11 +76,20 @@ class Harness:
                 )
             )
         ).fetchall()
+        self._data_con: duckdb.DuckDBPyConnection | None = None
         self.experiments = Experiments(self.dataset.columns, self._bind)
 
-    def _bind(self, name: str, query: exp.Expr) -> dict[str, str]:
-        fetch_all(self._schema_con, sb.render(sb.create_view(name, query)), self.tracer)
-        rows = fetch_all(self._schema_con, sb.render(exp.Describe(this=exp.Table(this=sb.ident(name)))), self.tracer)
+    def _bind(self, step: Step) -> dict[str, str]:
+        """Create ``step`` over zero-row relations, so DuckDB (or the Python function) shows its
+        columns, or fails on an unknown column, before any data is read."""
+        con = self._schema_con
+        if step.query is not None:
+            fetch_all(con, sb.render(sb.create_view(step.name, step.query)), self.tracer)
+        else:
+            empty = con.sql(sb.render(sb.select([exp.Star()], exp.Table(this=sb.ident(step.base))).limit(0))).pl()
+            out = collect_step(step, apply_python_step(step, empty.lazy()))
+            con.register(step.name, out)
+        rows = fetch_all(con, sb.render(exp.Describe(this=exp.Table(this=sb.ident(step.name)))), self.tracer)
         return {r[0]: r[1] for r in rows}
 
     # -- the data ---------------------------------------------------------------------------
@@ -134,10 +144,28 @@ class Harness:
         )
 
     # -- experiments ------------------------------------------------------------------------
-    def add_experiment(self, name: str, sql: str, base: str | None = None) -> Step:
-        """Add a step: a WHERE condition over ``base`` (default ``baseline``) or a SELECT whose
-        FROM names its base. Validated at once; errors name the experiment and the culprit."""
-        return self.experiments.add(name, sql, base)
+    def add_experiment(
+        self,
+        name: str,
+        step: str | Callable[[pl.LazyFrame], pl.LazyFrame],
+        base: str | None = None,
+        *,
+        per_batch: bool = True,
+    ) -> Step:
+        """Add an experiment step over ``base`` (default ``baseline``).
+
+        ``step`` is a WHERE condition, a SELECT whose FROM names its base, or a Python function
+        taking and returning a Polars LazyFrame. A Python step runs on each file batch (one day,
+        by default) unless ``per_batch=False``, in which case it sees all rows at once; use that
+        for logic that crosses days (rolling windows over days, whole-sample ranks). The step is
+        validated at once; errors name the experiment and the culprit.
+
+        Example:
+            >>> h.add_experiment("liquid", "volume > 1000")                       # doctest: +SKIP
+            >>> h.add_experiment("z", lambda lf: lf.with_columns(                 # doctest: +SKIP
+            ...     (pl.col("pred_10s") / pl.col("pred_10s").std()).alias("pred_z")), base="liquid")
+        """
+        return self.experiments.add(name, step, base, per_batch=per_batch)
 
     def load_experiments(self, path: str | os.PathLike[str]) -> list[str]:
         """Add every ``-- experiment: NAME`` statement of a SQL file; returns their names."""
@@ -153,19 +181,60 @@ class Harness:
         return [s.name for s in steps]
 
     def experiment_sql(self, name: str, *, window: WindowArg = None, pretty: bool = True) -> str:
-        """The full SQL of an experiment's chain, from the Parquet files to its rows."""
+        """The full SQL of an experiment's chain, from the Parquet files to its rows.
+
+        For a chain with Python steps, the SQL of each step in order, with the Python steps named
+        in comments (such a chain has no single query).
+        """
         base = baseline_query(self.dataset, self._window(window))
         if name == BASELINE:
             return sb.render(base, pretty=pretty)
-        self.experiments.step(name)
-        return sb.render(self.experiments.query(name, base), pretty=pretty)
+        if not self.experiments.has_python(name):
+            return sb.render(self.experiments.query(name, base), pretty=pretty)
+        parts = [f"-- baseline\n{sb.render(base, pretty=pretty)};"]
+        for s in self.experiments.chain(name):
+            parts.append(
+                f"-- {s.name} (from {s.base}): {s.label}" + ("" if s.is_python else f"\n{s.render(pretty=pretty)};")
+            )
+        return "\n\n".join(parts)
 
-    def relation(
-        self, name: str = BASELINE, *, window: WindowArg = None, con: duckdb.DuckDBPyConnection | None = None
-    ) -> duckdb.DuckDBPyRelation:
-        """A lazy DuckDB relation of an experiment's rows."""
-        con = con or self._schema_con
-        return con.sql(self.experiment_sql(name, window=window, pretty=False))
+    def experiment_tree(self) -> str:
+        """The experiments as a tree from baseline, each with its SQL or Python function."""
+        return self.experiments.tree()
+
+    def relation(self, name: str = BASELINE, *, window: WindowArg = None) -> duckdb.DuckDBPyRelation:
+        """A lazy DuckDB relation of an experiment's rows (on a connection the harness owns).
+
+        Pure SQL chains stay lazy; Python steps on the way are run when the relation is made.
+        """
+        self.experiments.columns(name)  # unknown names raise here
+        if not self.experiments.has_python(name):
+            return self._schema_con.sql(self.experiment_sql(name, window=window, pretty=False))
+        con = self._data_connection()
+        build_chain(con, self.dataset, self.experiments, name, self.dataset.files, self._window(window), self.tracer)
+        return con.sql(relation_sql(name))
+
+    def lazyframe(self, name: str = BASELINE, *, window: WindowArg = None) -> pl.LazyFrame:
+        """A Polars LazyFrame of an experiment's rows that reads the files only when collected.
+
+        Chains that work file by file are read one file batch at a time (a ``head()`` reads only
+        the first files; selected columns are pushed down); other chains stream from one query.
+        """
+        from duckharness.lazy import experiment_lazyframe
+
+        self.experiments.columns(name)
+        return experiment_lazyframe(self, name, self._window(window))
+
+    def relation_schema(self, name: str = BASELINE) -> pl.Schema:
+        """The Polars schema of an experiment's rows (from zero-row relations; no data read)."""
+        self.experiments.columns(name)
+        q = sb.select([exp.Star()], exp.Table(this=sb.ident(name))).limit(0)
+        return self._schema_con.sql(sb.render(q)).pl().schema
+
+    def _data_connection(self) -> duckdb.DuckDBPyConnection:
+        if self._data_con is None:
+            self._data_con = ConnectionConfig(threads=self.workers).open()
+        return self._data_con
 
     # -- metrics ----------------------------------------------------------------------------
     def metrics(
@@ -247,6 +316,9 @@ class Harness:
 
     def close(self) -> None:
         self._schema_con.close()
+        if self._data_con is not None:
+            self._data_con.close()
+            self._data_con = None
 
     def __enter__(self) -> Harness:
         return self

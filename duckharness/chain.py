@@ -1,0 +1,98 @@
+"""Running an experiment chain on one DuckDB connection, for a batch of files or for all of them.
+
+SQL steps become views named after their experiments (each step's FROM already names its base),
+so a chain is a stack of views over a ``baseline`` view of the batch. A Python step reads its
+base as a Polars LazyFrame, and its result is registered on the connection under the step's
+name, so later SQL steps read it like any view. This is the path for chains that cannot be fused
+into the single scan (Python steps, aggregates, windows); the result is exactly what applying
+the chain to those rows gives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import duckdb
+import polars as pl
+from sqlglot import exp
+
+from duckharness import sqlbuild as sb
+from duckharness.connection import fetch_all
+from duckharness.errors import TransformError
+from duckharness.experiments import BASELINE, Experiments, Step
+from duckharness.metadata import SessionWindow
+from duckharness.plan import MAX_VIEW_WINDOW_DAYS, batch_relation, window_and_day
+from duckharness.source import Dataset, FileInfo
+
+Tracer = Callable[[str], None]
+
+
+def apply_python_step(step: Step, frame: pl.LazyFrame) -> pl.LazyFrame:
+    """Call a Python step's function; errors name the experiment and the function."""
+    assert step.fn is not None
+    try:
+        out = step.fn(frame)
+    except Exception as e:
+        raise TransformError(
+            f"Experiment {step.name!r}: Python step {step.sql} raised {type(e).__name__}: {e}",
+            experiment=step.name,
+            step=step.sql,
+        ) from e
+    if isinstance(out, pl.DataFrame):
+        out = out.lazy()
+    if not isinstance(out, pl.LazyFrame):
+        raise TransformError(
+            f"Experiment {step.name!r}: Python step {step.sql} must return a Polars LazyFrame, "
+            f"got {type(out).__name__}.",
+            experiment=step.name,
+            step=step.sql,
+        )
+    return out
+
+
+def collect_step(step: Step, frame: pl.LazyFrame) -> pl.DataFrame:
+    """Collect a Python step's output (with Polars' streaming engine); errors name the step."""
+    try:
+        return frame.collect(engine="streaming")
+    except Exception as e:
+        raise TransformError(
+            f"Experiment {step.name!r}: Python step {step.sql} failed when run: {type(e).__name__}: {e}",
+            experiment=step.name,
+            step=step.sql,
+        ) from e
+
+
+def source_query(dataset: Dataset, files: Sequence[FileInfo], window: SessionWindow | None) -> exp.Expr:
+    """``SELECT * FROM <files> WHERE <session window>``: the baseline of one batch."""
+    where, _ = window_and_day(dataset, files, window, need_day=False, max_window_days=MAX_VIEW_WINDOW_DAYS)
+    return sb.select([exp.Star()], batch_relation(dataset, files), where=where)
+
+
+def build_chain(
+    con: duckdb.DuckDBPyConnection,
+    dataset: Dataset,
+    experiments: Experiments,
+    name: str,
+    files: Sequence[FileInfo],
+    window: SessionWindow | None,
+    tracer: Tracer | None = None,
+) -> str:
+    """Create ``baseline`` and every step up to ``name`` on ``con``; returns the relation name."""
+    fetch_all(con, sb.render(sb.create_view(BASELINE, source_query(dataset, files, window), temp=True)), tracer)
+    if name == BASELINE:
+        return name
+    for step in experiments.chain(name):
+        if step.query is not None:
+            fetch_all(con, sb.render(sb.create_view(step.name, step.query, temp=True)), tracer)
+            continue
+        base_sql = sb.render(sb.select([exp.Star()], exp.Table(this=sb.ident(step.base))))
+        if tracer is not None:
+            tracer(f"-- Python step {step.sql} over: {base_sql}")
+        frame = con.sql(base_sql).pl(lazy=True)  # streams from DuckDB, with projection pushdown
+        out = collect_step(step, apply_python_step(step, frame))
+        con.register(step.name, out)
+    return name
+
+
+def relation_sql(name: str) -> str:
+    return sb.render(sb.select([exp.Star()], exp.Table(this=sb.ident(name))))
