@@ -16,6 +16,7 @@ def _harness(args: argparse.Namespace) -> Any:
 
     h = Harness(
         args.source,
+        metadata=getattr(args, "metadata", None),
         metric_dirs=args.metric_dir or (),
         workers=args.workers,
         tracer=(lambda sql: print(sql, file=sys.stderr)) if args.trace else None,
@@ -129,6 +130,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"Error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a driver error we did not translate: still no traceback
+        import duckdb
+
+        if args.debug or not isinstance(e, duckdb.Error):
+            raise
+        print(f"Error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)

@@ -34,6 +34,7 @@ from duckharness.plan import (
     round_shift,
     window_and_day,
 )
+from duckharness.progress import Progress
 from duckharness.source import Dataset, FileInfo
 from duckharness.stats import merge_partials
 
@@ -91,6 +92,7 @@ def run_metrics(
     batch_size: int = 1,
     tracer: Tracer | None = None,
     stats: RunStats | None = None,
+    progress: bool | None = None,
 ) -> pl.DataFrame:
     """Compute ``metrics`` for every experiment in ``names`` and pair, grouped by ``by``."""
     stats = stats if stats is not None else RunStats()
@@ -111,6 +113,7 @@ def run_metrics(
     stats.batches, stats.files = len(batches), len(dataset.files)
     stats.timings["plan"] = time.perf_counter() - t0
 
+    bar = Progress(len(batches) * ((1 if fused else 0) + len(whole)), "metrics", enabled=progress)
     if fused:
         scan = FusedScan(dataset, fused, pairs, metrics, by)
         shifts = _shifts(scan, batch_relation(dataset, batches[0]), tracer)
@@ -122,6 +125,7 @@ def run_metrics(
             lambda con, i: _frame(con, sqls[i], tracer),
             list(range(len(batches))),
             describe=lambda i: [f.path for f in batches[i]],
+            on_done=bar.advance,
         )
         stats.timings["map"] = time.perf_counter() - t1
         results.append((targets, pl.concat(frames, how="vertical_relaxed")))
@@ -131,6 +135,8 @@ def run_metrics(
         results.append(
             _run_chain(dataset, experiments, n, pairs, metrics, by, window, batches, executor, tracer, stats)
         )
+        bar.advance(len(batches))
+    bar.close()
     if whole:
         stats.timings["whole"] = time.perf_counter() - t2
 

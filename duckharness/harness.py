@@ -22,7 +22,8 @@ from duckharness.executor import ThreadExecutor
 from duckharness.experiments import BASELINE, Experiments, Step, parse_experiments_file
 from duckharness.metadata import Metadata, SessionWindow, parse_wall_time
 from duckharness.metricfile import Metric, MetricLibrary
-from duckharness.plan import Pair, default_pairs
+from duckharness.plan import Pair, default_pairs, local_dates
+from duckharness.sink import SinkResult
 from duckharness.source import Dataset, open_dataset
 
 WindowArg = SessionWindow | tuple[str, str] | bool | None
@@ -39,6 +40,7 @@ class Harness:
         workers: parallel DuckDB connections for the batch map (default: CPU count).
         batch_size: files per batch (default 1).
         tracer: a callable that receives every SQL statement executed (e.g. ``print``).
+        progress: show a progress bar on long runs (default: only when stderr is a terminal).
 
     Example:
         >>> h = Harness("data/run42")                                     # doctest: +SKIP
@@ -56,8 +58,10 @@ class Harness:
         workers: int | None = None,
         batch_size: int = 1,
         tracer: Callable[[str], None] | None = None,
+        progress: bool | None = None,
     ) -> None:
         self.tracer = tracer
+        self.progress = progress
         t = time.perf_counter()
         self.dataset: Dataset = open_dataset(source, metadata=metadata, tracer=tracer)
         self.dataset.storage_options = dict(storage_options or {})
@@ -231,6 +235,93 @@ class Harness:
         q = sb.select([exp.Star()], exp.Table(this=sb.ident(name))).limit(0)
         return self._schema_con.sql(sb.render(q)).pl().schema
 
+    def sample(
+        self,
+        experiment: str = BASELINE,
+        strategy: str = "random_days",
+        *,
+        n: int = 100_000,
+        n_days: int = 5,
+        step: int = 100,
+        seed: int | None = None,
+        window: WindowArg = None,
+    ) -> pl.DataFrame:
+        """A sample of an experiment's rows, taken through the experiment's logic.
+
+        Strategies: ``random_days`` (``n_days`` whole days chosen with ``seed``; reads only those
+        days' files; the preferred one), ``head`` (the first ``n`` rows in time order; stops
+        reading once it has them), ``gather_every`` (every ``step``-th row in time order).
+        ``random_rows`` is refused: it breaks the time series.
+        """
+        from duckharness.sample import take_sample
+
+        return take_sample(
+            self, experiment, strategy, n=n, n_days=n_days, step=step, seed=seed, window=self._window(window)
+        )
+
+    def sink(
+        self,
+        experiment: str,
+        out: str | os.PathLike[str],
+        *,
+        partition_by: str | None = None,
+        overwrite: bool = False,
+        window: WindowArg = None,
+        progress: bool | None = None,
+    ) -> SinkResult:
+        """Write an experiment's rows to Parquet in folder ``out``, streaming, atomically.
+
+        ``partition_by="day"`` writes one ``YYYY-MM-DD.parquet`` per local day. The folder gets a
+        ``metadata.json`` (the source's, plus the experiment and its SQL), so it opens as a new
+        ``Harness``. Nothing is left behind if the sink fails; an existing ``out`` is replaced only
+        with ``overwrite=True``.
+        """
+        from duckharness.sink import sink_experiment
+
+        result = sink_experiment(
+            self,
+            experiment,
+            out,
+            partition_by=partition_by,
+            overwrite=overwrite,
+            window=self._window(window),
+            progress=self.progress if progress is None else progress,
+        )
+        self.last_run = RunStats(timings=dict(result.timings), files=len(self.dataset.files))
+        return result
+
+    def info(self) -> dict[str, Any]:
+        """A summary of the source: files, days, rows, columns with roles, metadata, window."""
+        files = self.dataset.files
+        tz = self.dataset.metadata.timezone
+        days = sorted({d for f in files if f.time_min and f.time_max for d in local_dates(f.time_min, f.time_max, tz)})
+        roles = {}
+        for c, t in self.dataset.columns.items():
+            role = (
+                "time"
+                if c == self.time_column
+                else "target"
+                if c in self.targets
+                else "prediction"
+                if c in self.predictions
+                else "feature"
+            )
+            roles[c] = {"type": t, "role": role}
+        return {
+            "root": self.dataset.root,
+            "files": len(files),
+            "bytes": sum(f.size for f in files),
+            "rows": sum(f.rows for f in files),
+            "days": len(days),
+            "first_day": days[0].isoformat() if days else None,
+            "last_day": days[-1].isoformat() if days else None,
+            "time_column": self.time_column,
+            "session_window": self.session_window.describe() if self.session_window else None,
+            "metadata": self.dataset.metadata.as_dict(),
+            "columns": roles,
+            "experiments": self.experiments.names,
+        }
+
     def _data_connection(self) -> duckdb.DuckDBPyConnection:
         if self._data_con is None:
             self._data_con = ConnectionConfig(threads=self.workers).open()
@@ -247,6 +338,7 @@ class Harness:
         window: WindowArg = None,
         workers: int | None = None,
         batch_size: int | None = None,
+        progress: bool | None = None,
     ) -> pl.DataFrame:
         """Exact metrics for every experiment × pair, pooled or grouped by ``by``.
 
@@ -281,6 +373,7 @@ class Harness:
             batch_size=batch_size or self.batch_size,
             tracer=self.tracer,
             stats=self.last_run,
+            progress=self.progress if progress is None else progress,
         )
 
     def _pairs(self, pairs: Any) -> list[Pair]:

@@ -45,8 +45,10 @@ class Pair:
         if isinstance(text, tuple):
             return cls(*text)
         if ":" in text:
-            p, t = text.split(":", 1)
-            return cls(p.strip(), t.strip())
+            p, t = (x.strip() for x in text.split(":", 1))
+            if not p or not t:
+                raise InputError(f"Pair {text!r} must be written PRED:TARGET, e.g. pred_10s:target_10s.")
+            return cls(p, t)
         if text.startswith("pred_"):
             return cls(text, "target_" + text[len("pred_") :])
         raise InputError(f"Pair {text!r} must be written PRED:TARGET, e.g. pred_10s:target_10s.")
@@ -61,6 +63,28 @@ class Target:
     conds: tuple[str, ...]
     valid: str
     stats: dict[str, dict[str, str]] = field(default_factory=dict)  # metric -> stat -> column
+
+
+def _numeric(type_sql: str) -> bool:
+    t = type_sql.upper()
+    return (
+        t in ("BOOLEAN", "FLOAT", "DOUBLE", "REAL")
+        or t.startswith("DECIMAL")
+        or t.endswith("INT")
+        or t
+        in (
+            "TINYINT",
+            "SMALLINT",
+            "INTEGER",
+            "BIGINT",
+            "HUGEINT",
+            "UTINYINT",
+            "USMALLINT",
+            "UINTEGER",
+            "UBIGINT",
+            "UHUGEINT",
+        )
+    )
 
 
 def default_pairs(columns: Mapping[str, str]) -> list[Pair]:
@@ -104,7 +128,8 @@ class FusedScan:
                 continue
             if b not in source_columns:
                 raise UnknownColumnError(
-                    f"Cannot group by {b!r}: no such column. Columns: {', '.join(source_columns)}.", column=b
+                    f"Cannot group by {b!r}: no such column. Use 'day' or a column: {', '.join(source_columns)}.",
+                    column=b,
                 )
             self.by.append((b, sb.column(b)))
         self.bound: list[tuple[str, Pair, Inlined, exp.Expr, exp.Expr, str, str]] = []
@@ -116,6 +141,12 @@ class FusedScan:
                             f"Experiment {name!r} has no column {c!r} (pair {pair.pred}:{pair.target}).",
                             column=c,
                             experiment=name,
+                        )
+                for c in (pair.pred, pair.target):
+                    if not _numeric(cols[c]):
+                        raise InputError(
+                            f"Column {c!r} of experiment {name!r} is {cols[c]}, not numeric; "
+                            f"pairs are numeric PRED:TARGET columns."
                         )
                 self.bound.append(
                     (
@@ -240,7 +271,7 @@ def batch_relation(dataset: Dataset, files: Sequence[FileInfo]) -> exp.Expr:
     return sb.select(proj, rp).subquery("src")
 
 
-def _local_dates(lo: dt.datetime, hi: dt.datetime, tz: str) -> list[dt.date]:
+def local_dates(lo: dt.datetime, hi: dt.datetime, tz: str) -> list[dt.date]:
     z = zoneinfo.ZoneInfo(tz)
 
     def local(x: dt.datetime) -> dt.date:
@@ -287,7 +318,7 @@ def window_and_day(
     days: set[dt.date] = set()
     for f in files:
         assert f.time_min is not None and f.time_max is not None
-        days.update(_local_dates(f.time_min, f.time_max, tz))
+        days.update(local_dates(f.time_min, f.time_max, tz))
     if window is not None and window.overnight:
         days.update(d - dt.timedelta(days=1) for d in list(days))
     ordered = sorted(days)

@@ -121,7 +121,8 @@ def load_metadata(root: str, metadata: Mapping[str, Any] | str | os.PathLike[str
     if not os.path.isfile(path):
         raise MetadataError(
             f"Metadata file {path} not found. Put a metadata.json beside the data "
-            f"(it may be just {{}}) or pass metadata={{...}}.",
+            f"(it may be just {{}}), or give another file (metadata=PATH in Python, --metadata FILE "
+            f"on the command line).",
             path=path,
         )
     with open(path, "rb") as f:

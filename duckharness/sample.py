@@ -1,0 +1,138 @@
+"""Subsamples for interactive research, each taken through the experiment's logic.
+
+``random_days`` picks whole days (the preferred strategy: it keeps the intraday structure of
+high-frequency data) and reads only the files of those days; ``head`` takes the first rows in
+time order and stops reading once it has them; ``gather_every`` keeps every N-th row in time
+order. ``random_rows`` is refused: picking rows at random breaks the time series.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import random
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import polars as pl
+from sqlglot import exp
+
+from duckharness import sqlbuild as sb
+from duckharness.chain import build_chain
+from duckharness.connection import ConnectionConfig
+from duckharness.errors import InputError
+from duckharness.metadata import SessionWindow
+from duckharness.plan import local_dates
+from duckharness.source import FileInfo
+
+if TYPE_CHECKING:
+    from duckharness.harness import Harness
+
+STRATEGIES = ("random_days", "head", "gather_every")
+
+
+def days_of_files(files: Sequence[FileInfo], tz: str, window: SessionWindow | None) -> dict[dt.date, list[FileInfo]]:
+    """Local days and the files that hold rows of each (files without statistics count as one
+    'day' each, keyed by their position)."""
+    out: dict[dt.date, list[FileInfo]] = {}
+    for i, f in enumerate(files):
+        if f.time_min is None or f.time_max is None:
+            out.setdefault(dt.date.min + dt.timedelta(days=i), []).append(f)
+            continue
+        days = local_dates(f.time_min, f.time_max, tz)
+        if window is not None and window.overnight:
+            days = [days[0] - dt.timedelta(days=1), *days]
+        for d in days:
+            out.setdefault(d, []).append(f)
+    return out
+
+
+def take_sample(
+    h: Harness,
+    name: str,
+    strategy: str,
+    *,
+    n: int,
+    n_days: int,
+    step: int,
+    seed: int | None,
+    window: SessionWindow | None,
+) -> pl.DataFrame:
+    if strategy == "random_rows":
+        raise InputError(
+            "Strategy 'random_rows' is refused: rows picked at random break the time series (lags, "
+            "intraday patterns, autocorrelation). Use 'random_days' (whole days), 'head' or 'gather_every'."
+        )
+    if strategy not in STRATEGIES:
+        raise InputError(f"Unknown sampling strategy {strategy!r}. Options: {', '.join(STRATEGIES)}.")
+    if n < 1 or n_days < 1 or step < 1:
+        raise InputError("n, n_days and step must be at least 1.")
+    h.experiments.columns(name)  # unknown names raise here
+    tz = window.timezone if window is not None else h.dataset.metadata.timezone
+    files = sorted(h.dataset.files, key=lambda f: (f.time_min is None, f.time_min or dt.datetime.min, f.path))
+    tcol = h.dataset.time_column
+    ordered = tcol is not None and tcol in h.experiments.columns(name)
+    if strategy == "random_days":
+        by_day = days_of_files(files, tz, window)
+        chosen = sorted(random.Random(seed).sample(sorted(by_day), min(n_days, len(by_day))))
+        needed = list({f.path: f for d in chosen for f in by_day[d]}.values())
+        frames = list(_frames(h, name, needed, window, order=False))
+        out = pl.concat(frames, how="diagonal_relaxed") if frames else _empty(h, name)
+        spans_more = any(len(local_dates(f.time_min, f.time_max, tz)) > 1 for f in needed if f.time_min and f.time_max)
+        if ordered and spans_more and out.height:
+            assert tcol is not None
+            instant = pl.col(tcol)
+            if getattr(out.schema[tcol], "time_zone", None) is None:  # naive times are UTC
+                instant = instant.dt.replace_time_zone("UTC")
+            out = out.filter(instant.dt.convert_time_zone(tz).dt.date().is_in(chosen))
+        return out
+    if strategy == "head":
+        parts, remaining = [], n
+        for df in _frames(h, name, files, window, order=ordered, limit_each=n):
+            parts.append(df.head(remaining))
+            remaining -= parts[-1].height
+            if remaining <= 0:
+                break
+        return pl.concat(parts, how="diagonal_relaxed") if parts else _empty(h, name)
+    parts, seen = [], 0
+    for df in _frames(h, name, files, window, order=ordered):
+        parts.append(df.gather_every(step, offset=(-seen) % step) if (-seen) % step < df.height else df.head(0))
+        seen += df.height
+    return pl.concat(parts, how="diagonal_relaxed") if parts else _empty(h, name)
+
+
+def _empty(h: Harness, name: str) -> pl.DataFrame:
+    return pl.DataFrame(schema=h.relation_schema(name))
+
+
+def _frames(
+    h: Harness,
+    name: str,
+    files: Sequence[FileInfo],
+    window: SessionWindow | None,
+    *,
+    order: bool,
+    limit_each: int | None = None,
+) -> Iterator[pl.DataFrame]:
+    """The experiment's rows over ``files``: one file batch at a time when the chain allows it
+    (so ``head`` stops reading early), else from one query over those files only."""
+    if not files:
+        return
+    dataset = dataclasses.replace(h.dataset, files=list(files))
+    batchable = h.experiments.batchable(name)
+    groups = [[f] for f in files] if batchable else [list(files)]
+    con = ConnectionConfig(threads=1 if batchable else h.workers).open()
+    try:
+        for group in groups:
+            rel = build_chain(con, dataset, h.experiments, name, group, window, h.tracer)
+            q = sb.select([exp.Star()], exp.Table(this=sb.ident(rel)))
+            if order and h.dataset.time_column is not None:
+                q = q.order_by(sb.column(h.dataset.time_column))
+            if limit_each is not None:
+                q = q.limit(limit_each)
+            sql = sb.render(q)
+            if h.tracer is not None:
+                h.tracer(sql)
+            yield con.sql(sql).pl()
+    finally:
+        con.close()
