@@ -17,9 +17,10 @@ def _harness(args: argparse.Namespace) -> Any:
     h = Harness(
         args.source,
         metadata=getattr(args, "metadata", None),
-        metric_dirs=args.metric_dir or (),
-        workers=args.workers,
-        tracer=(lambda sql: print(sql, file=sys.stderr)) if args.trace else None,
+        metric_dirs=getattr(args, "metric_dir", None) or (),
+        workers=getattr(args, "workers", None),
+        tracer=(lambda sql: print(sql, file=sys.stderr)) if getattr(args, "trace", False) else None,
+        progress=False if getattr(args, "quiet", False) else None,
     )
     if getattr(args, "experiments", None):
         try:
@@ -31,9 +32,9 @@ def _harness(args: argparse.Namespace) -> Any:
 
 
 def _window(args: argparse.Namespace) -> Any:
-    if args.no_window:
+    if getattr(args, "no_window", False):
         return False
-    if args.window:
+    if getattr(args, "window", None):
         start, _, end = args.window.partition("-")
         return (start or None, end or None)
     return None
@@ -51,6 +52,62 @@ def cmd_metrics(args: argparse.Namespace) -> int:
             window=_window(args),
         )
     sys.stdout.write(FORMATS[args.format](df).rstrip("\n") + "\n")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    with _harness(args) as h:
+        info = h.info()
+        tree = h.experiment_tree()
+    if args.format == "json":
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    gib = info["bytes"] / 2**30
+    print(f"Source:   {info['root']}")
+    print(f"Files:    {info['files']} ({gib:.2f} GiB), rows {info['rows']:,}")
+    print(f"Days:     {info['days']} ({info['first_day']} to {info['last_day']})")
+    print(f"Time:     {info['time_column']}; session window: {info['session_window'] or 'none'}")
+    print("Metadata: " + json.dumps(info["metadata"], default=str))
+    print("Columns:")
+    width = max(len(c) for c in info["columns"])
+    for c, d in info["columns"].items():
+        print(f"  {c.ljust(width)}  {d['role']:<10}  {d['type']}")
+    print("Experiments:")
+    print("  " + tree.replace("\n", "\n  "))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    with _harness(args) as h:
+        df = h.sample(
+            args.experiment,
+            args.strategy,
+            n=args.n,
+            n_days=args.days,
+            step=args.step,
+            seed=args.seed,
+            window=_window(args),
+        )
+    df.write_parquet(args.output)
+    print(f"Wrote {df.height:,} rows x {df.width} columns of {args.experiment!r} ({args.strategy}) to {args.output}")
+    return 0
+
+
+def cmd_sink(args: argparse.Namespace) -> int:
+    with _harness(args) as h:
+        result = h.sink(
+            args.experiment,
+            args.output,
+            partition_by=args.partition_by,
+            overwrite=args.overwrite,
+            window=_window(args),
+        )
+    print(
+        f"Wrote {result.rows:,} rows of {args.experiment!r} in {len(result.files)} files to {result.path} "
+        f"({result.timings.get('total', 0):.2f} s)"
+    )
     return 0
 
 
@@ -82,6 +139,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _source_options(p: argparse.ArgumentParser, *, experiments: bool = True, window: bool = True) -> None:
+    p.add_argument("source", help="directory, glob or Parquet file of backtest results")
+    p.add_argument("--metadata", metavar="FILE", help="metadata JSON file (default: metadata.json beside the data)")
+    if experiments:
+        p.add_argument("--experiments", metavar="FILE", help="SQL file of '-- experiment: NAME' statements")
+    if window:
+        w = p.add_mutually_exclusive_group()
+        w.add_argument("--window", metavar="HH:MM-HH:MM", help="override the metadata session window")
+        w.add_argument("--no-window", action="store_true", help="ignore the session window")
+    p.add_argument("--workers", type=_positive, help="parallel DuckDB connections (default: CPU count)")
+    p.add_argument("--trace", action="store_true", help="print every SQL statement to stderr")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="duckharness", description="SQL-first evaluation of backtests on DuckDB.")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of short error messages")
@@ -93,29 +171,75 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a sample dataset (several days crossing a DST switch, three horizons) "
         "and run experiments and metrics on it.",
     )
-    d.add_argument("dir", nargs="?", help="where to write the sample data (default: a temp folder)")
-    d.add_argument("--days", type=int, default=6, help="trading days to write (default 6)")
-    d.add_argument("--rows", type=int, default=20_000, help="rows per day (default 20000)")
+    d.add_argument(
+        "dir", nargs="?", help="where to write the sample data (default: duckharness-demo in the temp folder)"
+    )
+    d.add_argument("--days", type=_positive, default=6, help="trading days to write (default 6)")
+    d.add_argument("--rows", type=_positive, default=20_000, help="rows per day (default 20000)")
     d.set_defaults(func=cmd_demo)
 
     m = sub.add_parser(
         "metrics",
         help="compute metrics for experiments and pred:target pairs",
-        description="Compute metrics for every experiment and pred:target pair.",
+        description="Compute metrics for every experiment and pred:target pair, pooled or grouped.",
     )
-    m.add_argument("source", help="directory, glob or Parquet file of backtest results")
-    m.add_argument("--experiments", metavar="FILE", help="SQL file of '-- experiment: NAME' statements")
+    _source_options(m)
     m.add_argument("--experiment", action="append", metavar="NAME", help="only these experiments (repeatable)")
     m.add_argument("--metric", action="append", metavar="NAME", help="metric name (repeatable; default: a core set)")
     m.add_argument("--metric-dir", action="append", metavar="DIR", help="folder of your own metric SQL files")
-    m.add_argument("--pair", action="append", metavar="PRED:TARGET", help="pred:target pair (repeatable)")
+    m.add_argument(
+        "--pair",
+        action="append",
+        metavar="PRED:TARGET",
+        help="pred:target pair (repeatable; PRED alone pairs pred_X with target_X; default: every such pair)",
+    )
     m.add_argument("--by", action="append", metavar="KEY", help="group by 'day' or a column (repeatable)")
-    m.add_argument("--window", metavar="HH:MM-HH:MM", help="override the metadata session window")
-    m.add_argument("--no-window", action="store_true", help="ignore the session window")
     m.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
-    m.add_argument("--workers", type=int, help="parallel DuckDB connections (default: CPU count)")
-    m.add_argument("--trace", action="store_true", help="print every SQL statement to stderr")
     m.set_defaults(func=cmd_metrics)
+
+    i = sub.add_parser(
+        "info",
+        help="describe a source: files, days, rows, columns with roles, metadata, window",
+        description="Describe a source: files, days, rows, columns with their roles, metadata, session window "
+        "and experiments.",
+    )
+    _source_options(i, window=False)
+    i.add_argument("--format", choices=["text", "json"], default="text", help="output format")
+    i.set_defaults(func=cmd_info)
+
+    s = sub.add_parser(
+        "sample",
+        help="write a sample of an experiment's rows to a Parquet file",
+        description="Take a sample of an experiment's rows through its logic and write it to a Parquet file.",
+    )
+    _source_options(s)
+    s.add_argument("--experiment", default="baseline", metavar="NAME", help="experiment to sample (default baseline)")
+    s.add_argument(
+        "--strategy",
+        default="random_days",
+        choices=["random_days", "head", "gather_every", "random_rows"],
+        help="random_days (whole days; default), head (first N rows), gather_every (every N-th row); "
+        "random_rows is refused",
+    )
+    s.add_argument("--days", type=_positive, default=5, help="days for random_days (default 5)")
+    s.add_argument("--n", type=_positive, default=100_000, help="rows for head (default 100000)")
+    s.add_argument("--step", type=_positive, default=100, help="N for gather_every (default 100)")
+    s.add_argument("--seed", type=int, help="random seed (random_days)")
+    s.add_argument("-o", "--output", required=True, metavar="OUT.parquet", help="Parquet file to write")
+    s.set_defaults(func=cmd_sample)
+
+    k = sub.add_parser(
+        "sink",
+        help="materialise an experiment to a folder of Parquet files (atomic)",
+        description="Write an experiment's rows to a folder of Parquet files with a metadata.json, so the "
+        "folder is itself a source. Streaming and atomic: nothing is left behind on failure.",
+    )
+    _source_options(k)
+    k.add_argument("--experiment", required=True, metavar="NAME", help="experiment to write")
+    k.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
+    k.add_argument("--partition-by", choices=["day"], help="one file per local day")
+    k.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
+    k.set_defaults(func=cmd_sink)
     return p
 
 
