@@ -90,7 +90,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
             seed=args.seed,
             window=_window(args),
         )
-    df.write_parquet(args.output)
+    import os
+
+    tmp = f"{args.output}.tmp-{os.getpid()}"
+    try:
+        df.write_parquet(tmp)
+        os.replace(tmp, args.output)  # no half-written file if writing fails
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     print(f"Wrote {df.height:,} rows x {df.width} columns of {args.experiment!r} ({args.strategy}) to {args.output}")
     return 0
 
