@@ -168,6 +168,24 @@ def _source_options(p: argparse.ArgumentParser, *, experiments: bool = True, win
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    if not args.sql and not args.db:
+        from duckharness.errors import InputError
+
+        raise InputError("Give --sql OUT.sql, --db OUT.duckdb, or both.")
+    with _harness(args) as h:
+        result = h.export(args.sql, args.db, window=_window(args), materialize=args.materialize)
+    for path in (result.sql_path, result.db_path):
+        if path:
+            print(f"Wrote {path}")
+    print(f"Views: {', '.join(result.views)}")
+    print(f"Metric macros: {', '.join(result.macros)}")
+    for name, why in result.skipped.items():
+        print(f"Left out {name}: {why}")
+    print("Open with:  duckdb -init OUT.sql   or   duckdb OUT.duckdb")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="duckharness", description="SQL-first evaluation of backtests on DuckDB.")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of short error messages")
@@ -248,6 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--partition-by", choices=["day"], help="one file per local day")
     k.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     k.set_defaults(func=cmd_sink)
+
+    e = sub.add_parser(
+        "export",
+        help="write the experiment chain as a SQL script and/or a DuckDB database for the DuckDB CLI",
+        description="Write baseline and every SQL experiment as views, plus dh_<metric>(pred, target) macros, "
+        "to a SQL script (duckdb -init OUT.sql) and/or a database file (duckdb OUT.duckdb).",
+    )
+    _source_options(e)
+    e.add_argument("--metric-dir", action="append", metavar="DIR", help="folder of your own metric SQL files")
+    e.add_argument("--sql", metavar="OUT.sql", help="SQL script to write")
+    e.add_argument("--db", metavar="OUT.duckdb", help="DuckDB database file to write")
+    e.add_argument("--materialize", metavar="DIR", help="write Python-step experiments here and export views on them")
+    e.set_defaults(func=cmd_export)
     return p
 
 

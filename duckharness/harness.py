@@ -20,6 +20,7 @@ from duckharness.engine import RunStats, baseline_query, run_metrics
 from duckharness.errors import InputError
 from duckharness.executor import ThreadExecutor
 from duckharness.experiments import BASELINE, Experiments, Step, parse_experiments_file
+from duckharness.export import ExportResult
 from duckharness.metadata import Metadata, SessionWindow, parse_wall_time
 from duckharness.metricfile import Metric, MetricLibrary
 from duckharness.plan import Pair, default_pairs, local_dates
@@ -289,6 +290,30 @@ class Harness:
         )
         self.last_run = RunStats(timings=dict(result.timings), files=len(self.dataset.files))
         return result
+
+    def export(
+        self,
+        sql: str | os.PathLike[str] | None = None,
+        db: str | os.PathLike[str] | None = None,
+        *,
+        window: WindowArg = None,
+        materialize: str | os.PathLike[str] | None = None,
+    ) -> ExportResult:
+        """Write the chain as a SQL script (``duckdb -init SQL``) and/or a DuckDB database file
+        (``duckdb DB``): ``baseline`` and every SQL experiment as views, a ``dh_<metric>(pred,
+        target)`` macro per metric and ``dh_day(ts)``. Paths are absolute, the time zone is pinned,
+        credentials are never written, and the same chain gives byte-identical files.
+
+        Python steps cannot be views: they are left out (see ``result.skipped``) unless
+        ``materialize=DIR``, which sinks them to ``DIR/<name>/`` and exports views over those files.
+
+        Example:
+            >>> h.export("chain.sql", "chain.duckdb")                  # doctest: +SKIP
+            $ duckdb chain.duckdb -c "SELECT dh_r2(pred_10s, target_10s) FROM liquid"
+        """
+        from duckharness.export import export
+
+        return export(self, sql, db, window=self._window(window), materialize=materialize)
 
     def info(self) -> dict[str, Any]:
         """A summary of the source: files, days, rows, columns with roles, metadata, window."""

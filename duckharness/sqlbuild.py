@@ -234,3 +234,26 @@ def fill_slots(skeleton: str, fragments: Mapping[str, exp.Expr]) -> str:
             raise KeyError(slot)
         out = out.replace(slot, render(node))
     return out
+
+
+def create_macro(name: str, params: Sequence[str], body: exp.Expr) -> exp.Create:
+    """``CREATE OR REPLACE MACRO name(params) AS body``."""
+    fn = exp.UserDefinedFunction(this=exp.Table(this=ident(name)), expressions=[ident(p) for p in params], wrapped=True)
+    return exp.Create(this=fn, kind="MACRO", replace=True, expression=body)
+
+
+def values_table(rows: Sequence[Sequence[str]], alias_name: str, columns: Sequence[str]) -> exp.Expr:
+    """``(VALUES ('a', 'b'), ...) AS alias(col, ...)`` of string literals."""
+    values = exp.Values(
+        expressions=[exp.Tuple(expressions=[string(v) for v in row]) for row in rows],
+        alias=exp.TableAlias(this=ident(alias_name), columns=[ident(c) for c in columns]),
+    )
+    return values
+
+
+def attach(path: str, alias_name: str, storage_version: str) -> exp.Expr:
+    """``ATTACH 'path' AS alias (STORAGE_VERSION 'v')``."""
+    return exp.Attach(
+        this=exp.alias_(string(path), ident(alias_name)),
+        expressions=[exp.AttachOption(this=exp.var("STORAGE_VERSION"), expression=string(storage_version))],
+    )

@@ -1,0 +1,245 @@
+"""Export: the experiment chain as a SQL script and a DuckDB database file for the DuckDB CLI.
+
+Both hold ``baseline`` (the source with its session window, absolute paths) and every SQL
+experiment as views, one ``dh_<metric>(pred, target)`` macro per metric (an aggregate, so
+``SELECT dh_r2(pred_10s, target_10s) FROM liquid`` is the pooled R² and adding
+``GROUP BY dh_day(ts)`` gives it per day), and a ``duckharness_export`` view recording versions
+and the chain's hash. Credentials are never written. The same chain exports to byte-identical
+files: the script has no timestamps, and the database file's random identifier is replaced by
+one derived from the chain's hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import duckdb
+from sqlglot import exp
+
+from duckharness import sqlbuild as sb
+from duckharness.engine import baseline_query
+from duckharness.errors import InputError
+from duckharness.experiments import BASELINE
+from duckharness.metadata import SessionWindow
+from duckharness.metricfile import Metric
+
+if TYPE_CHECKING:
+    from duckharness.harness import Harness
+
+# The DuckDB CLI current on PyPI (duckdb-cli 1.5) reads this storage version; 2.0's default it cannot.
+STORAGE_VERSION = "v1.5.0"
+MACRO_PREFIX = "dh_"
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote: the files, the views and macros in them, and what was left out."""
+
+    sql_path: str | None
+    db_path: str | None
+    views: list[str]
+    macros: list[str]
+    skipped: dict[str, str] = field(default_factory=dict)
+    chain_hash: str = ""
+
+
+def metric_macro(metric: Metric) -> exp.Expr:
+    """``CREATE OR REPLACE MACRO dh_<name>(pred, target) AS <final over single-pass stats>``.
+
+    Each stat becomes its aggregate over rows where pred and target are finite (the engine's
+    rule); ``pred_c``/``target_c`` use a shift of 0, which gives the same value in exact
+    arithmetic (the engine's shift only adds precision for columns with a large mean).
+    """
+    roles = {
+        "pred": sb.column("pred"),
+        "target": sb.column("target"),
+        "pred_c": sb.column("pred"),
+        "target_c": sb.column("target"),
+    }
+    valid = exp.and_(
+        sb.func("isfinite", sb.cast(sb.column("pred"), "DOUBLE")),
+        sb.func("isfinite", sb.cast(sb.column("target"), "DOUBLE")),
+    )
+    stats = {
+        name: exp.paren(exp.Filter(this=sb.substitute_columns(agg, roles), expression=exp.Where(this=valid.copy())))
+        for name, agg in metric.stats
+    }
+    body = sb.substitute_columns(metric.final, stats)
+    return sb.create_macro(MACRO_PREFIX + metric.name, ["pred", "target"], body)
+
+
+def day_macro(timezone: str, aware: bool) -> exp.Expr:
+    """``dh_day(ts)``: the local date of an instant in the data's time zone (naive times are UTC)."""
+    ts: exp.Expr = sb.column("ts")
+    if not aware:
+        ts = sb.func("timezone", sb.string("UTC"), ts)
+    return sb.create_macro(MACRO_PREFIX + "day", ["ts"], sb.cast(sb.func("timezone", sb.string(timezone), ts), "DATE"))
+
+
+def build_statements(
+    h: Harness, window: SessionWindow | None, materialized: Mapping[str, str]
+) -> tuple[list[tuple[str, exp.Expr]], dict[str, str]]:
+    """(name, CREATE statement) for every view and macro, and experiments left out with why."""
+    out: list[tuple[str, exp.Expr]] = [(BASELINE, sb.create_view(BASELINE, baseline_query(h.dataset, window)))]
+    skipped: dict[str, str] = {}
+    for name in h.experiments.names[1:]:
+        step = h.experiments.step(name)
+        if name in materialized:
+            src = sb.select([exp.Star()], sb.read_parquet([os.path.join(materialized[name], "*.parquet")]))
+            out.append((name, sb.create_view(name, src)))
+            continue
+        if step.is_python:
+            skipped[name] = f"Python step {step.sql} cannot be a SQL view (export with materialize=DIR to write it)"
+            continue
+        missing = [d for d in step.depends if d != BASELINE and d not in {n for n, _ in out}]
+        if missing:
+            skipped[name] = f"depends on {', '.join(missing)}, which was left out"
+            continue
+        assert step.query is not None
+        out.append((name, sb.create_view(name, step.query)))
+    tz = window.timezone if window is not None else h.dataset.metadata.timezone
+    if h.dataset.time_column is not None:
+        out.append((MACRO_PREFIX + "day", day_macro(tz, h.dataset.time_is_aware)))
+    for m in sorted((h.metric_library.get(n) for n in h.metric_library.names), key=lambda m: m.name):
+        out.append((MACRO_PREFIX + m.name, metric_macro(m)))
+    return out, skipped
+
+
+def export(
+    h: Harness,
+    sql_path: str | os.PathLike[str] | None,
+    db_path: str | os.PathLike[str] | None,
+    *,
+    window: SessionWindow | None,
+    materialize: str | os.PathLike[str] | None = None,
+) -> ExportResult:
+    from duckharness import __version__
+
+    if sql_path is None and db_path is None:
+        raise InputError("Nothing to export: give a SQL script path, a database path, or both.")
+    materialized: dict[str, str] = {}
+    if materialize is not None:
+        root = os.path.abspath(os.fspath(materialize))
+        for name in h.experiments.names[1:]:
+            if h.experiments.step(name).is_python:
+                folder = os.path.join(root, name)
+                h.sink(name, folder, overwrite=True, window=window if window is not None else False)
+                materialized[name] = folder
+    statements, skipped = build_statements(h, window, materialized)
+    rendered = [sb.render(s) for _, s in statements]
+    chain_hash = hashlib.sha256("\n".join(rendered).encode()).hexdigest()
+    info = {
+        "duckharness_version": __version__,
+        "duckdb_version": duckdb.__version__,
+        "chain_sha256": chain_hash,
+        "source": h.dataset.root,
+        "timezone": window.timezone if window is not None else h.dataset.metadata.timezone,
+        "session_window": window.describe() if window is not None else "none",
+    }
+    info_view = sb.create_view(
+        "duckharness_export",
+        sb.select([exp.Star()], sb.values_table([(k, str(v)) for k, v in info.items()], "t", ["key", "value"])),
+    )
+    views = [n for n, _ in statements if not n.startswith(MACRO_PREFIX) or n in h.experiments.names]
+    macros = [n for n, _ in statements if n not in views]
+    result = ExportResult(None, None, views, macros, skipped, chain_hash)
+    if sql_path is not None:
+        result.sql_path = _write_script(os.fspath(sql_path), h, info, skipped, [*rendered, sb.render(info_view)])
+    if db_path is not None:
+        result.db_path = _write_database(os.fspath(db_path), [*rendered, sb.render(info_view)], chain_hash)
+    return result
+
+
+def _write_script(
+    path: str, h: Harness, info: Mapping[str, str], skipped: Mapping[str, str], statements: list[str]
+) -> str:
+    path = os.path.abspath(path)
+    lines = [
+        "-- duckharness export: open with  duckdb -init THIS_FILE.sql",
+        *(f"-- {k}: {v}" for k, v in info.items()),
+        "--",
+        "-- Views: baseline (the source inside its session window) and each SQL experiment.",
+        "-- Metrics: dh_<metric>(pred, target) aggregates, e.g.",
+        "--   SELECT dh_r2(pred_10s, target_10s) AS r2 FROM baseline;",
+        "--   SELECT dh_day(ts) AS day, dh_corr(pred_10s, target_10s) AS ic FROM baseline GROUP BY day ORDER BY day;",
+    ]
+    if h.dataset.storage_options:
+        lines += [
+            "--",
+            "-- This source is remote and needs credentials, which are not written here. Provide them in the",
+            "-- session before querying, e.g.  CREATE SECRET (TYPE s3, KEY_ID '...', SECRET '...', REGION '...');",
+        ]
+    for name, why in skipped.items():
+        lines.append(f"-- Left out: {name}: {why}")
+    lines += ["", "SET TimeZone = 'UTC';", ""]
+    lines += [s + ";" for s in statements]
+    text = "\n".join(lines) + "\n"
+    _atomic_write(path, text.encode("utf-8"))
+    return path
+
+
+def _write_database(path: str, statements: list[str], chain_hash: str) -> str:
+    path = os.path.abspath(path)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    con = duckdb.connect()
+    try:
+        con.execute(sb.render(sb.attach(tmp, "dh_export", STORAGE_VERSION))).fetchall()
+        con.execute("USE dh_export").fetchall()
+        for s in statements:
+            con.execute(s).fetchall()
+        con.execute("CHECKPOINT").fetchall()
+        con.execute("USE memory").fetchall()
+        con.execute("DETACH dh_export").fetchall()
+        con.close()
+        _pin_database_identifier(tmp, hashlib.sha256(chain_hash.encode()).digest()[:16])
+        os.replace(tmp, path)
+    except BaseException:
+        con.close()
+        for f in (tmp, tmp + ".wal"):
+            if os.path.exists(f):
+                os.remove(f)
+        raise
+    return path
+
+
+# DuckDB's main header: an 8-byte checksum, then the header; a random 16-byte database identifier
+# sits at bytes 124..140. The checksum is 5381 XOR-ed with each 8-byte word times a constant.
+_HEADER_SIZE, _ID_AT, _ID_LEN = 4096, 124, 16
+_CHECKSUM_MUL = 0xBF58476D1CE4E5B9
+
+
+def _checksum(buf: bytes) -> int:
+    out = 5381
+    for (word,) in struct.iter_unpack("<Q", buf):
+        out ^= (word * _CHECKSUM_MUL) & 0xFFFFFFFFFFFFFFFF
+    return out
+
+
+def _pin_database_identifier(path: str, identifier: bytes) -> None:
+    """Replace the file's random identifier with ``identifier`` so equal exports are equal bytes.
+    Checks the checksum first and leaves the file alone if its layout is not the expected one."""
+    with open(path, "r+b") as f:
+        header = bytearray(f.read(_HEADER_SIZE))
+        if len(header) < _HEADER_SIZE or struct.unpack("<Q", header[:8])[0] != _checksum(bytes(header[8:])):
+            return
+        header[_ID_AT : _ID_AT + _ID_LEN] = identifier
+        header[:8] = struct.pack("<Q", _checksum(bytes(header[8:])))
+        f.seek(0)
+        f.write(header)
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
