@@ -189,20 +189,17 @@ class FusedScan:
         return targets
 
     def _key(self, node: exp.Expr) -> str:
-        text = sb.render(node)
-        if text not in self._key_by_text:
-            name = f"__k{len(self._key_by_text)}"
-            self._key_by_text[text] = name
-            self.keys[name] = node
-        return self._key_by_text[text]
+        return _intern(node, self.keys, self._key_by_text, "__k")
 
     def _aggregate(self, node: exp.Expr) -> str:
-        text = sb.render(node)
-        if text not in self._agg_by_text:
-            name = f"__s{len(self._agg_by_text)}"
-            self._agg_by_text[text] = name
-            self.aggregates[name] = node
-        return self._agg_by_text[text]
+        return _intern(node, self.aggregates, self._agg_by_text, "__s")
+
+    def _projections(self, day: exp.Expr) -> list[exp.Expr]:
+        proj = [sb.alias(day, DAY)]
+        proj += [sb.alias(e, n) for n, e in self.by]
+        proj += [sb.alias(e, n) for n, e in self.keys.items()]
+        proj += [sb.alias(e, n) for n, e in self.aggregates.items()]
+        return proj
 
     def batch_query(self, files: Sequence[FileInfo], window: SessionWindow | None) -> str:
         """The SQL text of the fused query for one batch of files.
@@ -211,12 +208,13 @@ class FusedScan:
         label, the FROM and the WHERE are built per batch (each still as a sqlglot tree).
         """
         if self._skeleton is None:
-            proj = [sb.alias(sb.column(_SLOT_DAY), DAY)]
-            proj += [sb.alias(e, n) for n, e in self.by]
-            proj += [sb.alias(e, n) for n, e in self.keys.items()]
-            proj += [sb.alias(e, n) for n, e in self.aggregates.items()]
             self._skeleton = sb.render(
-                sb.select(proj, sb.column(_SLOT_FROM), where=sb.column(_SLOT_WHERE), group_by_all=True)
+                sb.select(
+                    self._projections(sb.column(_SLOT_DAY)),
+                    sb.column(_SLOT_FROM),
+                    where=sb.column(_SLOT_WHERE),
+                    group_by_all=True,
+                )
             )
         where, day = window_and_day(self.dataset, files, window, need_day=self.need_day)
         return sb.fill_slots(
@@ -230,11 +228,7 @@ class FusedScan:
 
     def whole_query(self, relation: exp.Expr, day: exp.Expr) -> exp.Expr:
         """The same aggregates over one relation (an experiment that must see all rows at once)."""
-        proj = [sb.alias(day, DAY)]
-        proj += [sb.alias(e, n) for n, e in self.by]
-        proj += [sb.alias(e, n) for n, e in self.keys.items()]
-        proj += [sb.alias(e, n) for n, e in self.aggregates.items()]
-        return sb.select(proj, relation, group_by_all=True)
+        return sb.select(self._projections(day), relation, group_by_all=True)
 
     def shift_query(self, relation: exp.Expr, sample_rows: int = 10_000) -> exp.Expr | None:
         """Medians of each pred/target expression over the first rows of ``relation``."""
@@ -252,6 +246,15 @@ class FusedScan:
                 )
             )
         return sb.select(proj, sample.subquery("sample"))
+
+
+def _intern(node: exp.Expr, table: dict[str, exp.Expr], by_text: dict[str, str], prefix: str) -> str:
+    """The column name of ``node`` in ``table``, adding it once per distinct SQL text."""
+    text = sb.render(node)
+    if text not in by_text:
+        by_text[text] = f"{prefix}{len(by_text)}"
+        table[by_text[text]] = node
+    return by_text[text]
 
 
 def batch_relation(dataset: Dataset, files: Sequence[FileInfo]) -> exp.Expr:
