@@ -17,7 +17,7 @@ import polars as pl
 from sqlglot import exp
 
 from duckharness import sqlbuild as sb
-from duckharness.connection import fetch_all
+from duckharness.connection import ConnectionConfig, fetch_all
 from duckharness.errors import TransformError
 from duckharness.experiments import BASELINE, Experiments, Step
 from duckharness.metadata import SessionWindow
@@ -76,8 +76,16 @@ def build_chain(
     files: Sequence[FileInfo],
     window: SessionWindow | None,
     tracer: Tracer | None = None,
+    batch_size: int = 1,
 ) -> str:
-    """Create ``baseline`` and every step up to ``name`` on ``con``; returns the relation name."""
+    """Create ``baseline`` and every step up to ``name`` on ``con`` over ``files``; returns the
+    relation name.
+
+    A per-batch Python step sees one batch of ``batch_size`` files at a time even when ``files``
+    holds many: its base is built for each batch on a connection of its own and the outputs are
+    stacked. If its base cannot be built per batch (a step before it needs all rows), its input is
+    split by local day instead.
+    """
     fetch_all(con, sb.render(sb.create_view(BASELINE, source_query(dataset, files, window), temp=True)), tracer)
     if name == BASELINE:
         return name
@@ -85,13 +93,53 @@ def build_chain(
         if step.query is not None:
             fetch_all(con, sb.render(sb.create_view(step.name, step.query, temp=True)), tracer)
             continue
-        base_sql = sb.render(sb.select([exp.Star()], exp.Table(this=sb.ident(step.base))))
+        base_sql = relation_sql(step.base)
         if tracer is not None:
             tracer(f"-- Python step {step.sql} over: {base_sql}")
-        frame = con.sql(base_sql).pl(lazy=True)  # streams from DuckDB, with projection pushdown
-        out = collect_step(step, apply_python_step(step, frame))
+        if not step.per_batch or len(files) <= batch_size:
+            frame = con.sql(base_sql).pl(lazy=True)  # streams from DuckDB, with projection pushdown
+            out = collect_step(step, apply_python_step(step, frame))
+        elif experiments.batchable(step.base):
+            parts = []
+            for i in range(0, len(files), batch_size):
+                batch = files[i : i + batch_size]
+                sub = ConnectionConfig(threads=1).open()
+                try:
+                    build_chain(sub, dataset, experiments, step.base, batch, window, tracer, batch_size)
+                    frame = sub.sql(base_sql).pl(lazy=True)
+                    parts.append(collect_step(step, apply_python_step(step, frame)))
+                finally:
+                    sub.close()
+            out = pl.concat(parts, how="diagonal_relaxed")
+        else:
+            out = _per_day(con, dataset, step, base_sql, window)
         con.register(step.name, out)
     return name
+
+
+def _per_day(
+    con: duckdb.DuckDBPyConnection, dataset: Dataset, step: Step, base_sql: str, window: SessionWindow | None
+) -> pl.DataFrame:
+    """Apply a per-batch step to each local day of its base, when the base needs all rows first."""
+    base = con.sql(base_sql).pl()
+    tcol = dataset.time_column
+    if tcol is None or tcol not in base.columns:
+        raise TransformError(
+            f"Experiment {step.name!r}: the per-batch Python step {step.sql} follows a step that needs all "
+            f"rows, and its input has no time column to split it by day; add it with per_batch=False.",
+            experiment=step.name,
+            step=step.sql,
+        )
+    tz = window.timezone if window is not None else dataset.metadata.timezone
+    instant = pl.col(tcol)
+    if getattr(base.schema[tcol], "time_zone", None) is None:
+        instant = instant.dt.replace_time_zone("UTC")
+    day = instant.dt.convert_time_zone(tz).dt.date().alias("__dh_day")
+    parts = [
+        collect_step(step, apply_python_step(step, group.drop("__dh_day").lazy()))
+        for _, group in base.with_columns(day).group_by("__dh_day", maintain_order=True)
+    ]
+    return pl.concat(parts, how="diagonal_relaxed") if parts else base
 
 
 def relation_sql(name: str) -> str:

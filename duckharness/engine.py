@@ -133,7 +133,9 @@ def run_metrics(
     t2 = time.perf_counter()
     for n in whole:
         results.append(
-            _run_chain(dataset, experiments, n, pairs, metrics, by, window, batches, executor, tracer, stats)
+            _run_chain(
+                dataset, experiments, n, pairs, metrics, by, window, batches, executor, tracer, stats, batch_size
+            )
         )
         bar.advance(len(batches))
     bar.close()
@@ -158,6 +160,7 @@ def _run_chain(
     executor: ThreadExecutor,
     tracer: Tracer | None,
     stats: RunStats,
+    batch_size: int,
 ) -> tuple[list[Target], pl.DataFrame]:
     """Metrics of an experiment that the fused scan cannot answer: its chain is built as views
     (and Python steps) on a connection, per batch when that gives the same rows as running it on
@@ -186,7 +189,7 @@ def _run_chain(
     groups = batches if per_batch else [list(dataset.files)]
     first = ConnectionConfig(threads=1 if per_batch else executor.workers).open()
     try:
-        build_chain(first, dataset, experiments, name, groups[0], window, tracer)
+        build_chain(first, dataset, experiments, name, groups[0], window, tracer, batch_size)
         shifts = _shifts(scan, rel, tracer, con=first)
         targets = scan.build(shifts)
         try:
@@ -199,7 +202,7 @@ def _run_chain(
         first.close()
 
     def task(con: duckdb.DuckDBPyConnection, i: int) -> pl.DataFrame:
-        build_chain(con, dataset, experiments, name, groups[i], window, tracer)
+        build_chain(con, dataset, experiments, name, groups[i], window, tracer, batch_size)
         return _frame(con, aggregate(con, groups[i], shifts), tracer)
 
     frames += executor.map(task, list(range(1, len(groups))), describe=lambda i: [f.path for f in groups[i]])

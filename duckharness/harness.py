@@ -216,7 +216,16 @@ class Harness:
         if not self.experiments.has_python(name):
             return self._schema_con.sql(self.experiment_sql(name, window=window, pretty=False))
         con = self._data_connection()
-        build_chain(con, self.dataset, self.experiments, name, self.dataset.files, self._window(window), self.tracer)
+        build_chain(
+            con,
+            self.dataset,
+            self.experiments,
+            name,
+            self.dataset.files,
+            self._window(window),
+            self.tracer,
+            self.batch_size,
+        )
         return con.sql(relation_sql(name))
 
     def lazyframe(self, name: str = BASELINE, *, window: WindowArg = None) -> pl.LazyFrame:

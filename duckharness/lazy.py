@@ -35,11 +35,14 @@ def experiment_lazyframe(h: Harness, name: str, window: SessionWindow | None) ->
         con = ConnectionConfig(threads=1 if batchable else h.workers).open()
         try:
             for files in groups:
-                rel = build_chain(con, h.dataset, h.experiments, name, files, window, h.tracer)
+                rel = build_chain(con, h.dataset, h.experiments, name, files, window, h.tracer, h.batch_size)
                 q = sb.select(cols, exp.Table(this=sb.ident(rel)))
                 if remaining is not None:
                     q = q.limit(remaining)
-                reader = con.sql(sb.render(q)).to_arrow_reader(batch_size or 131_072)
+                sql = sb.render(q)
+                if h.tracer is not None:
+                    h.tracer(sql)
+                reader = con.sql(sql).to_arrow_reader(batch_size or 131_072)
                 for batch in reader:
                     df = pl.from_arrow(batch)
                     assert isinstance(df, pl.DataFrame)

@@ -76,10 +76,13 @@ def take_sample(
         by_day = days_of_files(files, tz, window)
         chosen = sorted(random.Random(seed).sample(sorted(by_day), min(n_days, len(by_day))))
         needed = list({f.path: f for d in chosen for f in by_day[d]}.values())
-        frames = list(_frames(h, name, needed, window, order=False))
+        # A chain that needs all rows (a whole-data step) must see every file; its rows of the
+        # chosen days are then kept. Otherwise only the chosen days' files are read.
+        whole = not h.experiments.batchable(name) and ordered
+        frames = list(_frames(h, name, files if whole else needed, window, order=False))
         out = pl.concat(frames, how="diagonal_relaxed") if frames else _empty(h, name)
         spans_more = any(len(local_dates(f.time_min, f.time_max, tz)) > 1 for f in needed if f.time_min and f.time_max)
-        if ordered and spans_more and out.height:
+        if ordered and (spans_more or whole) and out.height:
             assert tcol is not None
             instant = pl.col(tcol)
             if getattr(out.schema[tcol], "time_zone", None) is None:  # naive times are UTC
@@ -124,7 +127,7 @@ def _frames(
     con = ConnectionConfig(threads=1 if batchable else h.workers).open()
     try:
         for group in groups:
-            rel = build_chain(con, dataset, h.experiments, name, group, window, h.tracer)
+            rel = build_chain(con, dataset, h.experiments, name, group, window, h.tracer, h.batch_size)
             q = sb.select([exp.Star()], exp.Table(this=sb.ident(rel)))
             if order and h.dataset.time_column is not None:
                 q = q.order_by(sb.column(h.dataset.time_column))

@@ -125,7 +125,7 @@ def _write_parts(
         with Progress(len(groups), f"sink {name}", enabled=progress) as bar:
             for stem, files in groups:
                 sub = dataclasses.replace(dataset, files=list(files))
-                build_chain(con, sub, h.experiments, name, files, window, h.tracer)
+                build_chain(con, sub, h.experiments, name, files, window, h.tracer, h.batch_size)
                 if partition_by == "day" and not batchable:
                     _, day = window_and_day(sub, files, window, need_day=True)
                     query = sb.select([exp.Star(), sb.alias(day, "__dh_day")], rel)
@@ -163,7 +163,13 @@ def _write_metadata(h: Harness, name: str, tmp: str, window: SessionWindow | Non
     from duckharness import __version__
 
     meta = h.dataset.metadata.as_dict()
-    if window is None:  # rows were not windowed: the output must not be windowed later either
+    used_window = window
+    has_time = h.dataset.time_column is not None and h.dataset.time_column in h.experiments.columns(name)
+    if not has_time:  # e.g. an aggregate per symbol: no time column, so no window either
+        for key in ("start_time", "end_time", "time_column"):
+            meta.pop(key, None)
+        window = None
+    elif window is None:  # rows were not windowed: the output must not be windowed later either
         meta.pop("start_time", None)
         meta.pop("end_time", None)
     else:
@@ -171,13 +177,13 @@ def _write_metadata(h: Harness, name: str, tmp: str, window: SessionWindow | Non
         meta["end_time"] = window.end.isoformat() if window.end else None
         meta["timezone"] = window.timezone
         meta = {k: v for k, v in meta.items() if v is not None}
-    if h.dataset.time_column:
+    if has_time:
         meta["time_column"] = h.dataset.time_column
     meta["duckharness_sink"] = {
         "source": h.dataset.root,
         "source_files": len(h.dataset.files),
         "experiment": name,
-        "chain": h.experiment_sql(name, window=window if window is not None else False),
+        "chain": h.experiment_sql(name, window=used_window if used_window is not None else False),
         "rows": result.rows,
         "written_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "duckharness_version": __version__,

@@ -1,0 +1,365 @@
+"""Sinks: an experiment written to a folder of Parquet files, atomically, that opens as a source.
+
+Rows written are compared with references computed here (pyarrow read, session window from each
+row's US/Eastern wall-clock time, experiments re-implemented in Polars/numpy); a reopened output's
+metrics are compared with the original experiment's (a round trip) and with the reference.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+from conftest import SESSION, write_dataset
+from polars.testing import assert_frame_equal
+from sklearn.metrics import mean_squared_error, r2_score
+
+from duckharness import Harness
+from duckharness.demo import one_day, trading_days
+from duckharness.errors import InputError, TransformError, UnknownExperimentError
+from duckharness.progress import Progress
+
+DAYS = trading_days(dt.date(2026, 3, 4), 5)  # crosses the DST switch of 2026-03-08
+ROWS = 2500
+THIRD_DAY = DAYS[2]
+META = {**SESSION, "model": "m1", "horizons": ["1s", "10s", "60s"]}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sink") / "bt"
+    rng = np.random.default_rng(9)
+    write_dataset(out, {d.isoformat(): one_day(d, ROWS, rng, symbols=8) for d in DAYS}, META, row_group_size=500)
+    return out
+
+
+def all_rows(folder: Path) -> pl.DataFrame:
+    df = pl.concat([pl.from_arrow(pq.read_table(p)) for p in sorted(folder.glob("*.parquet"))])  # type: ignore[misc]
+    local = pl.col("ts").dt.convert_time_zone("US/Eastern")
+    return df.with_columns(local.dt.date().alias("_day"), local.dt.time().alias("_tod")).sort("ts")
+
+
+@pytest.fixture(scope="module")
+def raw(folder: Path) -> pl.DataFrame:
+    return all_rows(folder)
+
+
+@pytest.fixture(scope="module")
+def ref(raw: pl.DataFrame) -> pl.DataFrame:
+    """Windowed rows, sorted by time, with _day."""
+    out = raw.filter((pl.col("_tod") >= dt.time(9, 30)) & (pl.col("_tod") <= dt.time(16, 0)))
+    assert out["ts"].is_unique().all()
+    return out
+
+
+def with_z(df: pl.DataFrame) -> pl.DataFrame:
+    x = df["pred_10s"].to_numpy()
+    return df.with_columns(pl.Series("pred_z", (x - x.mean()) / x.std(ddof=1)))
+
+
+def ref_rows(ref: pl.DataFrame, name: str) -> pl.DataFrame:
+    liquid = ref.filter(pl.col("volume") > 1000)
+    if name == "liquid":
+        return liquid
+    if name == "z_day":
+        return pl.concat([with_z(p) for p in liquid.partition_by("_day", maintain_order=True)]).sort("ts")
+    if name == "z_all":
+        return with_z(liquid)
+    if name == "pm":
+        return liquid.with_columns(pl.col("pred_10s").mean().over("symbol").alias("pm"))
+    raise KeyError(name)
+
+
+def add_pred_z(lf: pl.LazyFrame) -> pl.LazyFrame:
+    p = pl.col("pred_10s")
+    return lf.with_columns(((p - p.mean()) / p.std()).alias("pred_z"))
+
+
+def fail_on_third_day(lf: pl.LazyFrame) -> pl.LazyFrame:
+    df = lf.collect()
+    if df.height and (df["ts"].dt.convert_time_zone("US/Eastern").dt.date() == THIRD_DAY).any():
+        raise ValueError("third day")
+    return df.lazy()
+
+
+@pytest.fixture(scope="module")
+def harness(folder: Path) -> Harness:
+    h = Harness(folder, workers=2)
+    h.add_experiment("liquid", "volume > 1000")
+    h.add_experiment("z_day", add_pred_z, base="liquid")
+    h.add_experiment("z_all", add_pred_z, base="liquid", per_batch=False)
+    h.add_experiment("pm", "SELECT *, avg(pred_10s) OVER (PARTITION BY symbol) AS pm FROM liquid")
+    h.add_experiment("per_symbol", "SELECT symbol, avg(pred_10s) AS pred_10s, avg(target_10s) AS target_10s "
+                                   "FROM baseline GROUP BY symbol")
+    h.add_experiment("boom", fail_on_third_day, base="liquid")
+    h.add_experiment("boom_all", fail_on_third_day, base="liquid", per_batch=False)
+    return h
+
+
+def read_back(out: Path) -> pl.DataFrame:
+    return pl.concat([pl.read_parquet(p) for p in sorted(out.glob("*.parquet"))])
+
+
+def assert_rows(got: pl.DataFrame, want: pl.DataFrame) -> None:
+    want = want.drop("_day", "_tod")
+    assert got.columns == want.columns
+    assert_frame_equal(got.sort("ts"), want, check_exact=False, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path -> bytes)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# --- round trips ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["liquid", "z_day", "z_all", "pm"])
+def test_sink_writes_the_experiments_rows_and_nothing_else(
+        harness: Harness, ref: pl.DataFrame, tmp_path: Path, name: str) -> None:
+    out = tmp_path / "out"
+    result = harness.sink(name, out)
+    want = ref_rows(ref, name)
+    assert_rows(read_back(out), want)
+    assert result.rows == want.height
+    assert result.path == str(out)
+    assert all(os.path.dirname(f) == str(out) and os.path.isfile(f) for f in result.files)
+    assert sorted(os.listdir(out)) == sorted([*(os.path.basename(f) for f in result.files), "metadata.json"])
+    assert os.listdir(tmp_path) == ["out"]  # no temporary folder left beside it
+
+
+def test_sink_round_trip_equals_the_relation(harness: Harness, tmp_path: Path) -> None:
+    harness.sink("liquid", tmp_path / "out")
+    got = read_back(tmp_path / "out").sort("ts")
+    assert got.equals(harness.relation("liquid").pl().sort("ts"))
+
+
+@pytest.mark.parametrize("name", ["liquid", "z_day", "z_all", "pm"])
+def test_partition_by_day_writes_one_file_per_local_day(
+        harness: Harness, ref: pl.DataFrame, tmp_path: Path, name: str) -> None:
+    out = tmp_path / "out"
+    result = harness.sink(name, out, partition_by="day")
+    want = ref_rows(ref, name)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([f"{d.isoformat()}.parquet" for d in DAYS] + ["metadata.json"])
+    assert sorted(result.files) == sorted(str(out / f"{d.isoformat()}.parquet") for d in DAYS)
+    for d in DAYS:
+        part = pl.read_parquet(out / f"{d.isoformat()}.parquet")
+        assert set(part["ts"].dt.convert_time_zone("US/Eastern").dt.date().to_list()) == {d}
+        assert_rows(part, want.filter(pl.col("_day") == d))
+    assert result.rows == want.height
+
+
+def test_partition_by_other_than_day_is_refused(harness: Harness, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="partition_by"):
+        harness.sink("liquid", tmp_path / "out", partition_by="symbol")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("name", "pairs"), [
+    ("liquid", ["pred_10s:target_10s", "pred_1s:target_1s"]),
+    ("z_day", ["pred_z:target_10s"]),
+    ("z_all", ["pred_z:target_10s"]),
+])
+@pytest.mark.parametrize("partition_by", [None, "day"])
+def test_output_opens_as_a_harness_with_the_experiments_metrics(
+        harness: Harness, ref: pl.DataFrame, tmp_path: Path, name: str, pairs: list[str],
+        partition_by: str | None) -> None:
+    out = tmp_path / "out"
+    harness.sink(name, out, partition_by=partition_by)
+    metrics = ["count", "r2", "mse", "corr", "mae"]
+    with Harness(out) as h2:
+        assert h2.session_window is not None and h2.session_window.describe() == harness.session_window.describe()
+        for by in (None, "day"):
+            new = h2.metrics(metrics, pairs=pairs, experiments=["baseline"], by=by)
+            old = harness.metrics(metrics, pairs=pairs, experiments=[name], by=by)
+            keys = ["pred", "target", *(["day"] if by else []), "metric"]
+            new_v = {tuple(r[k] for k in keys): r["value"] for r in new.iter_rows(named=True)}
+            old_v = {tuple(r[k] for k in keys): r["value"] for r in old.iter_rows(named=True)}
+            assert new_v == pytest.approx(old_v, rel=1e-9, abs=1e-12)
+        # And against the reference, so the round trip is not equal-but-wrong.
+        rows = ref_rows(ref, name)
+        res = h2.metrics(["count", "r2", "mse"], pairs=pairs[:1])
+        got = dict(zip(res["metric"], res["value"], strict=True))
+        p, t = (rows[c].to_numpy() for c in pairs[0].split(":"))
+        assert got["count"] == len(p)
+        assert got["r2"] == pytest.approx(r2_score(t, p), rel=1e-9)
+        assert got["mse"] == pytest.approx(mean_squared_error(t, p), rel=1e-9)
+
+
+def test_output_of_an_aggregate_experiment_opens_as_a_harness(harness: Harness, ref: pl.DataFrame,
+                                                             tmp_path: Path) -> None:
+    # The output of per_symbol has no time column; its metadata must not name one it lacks.
+    out = tmp_path / "out"
+    harness.sink("per_symbol", out)
+    want = ref.group_by("symbol").agg(pl.col("pred_10s").mean(), pl.col("target_10s").mean()).sort("symbol")
+    assert_frame_equal(read_back(out).sort("symbol"), want, rel_tol=1e-9)
+    with Harness(out) as h2:
+        assert h2.metrics(["count"], pairs=["pred_10s:target_10s"])["value"][0] == want.height
+
+
+def test_partition_by_day_of_an_experiment_without_time_column_is_refused(harness: Harness, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"per_symbol.*no time column"):
+        harness.sink("per_symbol", tmp_path / "out", partition_by="day")
+    assert os.listdir(tmp_path) == []
+
+
+# --- metadata --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["liquid", "z_day"])
+def test_metadata_json_is_the_sources_plus_provenance(
+        harness: Harness, folder: Path, ref: pl.DataFrame, tmp_path: Path, name: str) -> None:
+    out = tmp_path / "out"
+    before = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    harness.sink(name, out)
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["start_time"] == "09:30:00" and meta["end_time"] == "16:00:00"
+    assert meta["timezone"] == "US/Eastern" and meta["time_column"] == "ts"
+    assert meta["model"] == "m1" and meta["horizons"] == ["1s", "10s", "60s"]
+    prov = meta["duckharness_sink"]
+    assert prov["experiment"] == name
+    assert os.path.realpath(prov["source"]) == os.path.realpath(folder)
+    assert prov["source_files"] == len(DAYS)
+    assert prov["rows"] == ref_rows(ref, name).height
+    assert dt.datetime.fromisoformat(prov["written_at"]) >= before
+    chain = prov["chain"]
+    assert "volume > 1000" in chain
+    assert all(f"{d.isoformat()}.parquet" in chain for d in DAYS)
+    if name == "z_day":
+        assert "python:" in chain and "add_pred_z" in chain and "per batch" in chain
+    assert isinstance(prov["duckharness_version"], str) and prov["duckharness_version"]
+
+
+def test_sink_without_window_keeps_all_rows_and_drops_the_window_from_metadata(
+        harness: Harness, raw: pl.DataFrame, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    harness.sink("liquid", out, window=False)
+    want = raw.filter(pl.col("volume") > 1000)
+    in_window = want.filter((pl.col("_tod") >= dt.time(9, 30)) & (pl.col("_tod") <= dt.time(16)))
+    assert want.height > in_window.height + 1000  # the window would have dropped rows
+    assert_rows(read_back(out), want)
+    meta = json.loads((out / "metadata.json").read_text())
+    assert "start_time" not in meta and "end_time" not in meta
+    with Harness(out) as h2:
+        assert h2.session_window is None
+        assert h2.metrics(["count"], pairs=["pred_10s:target_10s"])["value"][0] == want.height
+
+
+# --- overwrite and atomicity ---------------------------------------------------------------------
+
+def test_existing_output_is_refused_without_overwrite_and_left_untouched(harness: Harness, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(InputError, match=r"already exists.*overwrite"):
+        harness.sink("liquid", out)
+    assert snapshot(out) == {"precious.txt": b"keep me"}
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_overwrite_replaces_the_whole_output_folder(harness: Harness, ref: pl.DataFrame, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    harness.sink("liquid", out, partition_by="day")
+    (out / "stale.txt").write_text("old")
+    result = harness.sink("z_day", out, overwrite=True)
+    assert sorted(os.listdir(out)) == sorted([*(os.path.basename(f) for f in result.files), "metadata.json"])
+    assert not any(n.endswith(".parquet") and n[:4] == "2026" for n in os.listdir(out))
+    assert_rows(read_back(out), ref_rows(ref, "z_day"))
+    assert json.loads((out / "metadata.json").read_text())["duckharness_sink"]["experiment"] == "z_day"
+    assert os.listdir(tmp_path) == ["out"]  # the old folder is gone
+
+
+@pytest.mark.parametrize("name", ["boom", "boom_all"])
+@pytest.mark.parametrize("partition_by", [None, "day"])
+def test_transform_failing_on_third_day_leaves_nothing_behind(
+        harness: Harness, tmp_path: Path, name: str, partition_by: str | None) -> None:
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    (parent / "other.txt").write_text("x")
+    before = sorted(os.listdir(parent))
+    with pytest.raises(TransformError, match=rf"'{name}'.*fail_on_third_day.*third day"):
+        harness.sink(name, parent / "out", partition_by=partition_by)
+    assert sorted(os.listdir(parent)) == before
+    assert not (parent / "out").exists()
+
+
+def test_failed_overwrite_leaves_the_existing_output_intact(harness: Harness, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    harness.sink("liquid", out, partition_by="day")
+    before_files, before_parent = snapshot(out), sorted(os.listdir(tmp_path))
+    with pytest.raises(TransformError, match="'boom'"):
+        harness.sink("boom", out, overwrite=True)
+    assert snapshot(out) == before_files
+    assert sorted(os.listdir(tmp_path)) == before_parent
+    with Harness(out) as h2:  # still a valid source
+        assert len(h2.files) == len(DAYS)
+
+
+def test_sink_of_unknown_experiment_names_it_and_creates_nothing(harness: Harness, tmp_path: Path) -> None:
+    with pytest.raises(UnknownExperimentError, match="'nope'"):
+        harness.sink("nope", tmp_path / "out")
+    assert os.listdir(tmp_path) == []
+
+
+# --- timings and progress ---------------------------------------------------------------------------
+
+def test_sink_reports_write_and_total_timings(harness: Harness, tmp_path: Path) -> None:
+    result = harness.sink("z_day", tmp_path / "out")
+    t = harness.last_run.timings
+    assert {"write", "total"} <= set(t)
+    assert 0 <= t["write"] <= t["total"]
+    assert t == result.timings
+
+
+def test_progress_draws_a_bar_on_the_given_stream_when_enabled() -> None:
+    stream = io.StringIO()
+    with Progress(4, "work", enabled=True, stream=stream) as bar:
+        bar.advance()
+        bar.advance(3)
+    text = stream.getvalue()
+    frames = text.split("\r")[1:]
+    assert len(frames) == 2
+    assert frames[0].startswith("work [" + "#" * 7 + "." * 23 + "] 1/4 ")
+    assert frames[1].startswith("work [" + "#" * 30 + "] 4/4 ")
+    assert text.endswith("\n")
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(("stream_cls", "enabled", "total", "drawn"), [
+    (io.StringIO, None, 5, False),  # not a terminal
+    (_Tty, None, 5, True),  # a terminal
+    (_Tty, False, 5, False),  # asked to be quiet
+    (_Tty, True, 1, False),  # one unit of work: no bar
+])
+def test_progress_is_shown_only_on_a_terminal_unless_asked(
+        stream_cls: type, enabled: bool | None, total: int, drawn: bool) -> None:
+    stream = stream_cls()
+    with Progress(total, "work", enabled=enabled, stream=stream) as bar:
+        for _ in range(total):
+            bar.advance()
+    assert bar.done == total
+    assert (f"{total}/{total}" in stream.getvalue()) is drawn
+    assert (stream.getvalue() == "") is not drawn
+
+
+def test_sink_and_metrics_draw_progress_on_stderr_only_when_asked(
+        harness: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    harness.sink("liquid", tmp_path / "a", progress=True)
+    err = capsys.readouterr().err
+    assert "sink liquid [" in err and f"{len(DAYS)}/{len(DAYS)}" in err
+    harness.sink("liquid", tmp_path / "b", progress=False)
+    harness.sink("liquid", tmp_path / "c")  # default: only on a terminal, and capsys is not one
+    assert capsys.readouterr().err == ""
+    harness.metrics(["count"], pairs=["pred_10s:target_10s"], experiments=["liquid", "z_day"], progress=True)
+    err = capsys.readouterr().err
+    assert "metrics [" in err and f"{2 * len(DAYS)}/{2 * len(DAYS)}" in err
