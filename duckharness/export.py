@@ -28,6 +28,7 @@ from duckharness.errors import InputError
 from duckharness.experiments import BASELINE
 from duckharness.metadata import SessionWindow
 from duckharness.metricfile import Metric
+from duckharness.plan import per_row_window
 
 if TYPE_CHECKING:
     from duckharness.harness import Harness
@@ -74,12 +75,11 @@ def metric_macro(metric: Metric) -> exp.Expr:
     return sb.create_macro(MACRO_PREFIX + metric.name, ["pred", "target"], body)
 
 
-def day_macro(timezone: str, aware: bool) -> exp.Expr:
-    """``dh_day(ts)``: the local date of an instant in the data's time zone (naive times are UTC)."""
-    ts: exp.Expr = sb.column("ts")
-    if not aware:
-        ts = sb.func("timezone", sb.string("UTC"), ts)
-    return sb.create_macro(MACRO_PREFIX + "day", ["ts"], sb.cast(sb.func("timezone", sb.string(timezone), ts), "DATE"))
+def day_macro(timezone: str, aware: bool, window: SessionWindow | None) -> exp.Expr:
+    """``dh_day(ts)``: the day label the engine gives a row, i.e. its local date in the data's time
+    zone (naive times are UTC), or for an overnight session the date the session started."""
+    _, day = per_row_window(sb.column("ts"), aware, timezone, window)
+    return sb.create_macro(MACRO_PREFIX + "day", ["ts"], day)
 
 
 def build_statements(
@@ -105,7 +105,7 @@ def build_statements(
         out.append((name, sb.create_view(name, step.query)))
     tz = window.timezone if window is not None else h.dataset.metadata.timezone
     if h.dataset.time_column is not None:
-        out.append((MACRO_PREFIX + "day", day_macro(tz, h.dataset.time_is_aware)))
+        out.append((MACRO_PREFIX + "day", day_macro(tz, h.dataset.time_is_aware, window)))
     for m in sorted((h.metric_library.get(n) for n in h.metric_library.names), key=lambda m: m.name):
         out.append((MACRO_PREFIX + m.name, metric_macro(m)))
     return out, skipped

@@ -316,7 +316,7 @@ def window_and_day(
     aware = dataset.time_is_aware
     tz = window.timezone if window is not None else dataset.metadata.timezone
     if any(f.time_min is None or f.time_max is None for f in files):
-        where, day = _per_row_window(ts, aware, tz, window)
+        where, day = per_row_window(ts, aware, tz, window)
         return where, day if need_day else no_day
     days: set[dt.date] = set()
     for f in files:
@@ -325,7 +325,7 @@ def window_and_day(
     if window is not None and window.overnight:
         days.update(d - dt.timedelta(days=1) for d in list(days))
     ordered = sorted(days)
-    per_row_where, per_row_day = _per_row_window(ts, aware, tz, window)
+    per_row_where, per_row_day = per_row_window(ts, aware, tz, window)
     branches: list[tuple[exp.Expr, dt.date]] = []
     if window is None:
         where = None
@@ -355,11 +355,13 @@ def window_and_day(
     return where, exp.Case(ifs=[exp.If(this=c, true=sb.date(d)) for c, d in branches])
 
 
-def _per_row_window(
+def per_row_window(
     ts: exp.Expr, aware: bool, tz: str, window: SessionWindow | None
 ) -> tuple[exp.Expr | None, exp.Expr]:
-    """Fallback when footers have no time statistics: convert each row to local time."""
-    instant = ts if aware else sb.cast(ts, "TIMESTAMPTZ")
+    """The window and day label written per row, in local time (for files without time statistics,
+    for batches spanning many days, and for exported day macros). Naive times are read as UTC
+    whatever the session's zone."""
+    instant = ts if aware else sb.func("timezone", sb.string("UTC"), ts)
     local = sb.func("timezone", sb.string(tz), instant)
     local_time, local_date = sb.cast(local, "TIME"), sb.cast(local.copy(), "DATE")
     if window is None:
