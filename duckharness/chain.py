@@ -17,7 +17,7 @@ import polars as pl
 from sqlglot import exp
 
 from duckharness import sqlbuild as sb
-from duckharness.connection import ConnectionConfig, fetch_all
+from duckharness.connection import fetch_all
 from duckharness.errors import TransformError
 from duckharness.experiments import BASELINE, Experiments, Step
 from duckharness.metadata import SessionWindow
@@ -103,7 +103,7 @@ def build_chain(
             parts = []
             for i in range(0, len(files), batch_size):
                 batch = files[i : i + batch_size]
-                sub = ConnectionConfig(threads=1).open()
+                sub = dataset.connection(1).open()
                 try:
                     build_chain(sub, dataset, experiments, step.base, batch, window, tracer, batch_size)
                     frame = sub.sql(base_sql).pl(lazy=True)

@@ -16,6 +16,10 @@ def _harness(args: argparse.Namespace) -> Any:
 
     h = Harness(
         args.source,
+        storage_options=_storage_options(getattr(args, "storage_options", None)),
+        executor=getattr(args, "executor", None) or "threads",
+        address=getattr(args, "address", None),
+        retries=2 if getattr(args, "retries", None) is None else int(args.retries),
         metadata=getattr(args, "metadata", None),
         metric_dirs=getattr(args, "metric_dir", None) or (),
         workers=getattr(args, "workers", None),
@@ -29,6 +33,27 @@ def _harness(args: argparse.Namespace) -> Any:
             h.close()
             raise
     return h
+
+
+def _storage_options(text: str | None) -> dict[str, Any] | None:
+    """``--storage-options`` as JSON text or ``@file.json`` (kept out of shell history that way)."""
+    if not text:
+        return None
+    import json
+
+    from duckharness.errors import InputError
+
+    try:
+        if text.startswith("@"):
+            with open(text[1:], encoding="utf-8") as f:
+                value = json.load(f)
+        else:
+            value = json.loads(text)
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"--storage-options must be JSON or @file.json: {e}") from None
+    if not isinstance(value, dict):
+        raise InputError("--storage-options must be a JSON object.")
+    return value
 
 
 def _window(args: argparse.Namespace) -> Any:
@@ -163,7 +188,15 @@ def _source_options(p: argparse.ArgumentParser, *, experiments: bool = True, win
         w = p.add_mutually_exclusive_group()
         w.add_argument("--window", metavar="HH:MM-HH:MM", help="override the metadata session window")
         w.add_argument("--no-window", action="store_true", help="ignore the session window")
-    p.add_argument("--workers", type=_positive, help="parallel DuckDB connections (default: CPU count)")
+    p.add_argument("--storage-options", metavar="JSON", help="fsspec options for remote sources, JSON or @file.json")
+    p.add_argument("--workers", type=_positive, help="parallel workers (default: CPU count)")
+    p.add_argument(
+        "--executor",
+        choices=["threads", "processes", "ray", "dask"],
+        help="where file batches run (default threads)",
+    )
+    p.add_argument("--address", help="an existing Ray (ray://host:10001, auto) or Dask (tcp://host:8786) cluster")
+    p.add_argument("--retries", type=int, metavar="N", help="retries of a failed batch (default 2)")
     p.add_argument("--trace", action="store_true", help="print every SQL statement to stderr")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 

@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import pickle
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import duckdb
 
 
 @dataclass(frozen=True)
 class ConnectionConfig:
-    """How each DuckDB connection is set up: threads, memory, time zone, tracer."""
+    """How each DuckDB connection is set up: threads, memory, time zone, and the fsspec filesystem
+    registered on it for remote sources (so DuckDB reads ``s3://``, ``gs://``, ``memory://`` through
+    fsspec, without downloading extensions)."""
 
     threads: int | None = None
     memory_limit: str | None = None
     timezone: str = "UTC"
+    filesystem: Any = field(default=None, compare=False, repr=False)
 
-    def open(self, tracer: Callable[[str], None] | None = None) -> duckdb.DuckDBPyConnection:
+    def with_threads(self, threads: int | None) -> ConnectionConfig:
+        return dataclasses.replace(self, threads=threads)
+
+    def cache_key(self) -> str:
+        """Equal for configs that open equal connections (the filesystem compared by its pickle)."""
+        fs = b"" if self.filesystem is None else pickle.dumps(self.filesystem)
+        return f"{self.threads}|{self.memory_limit}|{self.timezone}|{hashlib.sha256(fs).hexdigest()}"
+
+    def open(self) -> duckdb.DuckDBPyConnection:
         config: dict[str, str | bool | int | float | list[str]] = {}
         if self.threads:
             config["threads"] = self.threads
@@ -27,6 +42,8 @@ class ConnectionConfig:
         con = duckdb.connect(":memory:", config=config)
         # Results must not depend on the machine's zone; all bounds are written as UTC instants.
         con.execute(f"SET TimeZone = '{self.timezone}'").fetchall()
+        if self.filesystem is not None:
+            con.register_filesystem(self.filesystem)
         return con
 
 

@@ -19,7 +19,7 @@ from duckharness import sqlbuild as sb
 from duckharness.chain import build_chain
 from duckharness.connection import ConnectionConfig, fetch_all
 from duckharness.errors import ExecutionError, InputError, UnknownColumnError
-from duckharness.executor import ThreadExecutor
+from duckharness.executor import Executor
 from duckharness.experiments import Experiments, Inlined
 from duckharness.metadata import SessionWindow
 from duckharness.metricfile import Metric
@@ -88,7 +88,7 @@ def run_metrics(
     by: Sequence[str],
     window: SessionWindow | None,
     *,
-    executor: ThreadExecutor,
+    executor: Executor,
     batch_size: int = 1,
     tracer: Tracer | None = None,
     stats: RunStats | None = None,
@@ -113,6 +113,7 @@ def run_metrics(
     stats.batches, stats.files = len(batches), len(dataset.files)
     stats.timings["plan"] = time.perf_counter() - t0
 
+    executor.with_config(dataset.connection(1))
     bar = Progress(len(batches) * ((1 if fused else 0) + len(whole)), "metrics", enabled=progress)
     if fused:
         scan = FusedScan(dataset, fused, pairs, metrics, by)
@@ -121,12 +122,11 @@ def run_metrics(
         sqls = [scan.batch_query(b, window) for b in batches]
         stats.queries.extend(sqls[:1])
         t1 = time.perf_counter()
-        frames = executor.map(
-            lambda con, i: _frame(con, sqls[i], tracer),
-            list(range(len(batches))),
-            describe=lambda i: [f.path for f in batches[i]],
-            on_done=bar.advance,
-        )
+        if tracer is not None:
+            for sql in sqls:
+                tracer(sql)
+        files_of = {sql: [f.path for f in b] for sql, b in zip(sqls, batches, strict=True)}
+        frames = executor.map(_sql_task, sqls, describe=lambda sql: files_of[sql], on_done=bar.advance)
         stats.timings["map"] = time.perf_counter() - t1
         results.append((targets, pl.concat(frames, how="vertical_relaxed")))
 
@@ -157,7 +157,7 @@ def _run_chain(
     by: Sequence[str],
     window: SessionWindow | None,
     batches: list[list[FileInfo]],
-    executor: ThreadExecutor,
+    executor: Executor,
     tracer: Tracer | None,
     stats: RunStats,
     batch_size: int,
@@ -178,7 +178,7 @@ def _run_chain(
         )
     rel = exp.Table(this=sb.ident(name))
 
-    def aggregate(con: duckdb.DuckDBPyConnection, files: Sequence[FileInfo], targets_shifts: dict[str, float]) -> str:
+    def aggregate(files: Sequence[FileInfo]) -> str:
         _, day = window_and_day(dataset, files, window, need_day="day" in by)
         sql = sb.render(scan.whole_query(rel, day))
         if not stats.queries or stats.queries[-1] != sql:
@@ -187,13 +187,13 @@ def _run_chain(
 
     per_batch = experiments.batchable(name)
     groups = batches if per_batch else [list(dataset.files)]
-    first = ConnectionConfig(threads=1 if per_batch else executor.workers).open()
+    first = dataset.connection(1 if per_batch else executor.workers).open()
     try:
         build_chain(first, dataset, experiments, name, groups[0], window, tracer, batch_size)
         shifts = _shifts(scan, rel, tracer, con=first)
         targets = scan.build(shifts)
         try:
-            frames = [_frame(first, aggregate(first, groups[0], shifts), tracer)]
+            frames = [_frame(first, aggregate(groups[0]), tracer)]
         except duckdb.Error as e:
             raise ExecutionError(
                 f"Experiment {name!r} failed: {str(e).strip().splitlines()[0]}", files=[f.path for f in groups[0]]
@@ -201,12 +201,31 @@ def _run_chain(
     finally:
         first.close()
 
-    def task(con: duckdb.DuckDBPyConnection, i: int) -> pl.DataFrame:
-        build_chain(con, dataset, experiments, name, groups[i], window, tracer, batch_size)
-        return _frame(con, aggregate(con, groups[i], shifts), tracer)
-
-    frames += executor.map(task, list(range(1, len(groups))), describe=lambda i: [f.path for f in groups[i]])
+    tasks = [ChainTask(dataset, experiments, name, list(g), window, batch_size, aggregate(g)) for g in groups[1:]]
+    frames += executor.map(_chain_task, tasks, describe=lambda t: [f.path for f in t.files])
     return targets, pl.concat(frames, how="vertical_relaxed")
+
+
+@dataclass
+class ChainTask:
+    """One batch of an experiment run through its chain on a worker: build, then aggregate."""
+
+    dataset: Dataset
+    experiments: Experiments
+    name: str
+    files: list[FileInfo]
+    window: SessionWindow | None
+    batch_size: int
+    sql: str
+
+
+def _chain_task(con: duckdb.DuckDBPyConnection, task: ChainTask) -> pl.DataFrame:
+    build_chain(con, task.dataset, task.experiments, task.name, task.files, task.window, None, task.batch_size)
+    return _frame(con, task.sql, None)
+
+
+def _sql_task(con: duckdb.DuckDBPyConnection, sql: str) -> pl.DataFrame:
+    return _frame(con, sql, None)
 
 
 def _shifts(
@@ -216,7 +235,7 @@ def _shifts(
     if q is None:
         return {}
     own = con is None
-    con = con or ConnectionConfig(threads=1).open()
+    con = con or scan.dataset.connection(1).open()
     try:
         row = fetch_all(con, sb.render(q), tracer)[0]
     finally:

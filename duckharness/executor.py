@@ -1,9 +1,13 @@
-"""The batch executor: runs one query per batch of files on parallel DuckDB connections.
+"""Batch executors: run one task per batch of files on local threads, local processes, Ray or Dask.
 
-Each worker thread owns one connection from :class:`ConnectionConfig` (``threads=1``), which
-measured faster than one multi-threaded query over all files. Results come back in batch order,
-whatever order the batches finish in, so the same batches give the same bits for any number of
-workers.
+Every executor runs ``fn(con, task)`` with a DuckDB connection opened on the worker from the same
+:class:`ConnectionConfig` (``threads=1``: one query per file batch on parallel connections measured
+faster than one multi-threaded query), and returns results in task order, so the same batches give
+the same bits on any executor and any number of workers. Functions and tasks are shipped with
+cloudpickle; only small partial statistics travel back. A task that fails is retried up to
+``retries`` times (a corrupt file, a lost worker); then the run fails with an
+:class:`ExecutionError` naming the batch's files, and no partial result is returned. Input errors
+(a Python step that raises, say) are not retried: they would fail again.
 """
 
 from __future__ import annotations
@@ -12,64 +16,267 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any
 
 import duckdb
 
 from duckharness.connection import ConnectionConfig
-from duckharness.errors import DuckHarnessError, ExecutionError
+from duckharness.errors import ExecutionError, InputError
 
-T = TypeVar("T")
-R = TypeVar("R")
+Fn = Callable[[duckdb.DuckDBPyConnection, Any], Any]
+EXECUTORS = ("threads", "processes", "ray", "dask")
 
 
 def default_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-class ThreadExecutor:
-    """Run ``fn(con, task)`` for each task on ``workers`` threads, one DuckDB connection each."""
+# One connection per (worker process or thread, config); configs are compared by their pickle.
+_local = threading.local()
 
-    name = "threads"
 
-    def __init__(self, workers: int | None = None, config: ConnectionConfig | None = None) -> None:
+def _connection(config: ConnectionConfig) -> duckdb.DuckDBPyConnection:
+    cache = getattr(_local, "cons", None)
+    if cache is None:
+        cache = _local.cons = {}
+    key = config.cache_key()
+    if key not in cache:
+        cache[key] = config.open()
+    return cache[key]
+
+
+def _close_thread_connections() -> None:
+    for con in getattr(_local, "cons", {}).values():
+        con.close()
+    _local.cons = {}
+
+
+def run_payload(payload: bytes) -> Any:
+    """Worker entry point for processes, Ray and Dask: unpickle ``(config, fn, task)`` and run it."""
+    import cloudpickle
+
+    config, fn, task = cloudpickle.loads(payload)
+    return fn(_connection(config), task)
+
+
+def _retryable(e: BaseException) -> bool:
+    return not isinstance(e, InputError)
+
+
+def _message(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+class Executor:
+    """Base class: the retry loop and error reporting; subclasses run one round of tasks."""
+
+    name = "base"
+
+    def __init__(self, workers: int | None = None, *, retries: int = 2, config: ConnectionConfig | None = None):
         self.workers = workers or default_workers()
+        if self.workers < 1:
+            raise InputError(f"workers must be at least 1, got {self.workers}.")
+        if retries < 0:
+            raise InputError(f"retries must be 0 or more, got {retries}.")
+        self.retries = retries
         self.config = config or ConnectionConfig(threads=1)
+
+    def with_config(self, config: ConnectionConfig) -> Executor:
+        self.config = config
+        return self
+
+    def _round(self, fn: Fn, tasks: Sequence[Any]) -> list[tuple[bool, Any]]:
+        raise NotImplementedError
 
     def map(
         self,
-        fn: Callable[[duckdb.DuckDBPyConnection, T], R],
-        tasks: Sequence[T],
-        describe: Callable[[T], list[str]] = lambda t: [],
+        fn: Fn,
+        tasks: Sequence[Any],
+        describe: Callable[[Any], list[str]] = lambda t: [],
         on_done: Callable[[], None] | None = None,
-    ) -> list[R]:
-        local = threading.local()
-        opened: list[duckdb.DuckDBPyConnection] = []
-        lock = threading.Lock()
+    ) -> list[Any]:
+        """``[fn(con, t) for t in tasks]``, in parallel, in task order, with retries."""
+        results: list[Any] = [None] * len(tasks)
+        attempts = [0] * len(tasks)
+        pending = list(range(len(tasks)))
+        while pending:
+            outcomes = self._round(fn, [tasks[i] for i in pending])
+            retry = []
+            for i, (ok, value) in zip(pending, outcomes, strict=True):
+                if ok:
+                    results[i] = value
+                    if on_done is not None:
+                        on_done()
+                    continue
+                attempts[i] += 1
+                if not _retryable(value):
+                    raise value
+                if attempts[i] > self.retries:
+                    files = describe(tasks[i])
+                    where = ", ".join(files) or f"batch {i}"
+                    raise ExecutionError(
+                        f"Batch {i} ({where}) failed after {attempts[i]} attempt(s) on {self.name}: {_message(value)}",
+                        files=files,
+                    ) from value
+                retry.append(i)
+            pending = retry
+        return results
 
-        def run(task: T) -> R:
-            con = getattr(local, "con", None)
-            if con is None:
-                con = local.con = self.config.open()
-                with lock:
-                    opened.append(con)
+    def close(self) -> None:
+        """Release what the executor started (pools, clusters it created)."""
+
+
+class ThreadExecutor(Executor):
+    """Local threads, one DuckDB connection each (the default)."""
+
+    name = "threads"
+
+    def _round(self, fn: Fn, tasks: Sequence[Any]) -> list[tuple[bool, Any]]:
+        config = self.config
+
+        def run(task: Any) -> tuple[bool, Any]:
             try:
-                out = fn(con, task)
-            except DuckHarnessError:
-                raise
-            except duckdb.Error as e:
-                files = describe(task)
-                msg = str(e).strip().splitlines()[0]
-                raise ExecutionError(f"Query failed on {', '.join(files) or 'a batch'}: {msg}", files=files) from e
-            if on_done is not None:
-                on_done()
-            return out
+                return True, fn(_connection(config), task)
+            except Exception as e:
+                return False, e
 
         try:
             if self.workers == 1 or len(tasks) <= 1:
                 return [run(t) for t in tasks]
             with ThreadPoolExecutor(max_workers=min(self.workers, len(tasks))) as pool:
-                return list(pool.map(run, tasks))
+                return list(pool.map(lambda t: _in_thread(run, t), tasks))
         finally:
-            for con in opened:
-                con.close()
+            _close_thread_connections()
+
+
+def _in_thread(run: Callable[[Any], tuple[bool, Any]], task: Any) -> tuple[bool, Any]:
+    try:
+        return run(task)
+    finally:
+        _close_thread_connections()
+
+
+class ProcessExecutor(Executor):
+    """Local worker processes (spawned), for Python steps that hold the GIL."""
+
+    name = "processes"
+
+    def __init__(self, workers: int | None = None, **kw: Any) -> None:
+        super().__init__(workers, **kw)
+        self._pool: Any = None
+
+    def _round(self, fn: Fn, tasks: Sequence[Any]) -> list[tuple[bool, Any]]:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        import cloudpickle
+
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
+        futures = [self._pool.submit(run_payload, cloudpickle.dumps((self.config, fn, t))) for t in tasks]
+        out: list[tuple[bool, Any]] = []
+        for f in futures:
+            try:
+                out.append((True, f.result()))
+            except Exception as e:  # includes BrokenProcessPool: a lost worker
+                out.append((False, e))
+                if type(e).__name__ == "BrokenProcessPool":
+                    self._pool = None
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+
+class RayExecutor(Executor):
+    """Ray: an existing cluster (``address``) or a local one started on first use."""
+
+    name = "ray"
+
+    def __init__(self, workers: int | None = None, *, address: str | None = None, **kw: Any) -> None:
+        super().__init__(workers, **kw)
+        self.address = address
+        self._remote: Any = None
+
+    def _round(self, fn: Fn, tasks: Sequence[Any]) -> list[tuple[bool, Any]]:
+        import cloudpickle
+        import ray
+
+        if not ray.is_initialized():
+            if self.address:
+                ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False)
+            else:
+                ray.init(num_cpus=self.workers, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+        if self._remote is None:
+            self._remote = ray.remote(max_retries=0)(run_payload)
+        refs = [self._remote.remote(cloudpickle.dumps((self.config, fn, t))) for t in tasks]
+        out: list[tuple[bool, Any]] = []
+        for r in refs:
+            try:
+                out.append((True, ray.get(r)))
+            except Exception as e:
+                cause = getattr(e, "cause", None)
+                out.append((False, cause if isinstance(cause, BaseException) else e))
+        return out
+
+
+class DaskExecutor(Executor):
+    """Dask distributed: an existing scheduler (``address``) or a LocalCluster started on first use."""
+
+    name = "dask"
+
+    def __init__(self, workers: int | None = None, *, address: str | None = None, client: Any = None, **kw: Any):
+        super().__init__(workers, **kw)
+        self.address = address
+        self._client = client
+        self._own: list[Any] = []
+
+    def _round(self, fn: Fn, tasks: Sequence[Any]) -> list[tuple[bool, Any]]:
+        import cloudpickle
+        from distributed import Client, LocalCluster
+
+        if self._client is None:
+            if self.address:
+                self._client = Client(self.address)
+            else:
+                cluster = LocalCluster(
+                    n_workers=self.workers, threads_per_worker=1, processes=True, dashboard_address=None
+                )
+                self._client = Client(cluster)
+                self._own.append(cluster)
+            self._own.append(self._client)
+        futures = [self._client.submit(run_payload, cloudpickle.dumps((self.config, fn, t)), pure=False) for t in tasks]
+        out: list[tuple[bool, Any]] = []
+        for f in futures:
+            try:
+                out.append((True, f.result()))
+            except Exception as e:
+                out.append((False, e))
+        return out
+
+    def close(self) -> None:
+        for obj in reversed(self._own):
+            obj.close()
+        self._own = []
+        self._client = None
+
+
+def make_executor(
+    executor: str | Executor | None, workers: int | None = None, *, address: str | None = None, retries: int = 2
+) -> Executor:
+    """An executor from a name (``threads``, ``processes``, ``ray``, ``dask``) or an instance."""
+    if isinstance(executor, Executor):
+        return executor
+    kind = executor or "threads"
+    if kind == "threads":
+        return ThreadExecutor(workers, retries=retries)
+    if kind == "processes":
+        return ProcessExecutor(workers, retries=retries)
+    if kind == "ray":
+        return RayExecutor(workers, address=address, retries=retries)
+    if kind == "dask":
+        return DaskExecutor(workers, address=address, retries=retries)
+    raise InputError(f"Unknown executor {executor!r}. Choose one of: {', '.join(EXECUTORS)}.")

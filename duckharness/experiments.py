@@ -221,7 +221,7 @@ class Experiments:
     """
 
     def __init__(self, baseline_columns: Mapping[str, str], binder: Callable[[Step], dict[str, str]]):
-        self._bind = binder
+        self._bind: Callable[[Step], dict[str, str]] | None = binder
         self._steps: dict[str, Step] = {}
         self._columns: dict[str, dict[str, str]] = {BASELINE: dict(baseline_columns)}
 
@@ -318,7 +318,14 @@ class Experiments:
         del self._steps[name]
         del self._columns[name]
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Shipped to workers without the binder (it holds the harness's connection); a worker
+        # only reads chains, it never adds steps.
+        return {**self.__dict__, "_bind": None}
+
     def _bind_step(self, step: Step) -> dict[str, str]:
+        if self._bind is None:
+            raise ExperimentError("Experiments shipped to a worker cannot take new steps.", experiment=step.name)
         try:
             return self._bind(step)
         except duckdb.Error as e:

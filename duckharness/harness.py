@@ -15,10 +15,10 @@ from sqlglot import exp
 
 from duckharness import sqlbuild as sb
 from duckharness.chain import apply_python_step, build_chain, collect_step, relation_sql
-from duckharness.connection import ConnectionConfig, fetch_all
+from duckharness.connection import fetch_all
 from duckharness.engine import RunStats, baseline_query, run_metrics
 from duckharness.errors import InputError
-from duckharness.executor import ThreadExecutor
+from duckharness.executor import EXECUTORS, Executor, make_executor
 from duckharness.experiments import BASELINE, Experiments, Step, parse_experiments_file
 from duckharness.export import ExportResult
 from duckharness.metadata import Metadata, SessionWindow, parse_wall_time
@@ -42,6 +42,11 @@ class Harness:
         batch_size: files per batch (default 1).
         tracer: a callable that receives every SQL statement executed (e.g. ``print``).
         progress: show a progress bar on long runs (default: only when stderr is a terminal).
+        executor: where the batch map runs: ``threads`` (default), ``processes``, ``ray``, ``dask``,
+            or an :class:`~duckharness.executor.Executor`.
+        address: an existing cluster for ``ray`` (``ray://host:10001`` or ``auto``) or ``dask``
+            (``tcp://scheduler:8786``); default: a local cluster started on first use.
+        retries: times a failed batch is retried before the run fails naming its files.
 
     Example:
         >>> h = Harness("data/run42")                                     # doctest: +SKIP
@@ -60,18 +65,28 @@ class Harness:
         batch_size: int = 1,
         tracer: Callable[[str], None] | None = None,
         progress: bool | None = None,
+        executor: str | Executor = "threads",
+        address: str | None = None,
+        retries: int = 2,
     ) -> None:
         self.tracer = tracer
         self.progress = progress
+        self.executor_name = executor if isinstance(executor, str) else "custom"
+        self.address = address
+        self.retries = retries
+        self._executors: dict[tuple[str, int | None], Executor] = {}
+        if isinstance(executor, Executor):
+            self._executors[("custom", workers)] = executor
+        elif executor not in EXECUTORS:
+            raise InputError(f"Unknown executor {executor!r}. Choose one of: {', '.join(EXECUTORS)}.")
         t = time.perf_counter()
-        self.dataset: Dataset = open_dataset(source, metadata=metadata, tracer=tracer)
-        self.dataset.storage_options = dict(storage_options or {})
+        self.dataset: Dataset = open_dataset(source, metadata=metadata, storage_options=storage_options, tracer=tracer)
         self.listing_seconds = time.perf_counter() - t
         self.metric_library = MetricLibrary(metric_dirs)
         self.workers = workers
         self.batch_size = batch_size
         self.last_run: RunStats | None = None
-        self._schema_con = ConnectionConfig(threads=1).open()
+        self._schema_con = self.dataset.connection(1).open()
         self._schema_con.execute(
             sb.render(
                 exp.Create(
@@ -358,7 +373,7 @@ class Harness:
 
     def _data_connection(self) -> duckdb.DuckDBPyConnection:
         if self._data_con is None:
-            self._data_con = ConnectionConfig(threads=self.workers).open()
+            self._data_con = self.dataset.connection(self.workers).open()
         return self._data_con
 
     # -- metrics ----------------------------------------------------------------------------
@@ -373,6 +388,7 @@ class Harness:
         workers: int | None = None,
         batch_size: int | None = None,
         progress: bool | None = None,
+        executor: str | Executor | None = None,
     ) -> pl.DataFrame:
         """Exact metrics for every experiment × pair, pooled or grouped by ``by``.
 
@@ -382,6 +398,8 @@ class Harness:
             experiments: names (default: all, baseline first).
             by: None for pooled results, ``"day"``, a column name, or a list of them.
             window: None for the metadata's session window, False for none, or ``("09:30", "16:00")``.
+            executor: ``threads`` (default), ``processes``, ``ray``, ``dask`` or an Executor;
+                defaults to the harness's.
 
         Returns:
             A tidy DataFrame: ``experiment, pred, target, [by...], metric, value``; each
@@ -392,7 +410,7 @@ class Harness:
         pair_list = self._pairs(pairs)
         names = self._experiment_names(experiments)
         by_list = [by] if isinstance(by, str) else list(by or [])
-        executor = ThreadExecutor(workers or self.workers)
+        run_executor = self._executor(executor, workers)
         self.last_run = RunStats()
         self.last_run.timings["listing"] = self.listing_seconds
         return run_metrics(
@@ -403,12 +421,29 @@ class Harness:
             ms,
             by_list,
             self._window(window),
-            executor=executor,
+            executor=run_executor,
             batch_size=batch_size or self.batch_size,
             tracer=self.tracer,
             stats=self.last_run,
             progress=self.progress if progress is None else progress,
         )
+
+    def _executor(self, executor: str | Executor | None, workers: int | None) -> Executor:
+        """The executor for a run: a given instance, or one made from a name and kept (clusters
+        are started once per harness and closed with it)."""
+        if isinstance(executor, Executor):
+            return executor
+        if executor is None and self.executor_name == "custom":
+            return next(iter(self._executors.values()))
+        kind = executor or self.executor_name
+        if kind == "threads":
+            return make_executor("threads", workers or self.workers, retries=self.retries)
+        key = (kind, workers or self.workers)
+        if key not in self._executors:
+            self._executors[key] = make_executor(
+                kind, workers or self.workers, address=self.address, retries=self.retries
+            )
+        return self._executors[key]
 
     def _pairs(self, pairs: Any) -> list[Pair]:
         if pairs is None:
@@ -442,6 +477,9 @@ class Harness:
             self.tracer = old
 
     def close(self) -> None:
+        for ex in self._executors.values():
+            ex.close()
+        self._executors = {}
         self._schema_con.close()
         if self._data_con is not None:
             self._data_con.close()

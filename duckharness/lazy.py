@@ -11,7 +11,6 @@ from sqlglot import exp
 
 from duckharness import sqlbuild as sb
 from duckharness.chain import build_chain
-from duckharness.connection import ConnectionConfig
 from duckharness.engine import make_batches
 from duckharness.metadata import SessionWindow
 
@@ -32,7 +31,7 @@ def experiment_lazyframe(h: Harness, name: str, window: SessionWindow | None) ->
     ) -> Iterator[pl.DataFrame]:
         cols = [sb.column(c) for c in with_columns] if with_columns else [exp.Star()]
         remaining = n_rows
-        con = ConnectionConfig(threads=1 if batchable else h.workers).open()
+        con = h.dataset.connection(1 if batchable else h.workers).open()
         try:
             for files in groups:
                 rel = build_chain(con, h.dataset, h.experiments, name, files, window, h.tracer, h.batch_size)

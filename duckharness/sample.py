@@ -19,7 +19,6 @@ from sqlglot import exp
 
 from duckharness import sqlbuild as sb
 from duckharness.chain import build_chain
-from duckharness.connection import ConnectionConfig
 from duckharness.errors import InputError
 from duckharness.metadata import SessionWindow
 from duckharness.plan import local_dates
@@ -124,7 +123,7 @@ def _frames(
     dataset = dataclasses.replace(h.dataset, files=list(files))
     batchable = h.experiments.batchable(name)
     groups = [[f] for f in files] if batchable else [list(files)]
-    con = ConnectionConfig(threads=1 if batchable else h.workers).open()
+    con = dataset.connection(1 if batchable else h.workers).open()
     try:
         for group in groups:
             rel = build_chain(con, dataset, h.experiments, name, group, window, h.tracer, h.batch_size)

@@ -25,13 +25,13 @@ from sqlglot import exp
 
 from duckharness import sqlbuild as sb
 from duckharness.chain import build_chain
-from duckharness.connection import ConnectionConfig, fetch_all
+from duckharness.connection import fetch_all
 from duckharness.errors import ExecutionError, InputError
 from duckharness.metadata import SessionWindow
 from duckharness.plan import window_and_day
 from duckharness.progress import Progress
 from duckharness.sample import days_of_files
-from duckharness.source import FileInfo
+from duckharness.source import FileInfo, is_remote
 
 if TYPE_CHECKING:
     from duckharness.harness import Harness
@@ -70,6 +70,10 @@ def sink_experiment(
 ) -> SinkResult:
     if partition_by not in (None, "day"):
         raise InputError(f"partition_by must be None or 'day', got {partition_by!r}.")
+    if is_remote(os.fspath(out)):
+        return _sink_remote(
+            h, name, os.fspath(out), partition_by=partition_by, overwrite=overwrite, window=window, progress=progress
+        )
     cols = h.experiments.columns(name)
     target = os.path.abspath(os.fspath(out))
     if os.path.exists(target) and not overwrite:
@@ -100,6 +104,65 @@ def sink_experiment(
     return result
 
 
+def _sink_remote(
+    h: Harness,
+    name: str,
+    url: str,
+    *,
+    partition_by: str | None,
+    overwrite: bool,
+    window: SessionWindow | None,
+    progress: bool | None,
+) -> SinkResult:
+    """Sink to object storage: write the parts locally (streaming), upload them under a staging
+    prefix beside the target, then move them into place. Until the move nothing is visible at the
+    target; a failure removes the staging prefix."""
+    import tempfile
+
+    import fsspec
+
+    h.experiments.columns(name)
+    fs, remote = fsspec.core.url_to_fs(url, **dict(h.dataset.storage_options))
+    remote = remote.rstrip("/")
+    if fs.exists(remote) and fs.ls(remote) and not overwrite:
+        raise InputError(f"Output {url} already exists. Use overwrite=True (--overwrite) to replace it.")
+    t0 = time.perf_counter()
+    local_root = tempfile.mkdtemp(prefix="duckharness-sink-")
+    staging = f"{remote}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        local = sink_experiment(
+            h,
+            name,
+            os.path.join(local_root, "out"),
+            partition_by=partition_by,
+            overwrite=False,
+            window=window,
+            progress=progress,
+        )
+        names = sorted(os.listdir(local.path))
+        for f in names:  # metadata.json last: it marks a complete dataset
+            if f != "metadata.json":
+                fs.put_file(os.path.join(local.path, f), f"{staging}/{f}")
+        fs.put_file(os.path.join(local.path, "metadata.json"), f"{staging}/metadata.json")
+        if fs.exists(remote):
+            fs.rm(remote, recursive=True)
+        for f in [*(n for n in names if n != "metadata.json"), "metadata.json"]:
+            fs.mv(f"{staging}/{f}", f"{remote}/{f}")
+    except BaseException:
+        try:
+            if fs.exists(staging):
+                fs.rm(staging, recursive=True)
+        except Exception:  # cleaning up must not hide the real error
+            pass
+        raise
+    finally:
+        shutil.rmtree(local_root, ignore_errors=True)
+    files = [fs.unstrip_protocol(f"{remote}/{f}") for f in names if f != "metadata.json"]
+    return SinkResult(
+        fs.unstrip_protocol(remote), files, local.rows, {**local.timings, "total": time.perf_counter() - t0}
+    )
+
+
 def _write_parts(
     h: Harness,
     name: str,
@@ -120,7 +183,7 @@ def _write_parts(
     else:
         width = len(str(len(dataset.files)))
         groups = [(f"part-{i:0{width}d}", [f]) for i, f in enumerate(dataset.files)]
-    con = ConnectionConfig(threads=1 if batchable else h.workers).open()
+    con = dataset.connection(1 if batchable else h.workers).open()
     try:
         with Progress(len(groups), f"sink {name}", enabled=progress) as bar:
             for stem, files in groups:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import glob as globlib
+import hashlib
 import os
 import posixpath
 from collections.abc import Callable, Mapping, Sequence
@@ -48,11 +49,20 @@ class Dataset:
     metadata: Metadata
     time_column: str | None
     root: str
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+    filesystem: Any = field(default=None, repr=False)
 
     @property
     def paths(self) -> list[str]:
         return [f.path for f in self.files]
+
+    @property
+    def remote(self) -> bool:
+        return self.filesystem is not None
+
+    def connection(self, threads: int | None = 1) -> ConnectionConfig:
+        """The connection settings every reader of this dataset uses (remote filesystem included)."""
+        return ConnectionConfig(threads=threads, filesystem=self.filesystem)
 
     @property
     def time_is_aware(self) -> bool:
@@ -277,13 +287,22 @@ def open_dataset(
     source: Any,
     *,
     metadata: Any = None,
-    config: ConnectionConfig | None = None,
+    storage_options: Mapping[str, Any] | None = None,
     tracer: Callable[[str], None] | None = None,
 ) -> Dataset:
     """List the source, read every footer once, and load ``metadata.json``."""
-    paths, root = list_local(source)
-    meta = load_metadata(root, metadata)
-    con = (config or ConnectionConfig()).open()
+    fs = None
+    if is_remote(source):
+        fs, paths, root, stats = list_remote(source, storage_options or {})
+        meta = load_remote_metadata(fs, root, metadata)
+    else:
+        paths, root = list_local(source)
+        meta = load_metadata(root, metadata)
+        stats = {}
+        for p in paths:
+            st = os.stat(p)
+            stats[p] = (st.st_size, st.st_mtime)
+    con = ConnectionConfig(threads=None, filesystem=fs).open()
     try:
         footers = read_footers(paths, con=con, tracer=tracer)
         columns = union_columns([footers[p][1] for p in paths], con)
@@ -295,8 +314,98 @@ def open_dataset(
         con.close()
     files = []
     for p in paths:
-        st = os.stat(p)
+        size, mtime = stats[p]
         rows, cols = footers[p]
         lo, hi = ranges.get(p, (None, None))
-        files.append(FileInfo(p, st.st_size, st.st_mtime, rows, cols, lo, hi))
-    return Dataset(files, columns, meta, time_column, root)
+        files.append(FileInfo(p, size, mtime, rows, cols, lo, hi))
+    return Dataset(files, columns, meta, time_column, root, dict(storage_options or {}), fs)
+
+
+# --- remote sources through fsspec ---------------------------------------------------------------
+
+
+def is_remote(source: Any) -> bool:
+    """Whether a source is a URL of a non-local fsspec filesystem (``s3://``, ``gs://``, ``memory://``)."""
+    first = source[0] if isinstance(source, (list, tuple)) and source else source
+    if not isinstance(first, str) or "://" not in first:
+        return False
+    return not first.startswith("file://")
+
+
+def _fs_error(url: str, e: BaseException) -> SourceError:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    hint = ""
+    low = text.lower()
+    if any(w in low for w in ("access denied", "forbidden", "invalidaccesskeyid", "signature", "credentials")):
+        hint = " Check the credentials in storage_options."
+    elif "nosuchbucket" in low or "bucket does not exist" in low or isinstance(e, FileNotFoundError):
+        hint = " Check the bucket and path."
+    return SourceError(f"Cannot list {url}: {type(e).__name__}: {text}.{hint}", path=url)
+
+
+def list_remote(
+    source: Any, storage_options: Mapping[str, Any]
+) -> tuple[Any, list[str], str, dict[str, tuple[int, float]]]:
+    """List a remote source once: the filesystem, sorted URLs, the root URL, and each file's
+    (size, modification time or ETag-derived stamp)."""
+    import fsspec
+
+    urls = [str(s) for s in source] if isinstance(source, (list, tuple)) else [str(source)]
+    try:
+        fs, _ = fsspec.core.url_to_fs(urls[0], **dict(storage_options))
+    except (ImportError, ValueError) as e:
+        raise SourceError(f"Cannot open {urls[0]}: {e}", path=urls[0]) from None
+    found: dict[str, dict[str, Any]] = {}
+    root = ""
+    try:
+        for url in urls:
+            path = fs._strip_protocol(url)
+            if _has_glob(path):
+                root = root or _glob_root(path)
+                for p, info in fs.glob(path, detail=True).items():
+                    if info.get("type", "file") == "file":
+                        found[p] = info
+            elif len(urls) == 1 and fs.isdir(path):
+                root = path.rstrip("/")
+                entries = fs.ls(root, detail=True)
+                for info in entries:
+                    if info.get("type") == "file" and info["name"].endswith(".parquet"):
+                        found[info["name"]] = info
+                if not found:
+                    for p, info in fs.glob(root + "/**/*.parquet", detail=True).items():
+                        found[p] = info
+            else:
+                found[path] = fs.info(path)
+                root = root or posixpath.dirname(path)
+    except SourceError:
+        raise
+    except Exception as e:
+        raise _fs_error(urls[0], e) from None
+    if not found:
+        raise SourceError(f"No Parquet files found at {urls[0]}.", path=urls[0])
+    stats = {}
+    for p, info in found.items():
+        stamp = info.get("LastModified") or info.get("mtime") or info.get("created") or info.get("ETag") or 0
+        if hasattr(stamp, "timestamp"):
+            stamp = stamp.timestamp()
+        elif not isinstance(stamp, (int, float)):
+            stamp = float(int(hashlib.sha256(str(stamp).encode()).hexdigest()[:12], 16))
+        stats[fs.unstrip_protocol(p)] = (int(info.get("size") or 0), float(stamp))
+    return fs, sorted(stats), fs.unstrip_protocol(root), stats
+
+
+def load_remote_metadata(fs: Any, root: str, metadata: Any) -> Metadata:
+    if isinstance(metadata, Mapping):
+        return parse_metadata(dict(metadata), path=None)
+    path = str(metadata) if metadata is not None else posixpath.join(root, "metadata.json")
+    try:
+        with fs.open(fs._strip_protocol(path), "rb") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise MetadataError(
+            f"Metadata file {path} not found. Put a metadata.json beside the data (it may be just {{}}).",
+            path=path,
+        ) from None
+    except Exception as e:
+        raise MetadataError(f"Cannot read metadata file {path}: {type(e).__name__}: {e}", path=path) from None
+    return parse_metadata_text(text, path=path)
