@@ -117,6 +117,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
         )
     import os
 
+    from duckharness.errors import InputError
+
+    if os.path.isdir(args.output):
+        raise InputError(f"Output {args.output} is a folder; give a .parquet file path.")
+    if os.path.exists(args.output) and not args.overwrite:
+        raise InputError(f"Output {args.output} already exists. Use --overwrite to replace it.")
     tmp = f"{args.output}.tmp-{os.getpid()}"
     try:
         df.write_parquet(tmp)
@@ -152,7 +158,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from duckharness.harness import Harness
     from duckharness.results import format_table
 
-    out = args.dir or os.path.join(tempfile.gettempdir(), "duckharness-demo")
+    out = args.dir or tempfile.mkdtemp(prefix="duckharness-demo-")
     paths = write_demo_dataset(out, days=args.days, rows=args.rows)
     print(f"Wrote {len(paths)} daily Parquet files, metadata.json and experiments.sql to {out}")
     with Harness(out) as h:
@@ -206,6 +212,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         from duckharness.errors import InputError
 
         raise InputError("Give --sql OUT.sql, --db OUT.duckdb, or both.")
+    import os
+
+    if args.sql and args.db and os.path.abspath(args.sql) == os.path.abspath(args.db):
+        from duckharness.errors import InputError
+
+        raise InputError("--sql and --db must be different files.")
     with _harness(args) as h:
         result = h.export(args.sql, args.db, window=_window(args), materialize=args.materialize)
     for path in (result.sql_path, result.db_path):
@@ -215,7 +227,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"Metric macros: {', '.join(result.macros)}")
     for name, why in result.skipped.items():
         print(f"Left out {name}: {why}")
-    print("Open with:  duckdb -init OUT.sql   or   duckdb OUT.duckdb")
+    opens = [
+        f"duckdb -init {result.sql_path}" if result.sql_path else "",
+        f"duckdb {result.db_path}" if result.db_path else "",
+    ]
+    print("Open with:  " + "   or   ".join(o for o in opens if o))
     return 0
 
 
@@ -230,9 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a sample dataset (several days crossing a DST switch, three horizons) "
         "and run experiments and metrics on it.",
     )
-    d.add_argument(
-        "dir", nargs="?", help="where to write the sample data (default: duckharness-demo in the temp folder)"
-    )
+    d.add_argument("dir", nargs="?", help="where to write the sample data (default: a new temporary folder)")
     d.add_argument("--days", type=_positive, default=6, help="trading days to write (default 6)")
     d.add_argument("--rows", type=_positive, default=20_000, help="rows per day (default 20000)")
     d.set_defaults(func=cmd_demo)
@@ -285,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--step", type=_positive, default=100, help="N for gather_every (default 100)")
     s.add_argument("--seed", type=int, help="random seed (random_days)")
     s.add_argument("-o", "--output", required=True, metavar="OUT.parquet", help="Parquet file to write")
+    s.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     s.set_defaults(func=cmd_sample)
 
     k = sub.add_parser(
@@ -327,12 +342,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"Error: {e}", file=sys.stderr)
         return 1
-    except Exception as e:  # a driver error we did not translate: still no traceback
+    except Exception as e:  # driver, file-system and Polars errors we did not translate: no traceback
         import duckdb
+        import polars as pl
 
-        if args.debug or not isinstance(e, duckdb.Error):
+        if args.debug or not isinstance(e, (duckdb.Error, OSError, pl.exceptions.PolarsError)):
             raise
-        print(f"Error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"Error: {type(e).__name__}: {text}" if isinstance(e, OSError) else f"Error: {text}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)

@@ -77,6 +77,22 @@ def write_demo_dataset(
     Returns the paths of the Parquet files written.
     """
     os.makedirs(out, exist_ok=True)
+    meta_path = os.path.join(out, "metadata.json")
+    old = [f for f in os.listdir(out) if f.endswith(".parquet")]
+    if old:
+        try:
+            with open(meta_path) as fh:
+                is_demo = json.load(fh).get("model") == "synthetic-demo"
+        except (OSError, ValueError):
+            is_demo = False
+        if not is_demo:
+            from duckharness.errors import InputError
+
+            raise InputError(
+                f"Folder {out} already holds Parquet files that are not a demo dataset; choose an empty or new folder."
+            )
+        for name in old:  # an earlier demo: replace it whole, never mix days of two runs
+            os.remove(os.path.join(out, name))
     rng = np.random.default_rng(seed)
     paths = []
     for day in trading_days(start, days):

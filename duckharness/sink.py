@@ -80,6 +80,8 @@ def sink_experiment(
         raise InputError(f"Output {target} already exists. Use overwrite=True (--overwrite) to replace it.")
     if os.path.exists(target) and not os.path.isdir(target):
         raise InputError(f"Output {target} exists and is not a folder.")
+    if os.path.exists(target):
+        _check_replaceable(h, target)
     tcol = h.dataset.time_column
     if partition_by == "day" and (tcol is None or tcol not in cols):
         raise InputError(f"Cannot partition experiment {name!r} by day: it has no time column {tcol!r}.")
@@ -161,6 +163,26 @@ def _sink_remote(
     return SinkResult(
         fs.unstrip_protocol(remote), files, local.rows, {**local.timings, "total": time.perf_counter() - t0}
     )
+
+
+def _check_replaceable(h: Harness, target: str) -> None:
+    """``overwrite`` replaces an earlier sink or an empty folder, never the source or other data."""
+    src = h.dataset.root if not h.dataset.remote else ""
+    if src and (os.path.commonpath([target, os.path.abspath(src)]) in (target, os.path.abspath(src))):
+        raise InputError(f"Output {target} overlaps the source {src}; choose another folder.")
+    entries = os.listdir(target)
+    if not entries:
+        return
+    try:
+        with open(os.path.join(target, "metadata.json"), encoding="utf-8") as f:
+            earlier_sink = "duckharness_sink" in json.load(f)
+    except (OSError, ValueError):
+        earlier_sink = False
+    if not earlier_sink:
+        raise InputError(
+            f"Output {target} holds files that are not an earlier duckharness sink; not replacing it. "
+            f"Choose a new folder or remove it yourself."
+        )
 
 
 def _write_parts(
