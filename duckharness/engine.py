@@ -16,6 +16,7 @@ import polars as pl
 from sqlglot import exp
 
 from duckharness import sqlbuild as sb
+from duckharness.cache import StatsCache
 from duckharness.chain import build_chain
 from duckharness.connection import ConnectionConfig, fetch_all
 from duckharness.errors import ExecutionError, InputError, UnknownColumnError
@@ -49,6 +50,7 @@ class RunStats:
     timings: dict[str, float] = field(default_factory=dict)
     batches: int = 0
     files: int = 0
+    cache_hits: int = 0
     queries: list[str] = field(default_factory=list)
 
 
@@ -93,6 +95,7 @@ def run_metrics(
     tracer: Tracer | None = None,
     stats: RunStats | None = None,
     progress: bool | None = None,
+    cache: StatsCache | None = None,
 ) -> pl.DataFrame:
     """Compute ``metrics`` for every experiment in ``names`` and pair, grouped by ``by``."""
     stats = stats if stats is not None else RunStats()
@@ -122,11 +125,23 @@ def run_metrics(
         sqls = [scan.batch_query(b, window) for b in batches]
         stats.queries.extend(sqls[:1])
         t1 = time.perf_counter()
-        if tracer is not None:
-            for sql in sqls:
-                tracer(sql)
         files_of = {sql: [f.path for f in b] for sql, b in zip(sqls, batches, strict=True)}
-        frames = executor.map(_sql_task, sqls, describe=lambda sql: files_of[sql], on_done=bar.advance)
+        keys = [cache.key(sql, b) for sql, b in zip(sqls, batches, strict=True)] if cache is not None else []
+        cached = [cache.get(k) for k in keys] if cache is not None else [None] * len(sqls)
+        todo = [i for i, c in enumerate(cached) if c is None]
+        stats.cache_hits = len(sqls) - len(todo)
+        if tracer is not None:
+            for i, sql in enumerate(sqls):
+                tracer(sql if cached[i] is None else f"-- from the cache: {', '.join(files_of[sql])}")
+        bar.advance(stats.cache_hits)
+        computed = executor.map(
+            _sql_task, [sqls[i] for i in todo], describe=lambda sql: files_of[sql], on_done=bar.advance
+        )
+        for i, frame in zip(todo, computed, strict=True):
+            cached[i] = frame
+            if cache is not None:
+                cache.put(keys[i], frame)
+        frames = [f for f in cached if f is not None]
         stats.timings["map"] = time.perf_counter() - t1
         results.append((targets, pl.concat(frames, how="vertical_relaxed")))
 

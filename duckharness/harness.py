@@ -14,6 +14,7 @@ import polars as pl
 from sqlglot import exp
 
 from duckharness import sqlbuild as sb
+from duckharness.cache import StatsCache, cache_disabled_by_env, default_cache_dir
 from duckharness.chain import apply_python_step, build_chain, collect_step, relation_sql
 from duckharness.connection import fetch_all
 from duckharness.engine import RunStats, baseline_query, run_metrics
@@ -47,6 +48,10 @@ class Harness:
         address: an existing cluster for ``ray`` (``ray://host:10001`` or ``auto``) or ``dask``
             (``tcp://scheduler:8786``); default: a local cluster started on first use.
         retries: times a failed batch is retried before the run fails naming its files.
+        cache: partial statistics are cached per file batch (keyed by the exact query and each
+            file's path, size and modification stamp) in ``~/.cache/duckharness`` (or
+            ``$DUCKHARNESS_CACHE``), so re-runs and new days re-read only what changed; a folder
+            to use another place, or False to turn it off. ``h.cache.clear()`` empties it.
 
     Example:
         >>> h = Harness("data/run42")                                     # doctest: +SKIP
@@ -68,12 +73,18 @@ class Harness:
         executor: str | Executor = "threads",
         address: str | None = None,
         retries: int = 2,
+        cache: bool | str | os.PathLike[str] = True,
     ) -> None:
         self.tracer = tracer
         self.progress = progress
         self.executor_name = executor if isinstance(executor, str) else "custom"
         self.address = address
         self.retries = retries
+        self.cache: StatsCache | None = None
+        if cache is True and not cache_disabled_by_env():
+            self.cache = StatsCache(default_cache_dir())
+        elif cache and cache is not True:
+            self.cache = StatsCache(cache)
         self._executors: dict[tuple[str, int | None], Executor] = {}
         if isinstance(executor, Executor):
             self._executors[("custom", workers)] = executor
@@ -426,6 +437,7 @@ class Harness:
             tracer=self.tracer,
             stats=self.last_run,
             progress=self.progress if progress is None else progress,
+            cache=self.cache,
         )
 
     def _executor(self, executor: str | Executor | None, workers: int | None) -> Executor:

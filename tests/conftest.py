@@ -68,3 +68,6 @@ def read_all(folder: Path | str, files: Sequence[str] | None = None) -> pa.Table
 
 
 os.environ.setdefault("POLARS_MAX_THREADS", "2")
+# Tests compare runs with each other (workers, batch sizes): a shared cache would make those
+# comparisons vacuous. The cache has tests of its own that turn it on explicitly.
+os.environ["DUCKHARNESS_CACHE"] = "off"

@@ -1,0 +1,80 @@
+"""A cache of partial statistics per file batch, so adding one day re-reads one day.
+
+An entry is keyed by the exact SQL of the batch's aggregate query (which names its files and
+holds every experiment, metric and shift) and by each file's identity (path, size, modification
+time or ETag stamp). A rewritten file, a changed metric file or experiment gives another key, so
+nothing stale is ever served. Entries are Parquet files written to a temporary name and renamed
+into place, so concurrent runs sharing a cache never see half-written entries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import polars as pl
+
+from duckharness.source import FileInfo
+
+ENV = "DUCKHARNESS_CACHE"
+
+
+OFF = ("0", "off", "false", "no")
+
+
+def cache_disabled_by_env() -> bool:
+    """``DUCKHARNESS_CACHE=off`` turns the default cache off (tests and benchmarks use it)."""
+    return os.environ.get(ENV, "").strip().lower() in OFF
+
+
+def default_cache_dir() -> Path:
+    """``$DUCKHARNESS_CACHE``, else ``$XDG_CACHE_HOME/duckharness``, else ``~/.cache/duckharness``."""
+    if os.environ.get(ENV) and not cache_disabled_by_env():
+        return Path(os.environ[ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "duckharness"
+
+
+class StatsCache:
+    """Partial-statistics frames on disk, one Parquet file per (batch SQL, file identities)."""
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+
+    @staticmethod
+    def key(sql: str, files: Sequence[FileInfo]) -> str:
+        h = hashlib.sha256(sql.encode())
+        for f in files:
+            h.update(f"\0{f.path}\0{f.size}\0{f.mtime!r}".encode())
+        return h.hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.parquet"
+
+    def get(self, key: str) -> pl.DataFrame | None:
+        path = self._path(key)
+        try:
+            return pl.read_parquet(path)
+        except (FileNotFoundError, OSError, pl.exceptions.PolarsError):
+            return None  # missing, or unreadable: recompute (and overwrite)
+
+    def put(self, key: str, frame: pl.DataFrame) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            frame.write_parquet(tmp)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.folder.glob("*/*.parquet")) if self.folder.exists() else 0

@@ -1,0 +1,151 @@
+"""The per-batch statistics cache: hits on re-runs, never stale, safe under concurrent runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+from duckharness import Harness
+from duckharness.cache import StatsCache
+
+METRICS = ["count", "r2", "mse"]
+PAIR = ["pred_10s:target_10s"]
+
+
+def counts(df: pl.DataFrame) -> float:
+    return df.filter((pl.col("metric") == "count") & (pl.col("experiment") == "baseline"))["value"][0]
+
+
+def reference_count(folder: Path) -> int:
+    """Rows inside the 09:30-16:00 US/Eastern window, computed without duckharness."""
+    n = 0
+    for f in sorted(folder.glob("*.parquet")):
+        ts = pl.from_arrow(pq.read_table(f, columns=["ts"]))["ts"].dt.convert_time_zone("US/Eastern")
+        parts = [ts.dt.hour(), ts.dt.minute(), ts.dt.second(), ts.dt.microsecond()]
+        h, m, s, us = (p.cast(pl.Int64) for p in parts)
+        t = h * 3600 + m * 60 + s + us / 1e6
+        n += int(((t >= 9.5 * 3600) & (t <= 16 * 3600)).sum())
+    return n
+
+
+def test_rerun_is_served_from_cache_with_identical_values(backtest: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first = Harness(backtest, cache=cache)
+    a = first.metrics(METRICS, pairs=PAIR)
+    assert first.last_run is not None and first.last_run.cache_hits == 0
+    second = Harness(backtest, cache=cache)
+    b = second.metrics(METRICS, pairs=PAIR)
+    assert second.last_run is not None and second.last_run.cache_hits == second.last_run.batches == 6
+    assert a.equals(b)
+    assert counts(a) == reference_count(backtest)
+
+
+def test_adding_a_day_reads_only_the_new_file(make_backtest, tmp_path: Path) -> None:
+    folder = make_backtest(days=6)
+    cache = tmp_path / "cache"
+    newest = sorted(folder.glob("*.parquet"))[-1]
+    held = tmp_path / newest.name
+    shutil.move(newest, held)
+    Harness(folder, cache=cache).metrics(METRICS, pairs=PAIR)
+    shutil.move(held, newest)
+    statements: list[str] = []
+    h = Harness(folder, cache=cache, tracer=statements.append)
+    df = h.metrics(METRICS, pairs=PAIR)
+    assert h.last_run is not None and h.last_run.cache_hits == 5
+    scans = [s for s in statements if "GROUP BY ALL" in s and "READ_PARQUET" in s]
+    assert len(scans) == 1 and newest.name in scans[0]
+    assert counts(df) == reference_count(folder)
+
+
+def test_file_rewritten_under_the_same_name_is_recomputed(backtest: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    before = Harness(backtest, cache=cache).metrics(METRICS, pairs=PAIR)
+    victim = sorted(backtest.glob("*.parquet"))[2]
+    table = pq.read_table(victim)
+    half = table.slice(0, table.num_rows // 2)
+    pq.write_table(half, victim)
+    stat = os.stat(victim)
+    os.utime(victim, (stat.st_atime, stat.st_mtime + 5))  # a new modification time, as a rewrite has
+    h = Harness(backtest, cache=cache)
+    after = h.metrics(METRICS, pairs=PAIR)
+    assert h.last_run is not None and h.last_run.cache_hits == 5
+    assert counts(after) == reference_count(backtest) < counts(before)
+
+
+def test_changed_experiment_or_metric_file_is_recomputed(backtest: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    metric = metrics_dir / "sum_pred.sql"
+    metric.write_text("-- stats\nSELECT sum(pred) AS s FROM input;\n-- final\nSELECT s AS value FROM merged;\n")
+    h = Harness(backtest, cache=cache, metric_dirs=[metrics_dir])
+    h.add_experiment("liquid", "volume > 1000")
+    h.metrics(["sum_pred"], pairs=PAIR)
+    metric.write_text("-- stats\nSELECT sum(pred * 2) AS s FROM input;\n-- final\nSELECT s AS value FROM merged;\n")
+    h2 = Harness(backtest, cache=cache, metric_dirs=[metrics_dir])
+    h2.add_experiment("liquid", "volume > 1000")
+    doubled = h2.metrics(["sum_pred"], pairs=PAIR)
+    assert h2.last_run is not None and h2.last_run.cache_hits == 0
+    h3 = Harness(backtest, cache=cache, metric_dirs=[metrics_dir])
+    h3.add_experiment("liquid", "volume > 2000")
+    changed = h3.metrics(["sum_pred"], pairs=PAIR)
+    assert h3.last_run is not None and h3.last_run.cache_hits == 0
+    a = doubled.filter((pl.col("experiment") == "liquid") & (pl.col("metric") == "sum_pred"))["value"][0]
+    b = changed.filter((pl.col("experiment") == "liquid") & (pl.col("metric") == "sum_pred"))["value"][0]
+    assert a != b
+
+
+def test_concurrent_runs_sharing_a_cache_give_correct_results(backtest: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    expected = Harness(backtest, cache=False).metrics(METRICS, pairs=PAIR)
+    results: list[pl.DataFrame] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(Harness(backtest, cache=cache, workers=1).metrics(METRICS, pairs=PAIR))
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(results) == 4 and all(r.equals(expected) for r in results)
+    assert len(StatsCache(cache)) == 6
+    assert not list(cache.glob("*/.*.tmp"))  # no half-written entries left
+
+
+def test_corrupt_cache_entry_is_recomputed(backtest: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    expected = Harness(backtest, cache=cache).metrics(METRICS, pairs=PAIR)
+    for entry in cache.glob("*/*.parquet"):
+        entry.write_bytes(b"not parquet")
+    h = Harness(backtest, cache=cache)
+    assert h.metrics(METRICS, pairs=PAIR).equals(expected)
+    assert h.last_run is not None and h.last_run.cache_hits == 0
+
+
+def test_cache_off_by_argument(backtest: Path) -> None:
+    assert Harness(backtest, cache=False).cache is None
+
+
+@pytest.mark.parametrize("seed", [1])
+def test_cache_key_depends_on_file_identity_and_sql(seed: int) -> None:
+    from duckharness.source import FileInfo
+
+    rng = np.random.default_rng(seed)
+    f = FileInfo("/x/a.parquet", 10, float(rng.integers(1, 10**9)), 1, {})
+    g = FileInfo("/x/a.parquet", 11, f.mtime, 1, {})
+    assert StatsCache.key("SELECT 1", [f]) != StatsCache.key("SELECT 1", [g])
+    assert StatsCache.key("SELECT 1", [f]) != StatsCache.key("SELECT 2", [f])
+    assert StatsCache.key("SELECT 1", [f]) == StatsCache.key("SELECT 1", [f])
