@@ -270,45 +270,51 @@ def finalize(
     """Merge each target's cells and evaluate every metric's final query; tidy output."""
     per_metric: dict[str, list[pl.DataFrame]] = {m.name: [] for m in metrics}
     excluded: list[pl.DataFrame] = []
+    plans: list[tuple[Target, pl.DataFrame]] = []
     for targets, partials in results:
+        lazy = partials.lazy()
+        selections: list[pl.LazyFrame] = []
+        merges: list[tuple[Target, dict[str, str]]] = []
         for t in targets:
             selected = pl.lit(True)
             for k in t.conds:
                 selected = selected & pl.col(k).fill_null(False)  # a NULL condition does not select
-            cells = partials.filter(selected)
             valid = pl.col(t.valid).fill_null(False)
-            label = [
-                pl.lit(t.experiment).alias("experiment"),
-                pl.lit(t.pair.pred).alias("pred"),
-                pl.lit(t.pair.target).alias("target"),
-            ]
             # One merge per target over all its cells, so every group that has rows gets every
             # metric and n_excluded: stats come from valid cells only, n_excluded from the rest.
             how: dict[str, str] = {EXCLUDED: "sum"}
             for m in metrics:
                 for s, col in t.stats[m.name].items():
                     how[f"{col}|{m.merge[s]}"] = m.merge[s]
-            cells = cells.select(
+            cells = lazy.filter(selected).select(
                 *out_keys,
                 pl.when(valid).then(0.0).otherwise(pl.col(ROWS)).alias(EXCLUDED),
                 *[pl.when(valid).then(pl.col(c.split("|")[0])).alias(c) for c in how if c != EXCLUDED],
             )
-            merged = merge_partials(cells, out_keys, how)
-            excluded.append(
-                merged.select(
-                    *label,
-                    *out_keys,
-                    pl.lit("n_excluded").alias("metric"),
-                    pl.col(EXCLUDED).alias("value"),
-                )
+            selections.append(cells)
+            merges.append((t, how))
+        # The cell selections in one Polars call; the merges themselves in a fixed order (stats.py).
+        for (t, how), cells_df in zip(merges, pl.collect_all(selections), strict=True):
+            plans.append((t, merge_partials(cells_df, out_keys, how)))
+    for t, merged in plans:
+        label = [
+            pl.lit(t.experiment).alias("experiment"),
+            pl.lit(t.pair.pred).alias("pred"),
+            pl.lit(t.pair.target).alias("target"),
+        ]
+        excluded.append(
+            merged.select(
+                *label,
+                *out_keys,
+                pl.lit("n_excluded").alias("metric"),
+                pl.col(EXCLUDED).alias("value"),
             )
-            for m in metrics:
-                cols = t.stats[m.name]
-                per_metric[m.name].append(
-                    merged.select(
-                        *label, *out_keys, *[pl.col(f"{cols[s]}|{m.merge[s]}").alias(s) for s in m.stat_names]
-                    )
-                )
+        )
+        for m in metrics:
+            cols = t.stats[m.name]
+            per_metric[m.name].append(
+                merged.select(*label, *out_keys, *[pl.col(f"{cols[s]}|{m.merge[s]}").alias(s) for s in m.stat_names])
+            )
     frames: list[pl.DataFrame] = []
     con = ConnectionConfig(threads=1).open()
     try:

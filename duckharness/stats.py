@@ -1,29 +1,61 @@
-"""Pure statistics: merging partial sufficient statistics and summarising them.
+"""Pure statistics: merging partial sufficient statistics.
 
 Partial stats from any split of the rows into batches merge to the stats of all the rows: sums
 add, minima and maxima take the min and max. The merge is associative and commutative (up to
 floating-point rounding of sums), so batches can be computed anywhere and combined in any order.
+It is also deterministic: rows are combined in a fixed order (by group, then by position), so the
+same partials give the same bits whatever the threads or the machine.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import polars as pl
 
-_AGG = {"sum": lambda c: pl.col(c).sum(), "min": lambda c: pl.col(c).min(), "max": lambda c: pl.col(c).max()}
+_REDUCE = {"sum": np.add, "min": np.fmin, "max": np.fmax}
 
 
 def merge_partials(partials: pl.DataFrame, keys: Sequence[str], how: Mapping[str, str]) -> pl.DataFrame:
     """Merge rows of partial stats that share ``keys``; ``how`` maps each stat column to
-    ``sum``, ``min`` or ``max``. With no keys the result is one row (sums of nothing are 0).
+    ``sum``, ``min`` or ``max``. Missing (null) stats are skipped: a sum of nothing is 0, a min or
+    max of nothing is null. With no keys the result is one row. Groups come out sorted by key.
 
     Example:
         >>> p = pl.DataFrame({"day": [1, 1, 2], "n": [2.0, 3.0, 4.0], "hi": [5.0, 7.0, 1.0]})
         >>> merge_partials(p, ["day"], {"n": "sum", "hi": "max"}).rows()
         [(1, 5.0, 7.0), (2, 4.0, 1.0)]
     """
-    aggs = [_AGG[h](c).alias(c) for c, h in how.items()]
-    if not keys:
-        return partials.select(aggs)
-    return partials.group_by(list(keys), maintain_order=True).agg(aggs).sort(list(keys), nulls_last=True)
+    keys = list(keys)
+    if keys:
+        ordered = partials.with_row_index("__pos").sort([*keys, "__pos"], nulls_last=True)
+        if ordered.height:
+            group = ordered.select(pl.struct(keys).rle_id()).to_series().to_numpy()
+            starts = np.flatnonzero(np.diff(group, prepend=-1))
+        else:
+            starts = np.zeros(0, dtype=np.int64)
+        out = ordered[starts.tolist()].select(keys) if len(starts) else ordered.select(keys)
+    else:
+        ordered, starts = partials, np.zeros(1, dtype=np.int64)
+        out = pl.DataFrame({"__one": [1]})
+    columns = []
+    for col, fn in how.items():
+        series = ordered[col].cast(pl.Float64)
+        present = series.is_not_null().to_numpy()
+        if fn == "sum":
+            values = series.fill_null(0.0).to_numpy()
+        else:
+            values = series.fill_null(np.nan).to_numpy()
+        if len(values) == 0:
+            reduced = np.zeros(len(starts)) if fn == "sum" else np.full(len(starts), np.nan)
+            seen = np.zeros(len(starts), dtype=bool)
+        else:
+            reduced = _REDUCE[fn].reduceat(values, starts) if len(starts) else np.zeros(0)
+            seen = np.add.reduceat(present.astype(np.int64), starts) > 0 if len(starts) else np.zeros(0, bool)
+        s = pl.Series(col, reduced, dtype=pl.Float64)
+        if fn != "sum":  # a min/max over no values is null (a NaN in the data stays NaN)
+            s = pl.select(pl.when(pl.lit(pl.Series(seen))).then(pl.lit(s)).otherwise(None)).to_series().alias(col)
+        columns.append(s)
+    out = out.with_columns(columns) if columns else out
+    return out.drop("__one") if "__one" in out.columns else out
