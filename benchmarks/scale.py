@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Issue-6 measurements beyond W1's ratios: scale, memory, grouping cost, incremental re-runs.
+
+Each measurement runs in a fresh subprocess (so peak RSS is that run's alone):
+
+- scale: W1's question on the first 20 days and on all 60 days of a 60-day dataset; wall-time
+  ratio (linear growth means ~3.0) and peak RSS of the whole process (goal < 1.5 GB);
+- sink: ``tight`` of the 60-day dataset sunk to Parquet, partitioned by day; peak RSS (< 1.5 GB);
+- grouping: W1 pooled vs ``by="day"`` vs ``by="symbol"`` (goal: each <= 1.3x pooled);
+- incremental: a cached full run on 19 days, then the 20th day added (goal: <= 15% of the full run).
+
+usage: scale.py [--data60 DIR] [--w1 DIR] [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RUNNER = r'''
+import json, resource, sys, time
+from duckharness import Harness
+spec = json.loads(sys.argv[1])
+h = Harness(spec["source"], cache=spec.get("cache", False), progress=False)
+h.add_experiment("liquid", "volume > 1000")
+h.add_experiment("tight", "SELECT * FROM liquid WHERE spread < 0.02")
+h.add_experiment("clipped", "SELECT * REPLACE (greatest(least(pred_1s, 0.5), -0.5) AS pred_1s, "
+                 "greatest(least(pred_10s, 0.5), -0.5) AS pred_10s, greatest(least(pred_60s, 0.5), -0.5) AS pred_60s) "
+                 "FROM baseline")
+t = time.perf_counter()
+if spec["job"] == "sink":
+    r = h.sink("tight", spec["out"], partition_by="day")
+    rows = r.rows
+else:
+    df = h.metrics(["count", "r2", "mse", "mae", "corr", "hit_rate"], by=spec.get("by"))
+    rows = df.height
+wall = time.perf_counter() - t
+print(json.dumps({"wall": wall, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "rows": rows, "hits": getattr(h.last_run, "cache_hits", 0)}))
+'''
+
+
+def run(spec: dict) -> dict:
+    out = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(spec)], capture_output=True, text=True,
+                         env={**os.environ, "DUCKHARNESS_CACHE": os.environ.get("DUCKHARNESS_CACHE", "")})
+    if out.returncode != 0:
+        raise SystemExit(f"run failed: {spec}\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def median_of(spec: dict, runs: int) -> dict:
+    results = [run(spec) for _ in range(runs)]
+    return {"wall": statistics.median(r["wall"] for r in results),
+            "rss_mb": max(r["rss_mb"] for r in results), "rows": results[0]["rows"]}
+
+
+def ensure(folder: Path, days: int, shared: Path) -> None:
+    if (folder / "metadata.json").exists():
+        return
+    gen = shared / "bench" / "gen_backtest.py"
+    print(f"generating {days} days into {folder} ...", flush=True)
+    subprocess.run([sys.executable, str(gen), str(folder), "--days", str(days), "--rows", "1000000"], check=True)
+
+
+def subset(src: Path, n: int, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "metadata.json", dest / "metadata.json")
+    for f in sorted(src.glob("*.parquet"))[:n]:
+        link = dest / f.name
+        if not link.exists():
+            link.symlink_to(f)
+    return dest
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data60", default=str(REPO / "bench-data" / "w60"))
+    ap.add_argument("--w1", default=str(REPO / "bench-data" / "w1"))
+    ap.add_argument("--shared", default=str(REPO.parent / "shared"))
+    ap.add_argument("--runs", type=int, default=3)
+    a = ap.parse_args()
+    data60, w1, shared = Path(a.data60), Path(a.w1), Path(a.shared)
+    ensure(w1, 20, shared)
+    ensure(data60, 60, shared)
+    tmp = Path(tempfile.mkdtemp(prefix="dh-scale-"))
+    try:
+        first20 = subset(data60, 20, tmp / "first20")
+        s20 = median_of({"source": str(first20), "job": "metrics"}, a.runs)
+        s60 = median_of({"source": str(data60), "job": "metrics"}, a.runs)
+        print(f"scale: 20 days {s20['wall']:.2f} s, 60 days {s60['wall']:.2f} s, ratio {s60['wall'] / s20['wall']:.2f} "
+              f"(linear = 3.00); peak RSS 60 days {s60['rss_mb']:.0f} MB (goal < 1536)")
+        sink = run({"source": str(data60), "job": "sink", "out": str(tmp / "sink")})
+        print(f"sink tight of 60 days by day: {sink['wall']:.2f} s, {sink['rows']:,} rows, "
+              f"peak RSS {sink['rss_mb']:.0f} MB (goal < 1536)")
+        pooled = median_of({"source": str(w1), "job": "metrics"}, a.runs)
+        for by in ("day", "symbol"):
+            g = median_of({"source": str(w1), "job": "metrics", "by": by}, a.runs)
+            print(f"by={by}: {g['wall']:.2f} s vs pooled {pooled['wall']:.2f} s: {g['wall'] / pooled['wall']:.2f}x "
+                  f"(goal <= 1.30)")
+        cache = tmp / "cache"
+        nineteen = subset(w1, 19, tmp / "inc")
+        full = run({"source": str(nineteen), "job": "metrics", "cache": str(cache)})
+        last = sorted(w1.glob("*.parquet"))[19]
+        (nineteen / last.name).symlink_to(last)
+        inc = run({"source": str(nineteen), "job": "metrics", "cache": str(cache)})
+        print(f"incremental: full 19 days {full['wall']:.2f} s; +1 day {inc['wall']:.2f} s "
+              f"({inc['hits']} batches from the cache): {inc['wall'] / full['wall']:.1%} of the full run (goal <= 15%)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
