@@ -60,7 +60,8 @@ def run_payload(payload: bytes) -> Any:
 
 
 def _retryable(e: BaseException) -> bool:
-    return not isinstance(e, InputError)
+    # Input errors and a worker that cannot import a module fail the same way every time.
+    return not isinstance(e, (InputError, ImportError))
 
 
 def _message(e: BaseException) -> str:
@@ -110,6 +111,12 @@ class Executor:
                         on_done()
                     continue
                 attempts[i] += 1
+                if isinstance(value, ImportError):
+                    raise ExecutionError(
+                        f"A {self.name} worker cannot import {getattr(value, 'name', None) or value}: install it on "
+                        f"the workers (or define Python steps in a module they can import).",
+                        files=describe(tasks[i]),
+                    ) from value
                 if not _retryable(value):
                     raise value
                 if attempts[i] > self.retries:
@@ -200,12 +207,14 @@ class RayExecutor(Executor):
         super().__init__(workers, **kw)
         self.address = address
         self._remote: Any = None
+        self._started = False
 
     def _round(self, fn: Fn, tasks: Sequence[Any]) -> list[tuple[bool, Any]]:
         import cloudpickle
         import ray
 
         if not ray.is_initialized():
+            self._started = True
             if self.address:
                 ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False)
             else:
@@ -221,6 +230,15 @@ class RayExecutor(Executor):
                 cause = getattr(e, "cause", None)
                 out.append((False, cause if isinstance(cause, BaseException) else e))
         return out
+
+    def close(self) -> None:
+        """Shut down a local Ray cluster this executor started (never one it was pointed at)."""
+        if self._started:
+            import ray
+
+            ray.shutdown()
+            self._started = False
+            self._remote = None
 
 
 class DaskExecutor(Executor):

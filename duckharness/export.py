@@ -23,6 +23,7 @@ import duckdb
 from sqlglot import exp
 
 from duckharness import sqlbuild as sb
+from duckharness.connection import ConnectionConfig
 from duckharness.engine import baseline_query
 from duckharness.errors import InputError
 from duckharness.experiments import BASELINE
@@ -152,7 +153,9 @@ def export(
     if sql_path is not None:
         result.sql_path = _write_script(os.fspath(sql_path), h, info, skipped, [*rendered, sb.render(info_view)])
     if db_path is not None:
-        result.db_path = _write_database(os.fspath(db_path), [*rendered, sb.render(info_view)], chain_hash)
+        result.db_path = _write_database(
+            os.fspath(db_path), [*rendered, sb.render(info_view)], chain_hash, h.dataset.connection(1)
+        )
     return result
 
 
@@ -184,10 +187,10 @@ def _write_script(
     return path
 
 
-def _write_database(path: str, statements: list[str], chain_hash: str) -> str:
+def _write_database(path: str, statements: list[str], chain_hash: str, config: ConnectionConfig) -> str:
     path = os.path.abspath(path)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    con = duckdb.connect()
+    con = config.open()  # no extension downloads; the source's filesystem registered for remote views
     try:
         con.execute(sb.render(sb.attach(tmp, "dh_export", STORAGE_VERSION))).fetchall()
         con.execute("USE dh_export").fetchall()

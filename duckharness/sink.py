@@ -13,6 +13,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
+import posixpath
 import shutil
 import time
 import uuid
@@ -126,8 +127,20 @@ def _sink_remote(
     h.experiments.columns(name)
     fs, remote = fsspec.core.url_to_fs(url, **dict(h.dataset.storage_options))
     remote = remote.rstrip("/")
-    if fs.exists(remote) and fs.ls(remote) and not overwrite:
-        raise InputError(f"Output {url} already exists. Use overwrite=True (--overwrite) to replace it.")
+    if h.dataset.remote:
+        src = fs._strip_protocol(h.dataset.root).rstrip("/")
+        if posixpath.commonpath([remote, src]) in (remote, src):
+            raise InputError(f"Output {url} overlaps the source {h.dataset.root}; choose another prefix.")
+    if fs.exists(remote) and fs.ls(remote):
+        if not overwrite:
+            raise InputError(f"Output {url} already exists. Use overwrite=True (--overwrite) to replace it.")
+        try:
+            with fs.open(f"{remote}/metadata.json", "rb") as f:
+                earlier_sink = "duckharness_sink" in json.loads(f.read())
+        except Exception:
+            earlier_sink = False
+        if not earlier_sink:
+            raise InputError(f"Output {url} holds objects that are not an earlier duckharness sink; not replacing it.")
     t0 = time.perf_counter()
     local_root = tempfile.mkdtemp(prefix="duckharness-sink-")
     staging = f"{remote}.tmp-{uuid.uuid4().hex[:8]}"

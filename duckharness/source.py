@@ -334,9 +334,12 @@ def is_remote(source: Any) -> bool:
 
 def _fs_error(url: str, e: BaseException) -> SourceError:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = text.rstrip(".")
     hint = ""
     low = text.lower()
-    if any(w in low for w in ("access denied", "forbidden", "invalidaccesskeyid", "signature", "credentials")):
+    if isinstance(e, PermissionError) or any(
+        w in low for w in ("access denied", "forbidden", "access key", "signature", "credentials")
+    ):
         hint = " Check the credentials in storage_options."
     elif "nosuchbucket" in low or "bucket does not exist" in low or isinstance(e, FileNotFoundError):
         hint = " Check the bucket and path."
@@ -351,10 +354,14 @@ def list_remote(
     import fsspec
 
     urls = [str(s) for s in source] if isinstance(source, (list, tuple)) else [str(source)]
+    for u in urls:
+        if not is_remote(u):
+            raise SourceError(f"Source list mixes URLs and local paths: {u} is local; use one kind.", path=u)
     try:
         fs, _ = fsspec.core.url_to_fs(urls[0], **dict(storage_options))
     except (ImportError, ValueError) as e:
         raise SourceError(f"Cannot open {urls[0]}: {e}", path=urls[0]) from None
+    fs.invalidate_cache()  # fsspec reuses filesystem instances: list what is there now
     found: dict[str, dict[str, Any]] = {}
     root = ""
     try:

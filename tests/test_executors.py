@@ -1,0 +1,473 @@
+"""Executors: threads, spawned processes, a real local Ray cluster and a real Dask cluster give the
+same bits; failing batches are retried and then named; input errors are not retried.
+
+The Ray cluster and the Dask cluster are started once per test run (lazily: only tests that need
+them start them) and shut down at the end.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+from _s3 import S3, serve_s3, time_limit
+from conftest import SESSION, write_dataset
+
+from duckharness import Harness
+from duckharness.cli import main
+from duckharness.demo import one_day, trading_days
+from duckharness.engine import ChainTask
+from duckharness.errors import ExecutionError, InputError, TransformError
+from duckharness.executor import (
+    EXECUTORS,
+    DaskExecutor,
+    Executor,
+    ProcessExecutor,
+    RayExecutor,
+    ThreadExecutor,
+    make_executor,
+)
+
+DAYS = trading_days(dt.date(2026, 3, 4), 6)
+METRICS = ["count", "r2", "mse", "mae", "corr", "hit_rate"]
+BUCKET = "dh-exec"
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3]:
+    """The moto S3 server on 127.0.0.1, shared with the other modules that use it."""
+    yield from serve_s3()
+
+
+@pytest.fixture(autouse=True)
+def deadline() -> Iterator[None]:
+    """Every test fails after 60 s instead of hanging the run."""
+    with time_limit(60):
+        yield
+
+
+# --- steps shipped to workers (module level, so they pickle) -----------------------------------------
+
+def add_z(lf: pl.LazyFrame) -> pl.LazyFrame:
+    return lf.with_columns((pl.col("pred_10s") / pl.col("pred_10s").std()).alias("pred_z"))
+
+
+def tag_pid(lf: pl.LazyFrame) -> pl.LazyFrame:
+    return lf.with_columns(pl.lit(os.getpid(), dtype=pl.Int64).alias("worker_pid"))
+
+
+def fail_on_third_day(lf: pl.LazyFrame) -> pl.LazyFrame:
+    df = lf.collect()
+    if df.height and df["ts"].dt.convert_time_zone("US/Eastern").dt.date().min() == DAYS[2]:
+        raise ValueError(f"bad day in pid {os.getpid()}")
+    return df.lazy()
+
+
+def with_experiments(h: Harness) -> Harness:
+    h.add_experiment("liquid", "volume > 1000")                                # fused into one scan
+    h.add_experiment("z", add_z)                                               # Python, per batch
+    h.add_experiment("zpos", "SELECT * FROM z WHERE pred_z > 0")               # SQL over Python
+    h.add_experiment("renamed", "SELECT * RENAME (spread AS spr) FROM liquid")  # SQL, not inlinable
+    return h
+
+
+# --- clusters ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[Any]:
+    """A real local Ray cluster (2 CPUs, no dashboard, no usage reports), shut down at the end.
+
+    Ray workers do not inherit the driver's sys.path (spawned processes and Dask workers do), so
+    this folder is put on their PYTHONPATH: the Python steps above are pickled by reference to
+    this module, as a user's steps would be to theirs (which must be importable on the cluster).
+    """
+    import ray
+
+    env = pytest.MonkeyPatch()
+    env.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    assert not ray.is_initialized()
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    with time_limit(120, "starting Ray"):
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+                 runtime_env={"env_vars": {"PYTHONPATH": path}})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        env.undo()
+
+
+@pytest.fixture(scope="session")
+def dask_client() -> Iterator[Any]:
+    """A real Dask LocalCluster (2 worker processes, 1 thread each) and its Client."""
+    from distributed import Client, LocalCluster
+
+    with time_limit(120, "starting Dask"):
+        cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                               dashboard_address=None)
+        client = Client(cluster)
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+
+
+@pytest.fixture(scope="module")
+def process_executor() -> Iterator[ProcessExecutor]:
+    ex = ProcessExecutor(2)
+    try:
+        yield ex
+    finally:
+        ex.close()
+
+
+def executor_for(kind: str, request: pytest.FixtureRequest) -> Executor | str:
+    """An executor of ``kind`` on the session's clusters (started on first use)."""
+    if kind == "threads":
+        return ThreadExecutor(2)
+    if kind == "processes":
+        return request.getfixturevalue("process_executor")
+    if kind == "ray":
+        request.getfixturevalue("ray_cluster")
+        return RayExecutor(2)
+    if kind == "ray_by_name":  # the package finds Ray initialised and uses that cluster
+        request.getfixturevalue("ray_cluster")
+        return "ray"
+    if kind == "dask":
+        return DaskExecutor(2, client=request.getfixturevalue("dask_client"))
+    raise AssertionError(kind)
+
+
+def count_attempts(ex: Executor, monkeypatch: pytest.MonkeyPatch, path: str) -> list[int]:
+    """Wrap ``ex._round`` to count the rounds in which a task reading ``path`` was run."""
+    attempts: list[int] = []
+    real = ex._round
+
+    def touches(task: Any) -> bool:
+        return path in task if isinstance(task, str) else any(f.path == path for f in task.files)
+
+    def counted(fn: Callable[..., Any], tasks: list[Any]) -> list[tuple[bool, Any]]:
+        attempts.append(sum(touches(t) for t in tasks))
+        return real(fn, tasks)
+
+    monkeypatch.setattr(ex, "_round", counted)
+    return attempts
+
+
+# --- data --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("executors")
+    rng = np.random.default_rng(11)
+    write_dataset(out, {d.isoformat(): one_day(d, 1500, rng, symbols=8) for d in DAYS}, SESSION, row_group_size=500)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(folder: Path) -> dict[str | None, pl.DataFrame]:
+    with with_experiments(Harness(folder, workers=2)) as h:
+        out = {by: h.metrics(METRICS, by=by, executor="threads") for by in (None, "day")}
+    assert set(out[None]["experiment"]) == {"baseline", "liquid", "z", "zpos", "renamed"}
+    return out
+
+
+def assert_identical(a: pl.DataFrame, b: pl.DataFrame) -> None:
+    assert a.height > 0
+    assert a.drop("value").equals(b.drop("value"))
+    assert a["value"].to_list() == b["value"].to_list()  # ==, not approx
+
+
+@pytest.fixture
+def copy(folder: Path, tmp_path: Path) -> Path:
+    """A private copy of the data, for tests that damage a file."""
+    return Path(shutil.copytree(folder, tmp_path / "data"))
+
+
+def garbage(path: str) -> None:
+    """Replace a file with garbage bytes of the same size (same name, listing already done)."""
+    size = os.path.getsize(path)
+    Path(path).write_bytes(np.random.default_rng(0).bytes(size))
+
+
+def truncate(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def scramble_pages(path: str) -> None:
+    """Overwrite every column chunk with random bytes but keep the footer: listing still works,
+    reading the data fails."""
+    md = pq.ParquetFile(path).metadata
+    data = bytearray(Path(path).read_bytes())
+    rng = np.random.default_rng(1)
+    for rg in range(md.num_row_groups):
+        for c in range(md.row_group(rg).num_columns):
+            col = md.row_group(rg).column(c)
+            start = col.dictionary_page_offset or col.data_page_offset
+            data[start:start + col.total_compressed_size] = rng.bytes(col.total_compressed_size)
+    Path(path).write_bytes(bytes(data))
+
+
+# --- the same bits on every executor -----------------------------------------------------------------
+
+def count_rounds(ex: Executor | str, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Tasks per round run by ``ex`` (so a test cannot pass without the executor doing the work)."""
+    rounds: list[int] = []
+    if isinstance(ex, Executor):
+        real = ex._round
+
+        def counted(fn: Callable[..., Any], tasks: list[Any]) -> list[tuple[bool, Any]]:
+            rounds.append(len(tasks))
+            return real(fn, tasks)
+
+        monkeypatch.setattr(ex, "_round", counted)
+    return rounds
+
+
+@pytest.mark.parametrize("kind", ["processes", "ray", "ray_by_name", "dask"])
+def test_executor_gives_values_identical_to_threads(
+        folder: Path, reference: dict, kind: str, request: pytest.FixtureRequest,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    ex = executor_for(kind, request)
+    rounds = count_rounds(ex, monkeypatch)
+    groupings = (None, "day") if kind == "processes" else ("day",)  # keeps the cluster tests short
+    with with_experiments(Harness(folder, workers=2)) as h:
+        for by in groupings:
+            assert_identical(h.metrics(METRICS, by=by, executor=ex), reference[by])
+        if kind == "ray_by_name":
+            made = next(iter(h._executors.values()))
+            assert isinstance(made, RayExecutor) and made._remote is not None  # it ran tasks
+    if isinstance(ex, Executor):
+        # Per run: 6 batches of the fused scan, 5 chain batches for each of z, zpos and renamed.
+        assert sum(rounds) == len(groupings) * (6 + 3 * 5), rounds
+    if kind.startswith("ray"):
+        assert request.getfixturevalue("ray_cluster").is_initialized()  # the shared cluster was kept
+
+
+@pytest.mark.parametrize("kind", ["threads", "processes", "ray", "dask"])
+def test_python_steps_run_on_the_executors_workers(
+        folder: Path, reference: dict, kind: str, request: pytest.FixtureRequest) -> None:
+    ex = executor_for(kind, request)
+    with Harness(folder, workers=2) as h:
+        h.add_experiment("tagged", tag_pid)
+        got = h.metrics(["count"], pairs=["pred_10s:target_10s"], experiments=["tagged"], by="worker_pid",
+                        executor=ex).filter(metric="count")
+    pids = set(got["worker_pid"].to_list())
+    expected = reference[None].filter(experiment="baseline", pred="pred_10s", metric="count")["value"].item()
+    assert got["value"].sum() == expected
+    if kind == "threads":
+        assert pids == {os.getpid()}
+    else:  # the first batch runs on the driver (to learn the columns); the others on the workers
+        assert pids - {os.getpid()}, pids
+
+
+def test_remote_source_on_the_dask_executor_gives_the_local_values(
+        s3: S3, folder: Path, reference: dict, request: pytest.FixtureRequest) -> None:
+    s3.bucket(BUCKET)
+    s3.upload(folder, BUCKET, "run")
+    ex = executor_for("dask", request)
+    names = ["baseline", "liquid", "z"]
+    with with_experiments(Harness(f"s3://{BUCKET}/run/", storage_options=s3.options(), workers=2)) as h:
+        assert h.dataset.remote and len(h.files) == len(DAYS)
+        got = h.metrics(METRICS, by="day", experiments=names, executor=ex)
+    assert_identical(got, reference["day"].filter(pl.col("experiment").is_in(names)))
+
+
+# --- retries -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("kind", "experiments", "damage"), [
+    ("threads", ["baseline", "liquid"], garbage),
+    ("threads", ["z", "zpos"], truncate),
+    ("dask", ["baseline", "liquid"], truncate),
+    ("dask", ["z", "zpos"], garbage),
+    ("ray", ["baseline", "renamed"], garbage),
+], ids=["threads-fused", "threads-chain", "dask-fused", "dask-chain", "ray-chain"])
+def test_file_damaged_after_listing_is_retried_then_named(
+        copy: Path, kind: str, experiments: list[str], damage: Callable[[str], None],
+        request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    ex = executor_for(kind, request)
+    assert isinstance(ex, Executor) and ex.retries == 2
+    with with_experiments(Harness(copy, workers=2)) as h:
+        bad = h.files[2]  # not the first batch, which the driver reads itself
+        damage(bad)
+        attempts = count_attempts(ex, monkeypatch, bad)
+        with pytest.raises(ExecutionError) as info:
+            h.metrics(["count", "r2"], experiments=experiments, executor=ex)
+    assert info.value.files == [bad]
+    assert bad in str(info.value)
+    assert sum(attempts) == 3, attempts  # the first try and two retries
+    assert f"after 3 attempt(s) on {ex.name}" in str(info.value)
+
+
+@pytest.mark.parametrize("kind", ["threads", "dask"])
+def test_retries_0_fails_at_the_first_error(
+        copy: Path, kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    ex = executor_for(kind, request)
+    ex.retries = 0
+    with Harness(copy, workers=2) as h:
+        bad = h.files[3]
+        garbage(bad)
+        attempts = count_attempts(ex, monkeypatch, bad)
+        with pytest.raises(ExecutionError, match=r"after 1 attempt\(s\)") as info:
+            h.metrics(["count"], executor=ex)
+    assert info.value.files == [bad]
+    assert attempts == [1]
+
+
+def test_harness_retries_argument_reaches_its_executor(copy: Path) -> None:
+    with Harness(copy, workers=2, retries=0) as none, Harness(copy, workers=2, retries=4) as four:
+        bad = none.files[1]
+        garbage(bad)
+        with pytest.raises(ExecutionError, match=r"after 1 attempt\(s\) on threads") as info:
+            none.metrics(["count"])
+        assert info.value.files == [bad]
+        with pytest.raises(ExecutionError, match=r"after 5 attempt\(s\) on threads"):
+            four.metrics(["count"])
+
+
+@pytest.mark.parametrize("kind", ["threads", "processes", "ray", "dask"])
+def test_transform_error_on_a_worker_is_not_retried(
+        folder: Path, kind: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    ex = executor_for(kind, request)
+    assert isinstance(ex, Executor)
+    with Harness(folder, workers=2) as h:
+        h.add_experiment("boom", fail_on_third_day)
+        third = h.files[2]
+        attempts = count_attempts(ex, monkeypatch, third)
+        with pytest.raises(TransformError) as info:
+            h.metrics(["count"], experiments=["boom"], executor=ex)
+    assert attempts == [1]  # input errors fail at once: they would fail again
+    assert info.value.experiment == "boom"
+    assert "fail_on_third_day" in str(info.value) and "bad day in pid" in str(info.value)
+    pid = int(str(info.value).rsplit("pid ", 1)[1].split()[0].rstrip(".:"))
+    assert (pid == os.getpid()) == (kind == "threads")  # it really ran on a worker
+
+
+class FakeRay:
+    """Just enough of Ray's API to watch an executor's cluster lifecycle without starting one."""
+
+    def __init__(self, initialized: bool) -> None:
+        self.initialized, self.inits, self.shutdowns = initialized, 0, 0
+
+    def is_initialized(self) -> bool:
+        return self.initialized
+
+    def init(self, *a: object, **kw: object) -> None:
+        self.initialized, self.inits = True, self.inits + 1
+
+    def shutdown(self) -> None:
+        self.initialized, self.shutdowns = False, self.shutdowns + 1
+
+    def remote(self, **kw: object) -> Callable[[Callable[..., Any]], Any]:
+        class Task:
+            def __init__(self, fn: Callable[..., Any]) -> None:
+                self.remote = fn  # runs at once, here
+        return Task
+
+    def get(self, value: Any) -> Any:
+        return value
+
+
+@pytest.mark.parametrize("running", [False, True], ids=["started_by_the_executor", "already_running"])
+def test_ray_executor_close_shuts_down_only_a_cluster_it_started(
+        folder: Path, running: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Executor.close: 'Release what the executor started (pools, clusters it created)'."""
+    import sys
+
+    fake = FakeRay(initialized=running)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    with Harness(folder, workers=2, executor="ray") as h:
+        got = h.metrics(METRICS, experiments=["baseline"])
+        assert_identical(got, h.metrics(METRICS, experiments=["baseline"], executor="threads"))
+    assert fake.inits == (0 if running else 1)
+    assert fake.initialized is running  # a cluster it started is shut down; one it found is kept
+    assert fake.shutdowns == (0 if running else 1)
+
+
+# --- choosing an executor ------------------------------------------------------------------------------
+
+def test_make_executor_names_and_instances() -> None:
+    assert EXECUTORS == ("threads", "processes", "ray", "dask")
+    kinds = {"threads": ThreadExecutor, "processes": ProcessExecutor, "ray": RayExecutor, "dask": DaskExecutor}
+    for name, cls in kinds.items():
+        ex = make_executor(name, 3, retries=5)
+        assert type(ex) is cls and ex.name == name and ex.workers == 3 and ex.retries == 5
+        ex.close()
+    assert type(make_executor(None)) is ThreadExecutor
+    assert make_executor("dask", address="tcp://127.0.0.1:1").address == "tcp://127.0.0.1:1"
+    mine = ThreadExecutor(1)
+    assert make_executor(mine) is mine
+    with pytest.raises(InputError, match=r"Unknown executor 'nope'\. Choose one of: threads, processes, ray, dask"):
+        make_executor("nope")
+    with pytest.raises(InputError, match="workers must be at least 1"):
+        ThreadExecutor(-1)
+    with pytest.raises(InputError, match="retries must be 0 or more"):
+        make_executor("threads", retries=-1)
+
+
+def test_unknown_executor_is_refused_by_the_harness(folder: Path) -> None:
+    with pytest.raises(InputError, match="Unknown executor 'nope'"):
+        Harness(folder, executor="nope")
+    with Harness(folder) as h, pytest.raises(InputError, match="Unknown executor 'nope'"):
+        h.metrics(["count"], executor="nope")
+
+
+def test_cli_executor_choices(folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["metrics", str(folder), "--executor", "nope"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'nope'" in err and all(k in err for k in EXECUTORS)
+
+
+@pytest.mark.parametrize("kind", ["dask", "ray"])
+def test_cli_runs_on_an_existing_cluster(folder: Path, kind: str, request: pytest.FixtureRequest,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["metrics", str(folder), "--metric", "count", "--metric", "r2", "--by", "day", "--format", "csv", "-q",
+            "--workers", "2"]
+    assert main(args) == 0
+    threads = capsys.readouterr().out
+    if kind == "dask":
+        address = request.getfixturevalue("dask_client").scheduler.address
+        assert main([*args, "--executor", "dask", "--address", address]) == 0
+    else:
+        request.getfixturevalue("ray_cluster")
+        assert main([*args, "--executor", "ray"]) == 0
+    assert capsys.readouterr().out == threads and threads.count("\n") > 10
+
+
+def test_cli_retries(copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = sorted(str(p) for p in copy.glob("*.parquet"))[2]
+    scramble_pages(bad)  # the footer is intact, so listing works and reading the data fails
+    base = ["metrics", str(copy), "--metric", "count", "-q", "--workers", "2"]
+    assert main([*base, "--retries", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "failed after 1 attempt(s) on threads" in err and bad in err
+    assert main([*base, "--retries", "1"]) == 1
+    assert "failed after 2 attempt(s)" in capsys.readouterr().err
+    assert main(base) == 1
+    assert "failed after 3 attempt(s)" in capsys.readouterr().err  # the default is 2 retries
+    assert main([*base, "--retries", "-1"]) == 1
+    assert "retries must be 0 or more" in capsys.readouterr().err
+
+
+def test_chain_tasks_pickle_with_their_python_steps(folder: Path) -> None:
+    """What a worker receives: the dataset, experiments (with the function) and the batch."""
+    import cloudpickle
+
+    with with_experiments(Harness(folder)) as h:
+        task = ChainTask(h.dataset, h.experiments, "zpos", h.dataset.files[:1], h.session_window, 1, "SELECT 1")
+        back = cloudpickle.loads(cloudpickle.dumps(task))
+    assert back.experiments.step("z").fn is add_z
+    assert [f.path for f in back.files] == [h.dataset.files[0].path]
