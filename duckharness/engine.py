@@ -123,25 +123,46 @@ def run_metrics(
         shifts = _shifts(scan, batch_relation(dataset, batches[0]), tracer)
         targets = scan.build(shifts)
         sqls = [scan.batch_query(b, window) for b in batches]
+        # Batches whose inputs the footers show NULL-free run without validity keys; their check
+        # sums then prove there was no NaN or infinity, or the batch is run again with the keys.
+        fast = [scan.batch_query(b, window, fast=True) if scan.fast_eligible(targets, b) else None for b in batches]
         stats.queries.extend(sqls[:1])
         t1 = time.perf_counter()
         files_of = {sql: [f.path for f in b] for sql, b in zip(sqls, batches, strict=True)}
+        files_of |= {q: files_of[s] for q, s in zip(fast, sqls, strict=True) if q is not None}
         keys = [cache.key(sql, b) for sql, b in zip(sqls, batches, strict=True)] if cache is not None else []
         cached = [cache.get(k) for k in keys] if cache is not None else [None] * len(sqls)
         todo = [i for i, c in enumerate(cached) if c is None]
         stats.cache_hits = len(sqls) - len(todo)
+        run = [fast[i] or sqls[i] for i in todo]
         if tracer is not None:
             for i, sql in enumerate(sqls):
-                tracer(sql if cached[i] is None else f"-- from the cache: {', '.join(files_of[sql])}")
+                tracer((fast[i] or sql) if cached[i] is None else f"-- from the cache: {', '.join(files_of[sql])}")
         bar.advance(stats.cache_hits)
-        computed = executor.map(
-            _sql_task, [sqls[i] for i in todo], describe=lambda sql: files_of[sql], on_done=bar.advance
-        )
+        computed = executor.map(_sql_task, run, describe=lambda sql: files_of[sql], on_done=bar.advance)
+        checks = sorted({c for t in targets for c in t.checks})
+        redo = [
+            k
+            for k, (i, frame) in enumerate(zip(todo, computed, strict=True))
+            if fast[i] is not None
+            and frame.height
+            and not frame.select(pl.all_horizontal([pl.col(c).is_finite() for c in checks]).all()).item()
+        ]
+        if redo:  # a NaN or infinity somewhere: those batches need their validity keys after all
+            if tracer is not None:
+                for k in redo:
+                    tracer(sqls[todo[k]])
+            again = executor.map(_sql_task, [sqls[todo[k]] for k in redo], describe=lambda sql: files_of[sql])
+            for k, frame in zip(redo, again, strict=True):
+                computed[k] = frame
+        redone = {todo[k] for k in redo}
         for i, frame in zip(todo, computed, strict=True):
+            if fast[i] is not None and i not in redone:
+                frame = frame.with_columns([pl.lit(True).alias(v) for v in sorted(scan.valid_keys)])
             cached[i] = frame
             if cache is not None:
                 cache.put(keys[i], frame)
-        frames = [f for f in cached if f is not None]
+        frames = [f.select(cached_columns(f, scan)) for f in cached if f is not None]
         stats.timings["map"] = time.perf_counter() - t1
         results.append((targets, pl.concat(frames, how="vertical_relaxed")))
 
@@ -232,6 +253,12 @@ class ChainTask:
     window: SessionWindow | None
     batch_size: int
     sql: str
+
+
+def cached_columns(frame: pl.DataFrame, scan: FusedScan) -> list[str]:
+    """The partial frame's columns in one order (fast and full batches order keys differently)."""
+    names = [DAY, *[n for n, _ in scan.by], *scan.keys, *scan.aggregates]
+    return [n for n in names if n in frame.columns]
 
 
 def _chain_task(con: duckdb.DuckDBPyConnection, task: ChainTask) -> pl.DataFrame:

@@ -56,13 +56,48 @@ class Pair:
 
 @dataclass
 class Target:
-    """One (experiment, pair): the keys that select its cells and where each metric's stats are."""
+    """One (experiment, pair): the keys that select its cells and where each metric's stats are.
+
+    ``checks`` are the sums of the shifted pred and target, ``inputs`` the source columns their
+    expressions read, and ``fast`` whether those expressions can only be NULL or non-finite when an
+    input is: then a batch whose inputs hold no NULL (per the footers) and whose check sums come
+    out finite has no invalid row, and its query can skip the validity key.
+    """
 
     experiment: str
     pair: Pair
     conds: tuple[str, ...]
     valid: str
     stats: dict[str, dict[str, str]] = field(default_factory=dict)  # metric -> stat -> column
+    checks: tuple[str, ...] = ()
+    inputs: frozenset[str] = frozenset()
+    fast: bool = False
+
+
+# Functions that give NULL only for a NULL input and a non-finite value only for a non-finite
+# input or an overflow (which the check sums catch).
+_NULL_PRESERVING = (
+    exp.Column,
+    exp.Identifier,
+    exp.Literal,
+    exp.Paren,
+    exp.Add,
+    exp.Sub,
+    exp.Mul,
+    exp.Neg,
+    exp.Abs,
+    exp.Greatest,
+    exp.Least,
+    exp.Cast,
+    exp.DataType,
+    exp.Sign,
+    exp.Round,
+)
+
+
+def null_preserving(node: exp.Expr) -> bool:
+    # Exact types: subclasses such as TRY_CAST (a Cast) can turn a value into NULL.
+    return all(type(n) in _NULL_PRESERVING for n in node.walk())
 
 
 def _numeric(type_sql: str) -> bool:
@@ -119,7 +154,8 @@ class FusedScan:
         self.aggregates: dict[str, exp.Expr] = {ROWS: exp.Count(this=exp.Star())}
         self._agg_by_text: dict[str, str] = {sb.render(self.aggregates[ROWS]): ROWS}
         self._key_by_text: dict[str, str] = {}
-        self._skeleton: str | None = None
+        self._skeletons: dict[bool, str] = {}
+        self.valid_keys: set[str] = set()
         self.need_day = "day" in by
         self.by: list[tuple[str, exp.Expr]] = []
         source_columns = columns if columns is not None else dataset.columns
@@ -180,7 +216,14 @@ class FusedScan:
                 "pred_c": exp.Sub(this=exp.paren(p.copy()), expression=sb.number(shifts.get(sb.render(p), 0.0))),
                 "target_c": exp.Sub(this=exp.paren(t.copy()), expression=sb.number(shifts.get(sb.render(t), 0.0))),
             }
-            target = Target(name, pair, conds, valid)
+            self.valid_keys.add(valid)
+            checks = tuple(
+                self._aggregate(sb.cast(sb.substitute_columns(exp.Sum(this=sb.column(role)), roles), "DOUBLE"))
+                for role in ("pred_c", "target_c")
+            )
+            inputs = frozenset(sb.column_names(p)) | frozenset(sb.column_names(t))
+            fast = null_preserving(p) and null_preserving(t)
+            target = Target(name, pair, conds, valid, checks=checks, inputs=inputs, fast=fast)
             for m in self.metrics:
                 target.stats[m.name] = {
                     stat: self._aggregate(sb.cast(sb.substitute_columns(agg, roles), "DOUBLE")) for stat, agg in m.stats
@@ -194,23 +237,23 @@ class FusedScan:
     def _aggregate(self, node: exp.Expr) -> str:
         return _intern(node, self.aggregates, self._agg_by_text, "__s")
 
-    def _projections(self, day: exp.Expr) -> list[exp.Expr]:
+    def _projections(self, day: exp.Expr, *, skip_valid: bool = False) -> list[exp.Expr]:
         proj = [sb.alias(day, DAY)]
         proj += [sb.alias(e, n) for n, e in self.by]
-        proj += [sb.alias(e, n) for n, e in self.keys.items()]
+        proj += [sb.alias(e, n) for n, e in self.keys.items() if not (skip_valid and n in self.valid_keys)]
         proj += [sb.alias(e, n) for n, e in self.aggregates.items()]
         return proj
 
-    def batch_query(self, files: Sequence[FileInfo], window: SessionWindow | None) -> str:
+    def batch_query(self, files: Sequence[FileInfo], window: SessionWindow | None, *, fast: bool = False) -> str:
         """The SQL text of the fused query for one batch of files.
 
         The aggregate list is the same for every batch, so it is rendered once; only the day
         label, the FROM and the WHERE are built per batch (each still as a sqlglot tree).
         """
-        if self._skeleton is None:
-            self._skeleton = sb.render(
+        if fast not in self._skeletons:
+            self._skeletons[fast] = sb.render(
                 sb.select(
-                    self._projections(sb.column(_SLOT_DAY)),
+                    self._projections(sb.column(_SLOT_DAY), skip_valid=fast),
                     sb.column(_SLOT_FROM),
                     where=sb.column(_SLOT_WHERE),
                     group_by_all=True,
@@ -218,13 +261,18 @@ class FusedScan:
             )
         where, day = window_and_day(self.dataset, files, window, need_day=self.need_day)
         return sb.fill_slots(
-            self._skeleton,
+            self._skeletons[fast],
             {
                 _SLOT_DAY: day,
                 _SLOT_FROM: batch_relation(self.dataset, files),
                 _SLOT_WHERE: where if where is not None else exp.true(),
             },
         )
+
+    def fast_eligible(self, targets: Sequence[Target], files: Sequence[FileInfo]) -> bool:
+        """Whether the batch may skip validity keys: every target's expressions are
+        NULL-preserving and every input column is NULL-free in every file of the batch."""
+        return all(t.fast and all(t.inputs <= f.null_free for f in files) for t in targets)
 
     def whole_query(self, relation: exp.Expr, day: exp.Expr) -> exp.Expr:
         """The same aggregates over one relation (an experiment that must see all rows at once)."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
+from sqlglot import exp
 
 from duckharness import sqlbuild as sb
 from duckharness.connection import ConnectionConfig, fetch_all
@@ -38,6 +39,7 @@ class FileInfo:
     columns: Mapping[str, str]
     time_min: dt.datetime | None = None
     time_max: dt.datetime | None = None
+    null_free: frozenset[str] = frozenset()  # columns whose footer statistics count no NULLs
 
 
 @dataclass
@@ -199,6 +201,35 @@ def read_footers(
     return {p: (int(counts[p]), _top_level_columns(by_file[p])) for p in paths}
 
 
+def read_null_free(
+    paths: list[str], *, con: duckdb.DuckDBPyConnection, tracer: Callable[[str], None] | None = None
+) -> dict[str, frozenset[str]]:
+    """Per file, the columns that row-group statistics say hold no NULL (none when unknown)."""
+    null_count = sb.column("stats_null_count")
+    sql = sb.render(
+        sb.select(
+            [
+                sb.column("file_name"),
+                sb.column("path_in_schema"),
+                sb.alias(
+                    exp.and_(
+                        sb.func("bool_and", exp.Not(this=sb.is_null(null_count.copy()))),
+                        sb.eq(sb.func("sum", null_count.copy()), exp.Literal.number(0)),
+                    ),
+                    "none",
+                ),
+            ],
+            sb.table_function("parquet_metadata", paths),
+            group_by_all=True,
+        )
+    )
+    out: dict[str, set[str]] = {p: set() for p in paths}
+    for fname, column, none in fetch_all(con, sql, tracer):
+        if none:
+            out.setdefault(fname, set()).add(column)
+    return {p: frozenset(cols) for p, cols in out.items()}
+
+
 def read_time_ranges(
     paths: list[str],
     time_column: str,
@@ -305,6 +336,7 @@ def open_dataset(
     con = ConnectionConfig(threads=None, filesystem=fs).open()
     try:
         footers = read_footers(paths, con=con, tracer=tracer)
+        null_free = read_null_free(paths, con=con, tracer=tracer)
         columns = union_columns([footers[p][1] for p in paths], con)
         time_column = detect_time_column(columns, meta)
         ranges: dict[str, tuple[Any, Any]] = {}
@@ -317,7 +349,7 @@ def open_dataset(
         size, mtime = stats[p]
         rows, cols = footers[p]
         lo, hi = ranges.get(p, (None, None))
-        files.append(FileInfo(p, size, mtime, rows, cols, lo, hi))
+        files.append(FileInfo(p, size, mtime, rows, cols, lo, hi, null_free.get(p, frozenset()) & set(cols)))
     return Dataset(files, columns, meta, time_column, root, dict(storage_options or {}), fs)
 
 

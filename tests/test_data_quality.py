@@ -215,6 +215,57 @@ def test_nan_in_a_float_column_without_nulls_is_excluded_and_counted(
                                  ("baseline", "pred_x", "corr"): pearsonr(p[ok], t[ok]).statistic}, rel=REL)
 
 
+
+def _null_free_source(folder: Path, parts: Sequence[dict[str, np.ndarray]]) -> pa.Table:
+    folder.mkdir(exist_ok=True)
+    tables = [pa.table(x) for x in parts]
+    for i, t in enumerate(tables):
+        assert all(c.null_count == 0 for c in t.columns)
+        pq.write_table(t, folder / f"part{i}.parquet")
+    (folder / "metadata.json").write_text("{}")
+    return pa.concat_tables(tables)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3], ids=["batch1", "batch3"])
+def test_infinities_in_some_files_without_nulls_are_excluded_and_counted(tmp_path: Path, batch_size: int) -> None:
+    # Files whose footers show no NULL are scanned without per-row validity keys; an infinity
+    # (or NaN) in one of them must still be found and excluded, without touching the other files.
+    rng = np.random.default_rng(21)
+    parts = [{"pred_x": rng.standard_normal(800), "target_x": rng.standard_normal(800)} for _ in range(3)]
+    parts[1]["pred_x"][[5, 17, 300]] = [np.inf, -np.inf, np.inf]
+    parts[2]["target_x"][[40]] = -np.inf
+    rows = _null_free_source(tmp_path, parts)
+    p, t = rows["pred_x"].to_numpy(), rows["target_x"].to_numpy()
+    ok = np.isfinite(p) & np.isfinite(t)
+    assert (~ok).sum() == 4
+    got = tidy(Harness(tmp_path, batch_size=batch_size).metrics(["count", "mse", "corr", "r2"]))
+    assert got == pytest.approx({("baseline", "pred_x", "count"): ok.sum(),
+                                 ("baseline", "pred_x", "n_excluded"): 4,
+                                 ("baseline", "pred_x", "mse"): mean_squared_error(t[ok], p[ok]),
+                                 ("baseline", "pred_x", "r2"): r2_score(t[ok], p[ok]),
+                                 ("baseline", "pred_x", "corr"): pearsonr(p[ok], t[ok]).statistic}, rel=REL)
+
+
+@pytest.mark.parametrize("step", [
+    "SELECT * REPLACE (CASE WHEN target_x > 0 THEN pred_x END AS pred_x) FROM baseline",
+    "SELECT * REPLACE (nullif(sign(target_x), -1) * pred_x AS pred_x) FROM baseline",
+    "SELECT * REPLACE (TRY_CAST(CASE WHEN target_x > 0 THEN '1' ELSE 'x' END AS DOUBLE) * pred_x AS pred_x) "
+    "FROM baseline",
+], ids=["case_without_else", "nullif", "try_cast"])
+def test_experiment_that_makes_nulls_from_null_free_columns_excludes_those_rows(tmp_path: Path, step: str) -> None:
+    # The columns hold no NULL, but the experiment's expression yields NULL where target_x <= 0.
+    rng = np.random.default_rng(22)
+    parts = [{"pred_x": rng.standard_normal(600), "target_x": rng.standard_normal(600)} for _ in range(2)]
+    rows = _null_free_source(tmp_path, parts)
+    p, t = rows["pred_x"].to_numpy(), rows["target_x"].to_numpy()
+    ok = t > 0
+    h = Harness(tmp_path)
+    h.add_experiment("upside", step)
+    got = tidy(h.metrics(["count", "mae"], experiments=["upside"]))
+    assert got == pytest.approx({("upside", "pred_x", "count"): ok.sum(),
+                                 ("upside", "pred_x", "n_excluded"): (~ok).sum(),
+                                 ("upside", "pred_x", "mae"): mean_absolute_error(t[ok], p[ok])}, rel=REL)
+
 # --- schema drift -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
