@@ -128,6 +128,7 @@ def run_metrics(
         fast = [scan.batch_query(b, window, fast=True) if scan.fast_eligible(targets, b) else None for b in batches]
         stats.queries.extend(sqls[:1])
         t1 = time.perf_counter()
+        stats.timings["plan"] = t1 - t0  # resolving the chain, the shifts query, building every query
         files_of = {sql: [f.path for f in b] for sql, b in zip(sqls, batches, strict=True)}
         files_of |= {q: files_of[s] for q, s in zip(fast, sqls, strict=True) if q is not None}
         keys = [cache.key(sql, b) for sql, b in zip(sqls, batches, strict=True)] if cache is not None else []

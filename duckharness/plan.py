@@ -156,6 +156,7 @@ class FusedScan:
         self._key_by_text: dict[str, str] = {}
         self._skeletons: dict[bool, str] = {}
         self.valid_keys: set[str] = set()
+        self._fragments: dict[tuple[tuple[str, ...], SessionWindow | None], sb.RenderedSlots] = {}
         self.need_day = "day" in by
         self.by: list[tuple[str, exp.Expr]] = []
         source_columns = columns if columns is not None else dataset.columns
@@ -259,15 +260,19 @@ class FusedScan:
                     group_by_all=True,
                 )
             )
-        where, day = window_and_day(self.dataset, files, window, need_day=self.need_day)
-        return sb.fill_slots(
-            self._skeletons[fast],
-            {
-                _SLOT_DAY: day,
-                _SLOT_FROM: batch_relation(self.dataset, files),
-                _SLOT_WHERE: where if where is not None else exp.true(),
-            },
-        )
+        key = (tuple(f.path for f in files), window)
+        if key not in self._fragments:  # the fast and the full query of a batch share these
+            where, day = window_and_day(self.dataset, files, window, need_day=self.need_day)
+            self._fragments = {
+                key: sb.render_slots(
+                    {
+                        _SLOT_DAY: day,
+                        _SLOT_FROM: batch_relation(self.dataset, files),
+                        _SLOT_WHERE: where if where is not None else exp.true(),
+                    }
+                )
+            }
+        return sb.fill_slots(self._skeletons[fast], self._fragments[key])
 
     def fast_eligible(self, targets: Sequence[Target], files: Sequence[FileInfo]) -> bool:
         """Whether the batch may skip validity keys: every target's expressions are
@@ -373,7 +378,6 @@ def window_and_day(
     if window is not None and window.overnight:
         days.update(d - dt.timedelta(days=1) for d in list(days))
     ordered = sorted(days)
-    per_row_where, per_row_day = per_row_window(ts, aware, tz, window)
     branches: list[tuple[exp.Expr, dt.date]] = []
     if window is None:
         where = None
@@ -381,7 +385,7 @@ def window_and_day(
             _, nxt = day_bounds(d, tz)
             branches.append((exp.LT(this=ts.copy(), expression=sb.timestamp(nxt, with_tz=aware)), d))
     elif len(ordered) > max_window_days:
-        where = per_row_where
+        where = per_row_window(ts, aware, tz, window)[0]
     else:
         for d in ordered:
             parts = [
@@ -397,7 +401,7 @@ def window_and_day(
     if len(ordered) == 1:
         return where, sb.date(ordered[0])
     if len(ordered) > MAX_DAY_BRANCHES:
-        return where, per_row_day
+        return where, per_row_window(ts, aware, tz, window)[1]
     if window is None:
         return where, exp.Case(ifs=[exp.If(this=c, true=sb.date(d)) for c, d in branches], default=sb.date(ordered[-1]))
     return where, exp.Case(ifs=[exp.If(this=c, true=sb.date(d)) for c, d in branches])

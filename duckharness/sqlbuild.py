@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import sqlglot
 from sqlglot import exp
@@ -222,17 +223,29 @@ def common_type_query(a: str, b: str) -> str:
     return render(exp.select(func("typeof", column("x"))).from_(union.subquery()).limit(1))
 
 
-def fill_slots(skeleton: str, fragments: Mapping[str, exp.Expr]) -> str:
+@dataclass(frozen=True)
+class RenderedSlots:
+    """Slot fragments rendered once, to fill several skeletons (see :func:`fill_slots`)."""
+
+    text: Mapping[str, str]
+
+
+def render_slots(fragments: Mapping[str, exp.Expr]) -> RenderedSlots:
+    return RenderedSlots({slot: render(node) for slot, node in fragments.items()})
+
+
+def fill_slots(skeleton: str, fragments: Mapping[str, exp.Expr] | RenderedSlots) -> str:
     """Put rendered trees into a rendered skeleton in place of slot identifiers.
 
     Rendering a large tree is the costly part of building a query; a skeleton rendered once with
     identifiers such as ``__dh_slot_from__`` can be filled for each batch with small trees.
     """
+    rendered = fragments if isinstance(fragments, RenderedSlots) else render_slots(fragments)
     out = skeleton
-    for slot, node in fragments.items():
+    for slot, text in rendered.text.items():
         if slot not in out:
             raise KeyError(slot)
-        out = out.replace(slot, render(node))
+        out = out.replace(slot, text)
     return out
 
 
