@@ -39,23 +39,32 @@ def merge_partials(partials: pl.DataFrame, keys: Sequence[str], how: Mapping[str
     else:
         ordered, starts = partials, np.zeros(1, dtype=np.int64)
         out = pl.DataFrame({"__one": [1]})
+    names = list(how)
+    if not names:
+        return out.drop("__one") if "__one" in out.columns else out
+    # All stat columns at once: one matrix of values and one of NULL flags.
+    values = ordered.select([pl.col(c).cast(pl.Float64) for c in names]).to_numpy().astype(np.float64, copy=False)
+    missing = ordered.select([pl.col(c).is_null() for c in names]).to_numpy().astype(bool, copy=False)
+    values = values.reshape(len(ordered), len(names))
+    missing = missing.reshape(len(ordered), len(names))
+    reduced = np.empty((len(starts), len(names)))
+    seen = (
+        np.add.reduceat((~missing).astype(np.int64), starts, axis=0) > 0
+        if len(values) and len(starts)
+        else np.zeros((len(starts), len(names)), dtype=bool)
+    )
+    for fn in set(how.values()):
+        idx = [i for i, c in enumerate(names) if how[c] == fn]
+        part = np.where(missing[:, idx], 0.0 if fn == "sum" else np.nan, values[:, idx])
+        if len(part) and len(starts):
+            reduced[:, idx] = _REDUCE[fn].reduceat(part, starts, axis=0)
+        else:
+            reduced[:, idx] = 0.0 if fn == "sum" else np.nan
     columns = []
-    for col, fn in how.items():
-        series = ordered[col].cast(pl.Float64)
-        present = series.is_not_null().to_numpy()
-        if fn == "sum":
-            values = series.fill_null(0.0).to_numpy()
-        else:
-            values = series.fill_null(np.nan).to_numpy()
-        if len(values) == 0:
-            reduced = np.zeros(len(starts)) if fn == "sum" else np.full(len(starts), np.nan)
-            seen = np.zeros(len(starts), dtype=bool)
-        else:
-            reduced = _REDUCE[fn].reduceat(values, starts) if len(starts) else np.zeros(0)
-            seen = np.add.reduceat(present.astype(np.int64), starts) > 0 if len(starts) else np.zeros(0, bool)
-        s = pl.Series(col, reduced, dtype=pl.Float64)
-        if fn != "sum":  # a min/max over no values is null (a NaN in the data stays NaN)
-            s = pl.select(pl.when(pl.lit(pl.Series(seen))).then(pl.lit(s)).otherwise(None)).to_series().alias(col)
+    for i, col in enumerate(names):
+        s = pl.Series(col, reduced[:, i], dtype=pl.Float64)
+        if how[col] != "sum":  # a min/max over no values is null (a NaN in the data stays NaN)
+            s = pl.select(pl.when(pl.lit(pl.Series(seen[:, i]))).then(pl.lit(s)).otherwise(None)).to_series().alias(col)
         columns.append(s)
-    out = out.with_columns(columns) if columns else out
+    out = out.with_columns(columns)
     return out.drop("__one") if "__one" in out.columns else out
