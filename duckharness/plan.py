@@ -208,27 +208,35 @@ class FusedScan:
     def build(self, shifts: Mapping[str, float]) -> list[Target]:
         """Bind every metric to every (experiment, pair); returns the targets."""
         targets = []
+        # A bound aggregate is fixed by its metric statistic and the SQL of its roles, so it is
+        # built and rendered (to find identical ones) once per distinct pair of role texts.
+        bound_agg: dict[tuple[str, str, str, str], str] = {}
         for name, pair, inl, p, t, ptype, ttype in self.bound:
+            role_text = (sb.render(p), sb.render(t))
             conds = tuple(self._key(c) for c in inl.conditions)
             valid = self._key(exp.and_(sb.is_valid_number(p, ptype), sb.is_valid_number(t, ttype)))
             roles = {
                 "pred": p,
                 "target": t,
-                "pred_c": exp.Sub(this=exp.paren(p.copy()), expression=sb.number(shifts.get(sb.render(p), 0.0))),
-                "target_c": exp.Sub(this=exp.paren(t.copy()), expression=sb.number(shifts.get(sb.render(t), 0.0))),
+                "pred_c": exp.Sub(this=exp.paren(p.copy()), expression=sb.number(shifts.get(role_text[0], 0.0))),
+                "target_c": exp.Sub(this=exp.paren(t.copy()), expression=sb.number(shifts.get(role_text[1], 0.0))),
             }
+
+            def bind(
+                metric: str, stat: str, agg: exp.Expr, roles: dict[str, exp.Expr] = roles, texts: tuple = role_text
+            ) -> str:
+                key = (metric, stat, *texts)
+                if key not in bound_agg:
+                    bound_agg[key] = self._aggregate(sb.cast(sb.substitute_columns(agg, roles), "DOUBLE"))
+                return bound_agg[key]
+
             self.valid_keys.add(valid)
-            checks = tuple(
-                self._aggregate(sb.cast(sb.substitute_columns(exp.Sum(this=sb.column(role)), roles), "DOUBLE"))
-                for role in ("pred_c", "target_c")
-            )
+            checks = tuple(bind("", role, exp.Sum(this=sb.column(role))) for role in ("pred_c", "target_c"))
             inputs = frozenset(sb.column_names(p)) | frozenset(sb.column_names(t))
             fast = null_preserving(p) and null_preserving(t)
             target = Target(name, pair, conds, valid, checks=checks, inputs=inputs, fast=fast)
             for m in self.metrics:
-                target.stats[m.name] = {
-                    stat: self._aggregate(sb.cast(sb.substitute_columns(agg, roles), "DOUBLE")) for stat, agg in m.stats
-                }
+                target.stats[m.name] = {stat: bind(m.name, stat, agg) for stat, agg in m.stats}
             targets.append(target)
         return targets
 
