@@ -116,9 +116,10 @@ class Executor:
                     raise value
                 if attempts[i] > self.retries:
                     files = describe(tasks[i])
-                    where = ", ".join(files) or f"batch {i}"
+                    where = f" ({', '.join(files)})" if files else ""
                     raise ExecutionError(
-                        f"Batch {i} ({where}) failed after {attempts[i]} attempt(s) on {self.name}: {_message(value)}",
+                        f"Batch {i + 1} of {len(tasks)}{where} failed after {attempts[i]} attempt(s) on {self.name}: "
+                        f"{_message(value)}",
                         files=files,
                     ) from value
                 retry.append(i)
