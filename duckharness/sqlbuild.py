@@ -8,6 +8,7 @@ DuckDB dialect by :func:`render`. Other modules never paste user input into SQL 
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -141,10 +142,25 @@ def parse_expression(sql: str) -> exp.Expr:
 
 
 def _first_error(e: ParseError) -> str:
-    if e.errors:
-        err = e.errors[0]
-        return f"{err.get('description')} at line {err.get('line')}, column {err.get('col')}"
-    return str(e)
+    """The parser's first complaint in user terms, with where it is and the text just before it.
+
+    Example:
+        >>> try:
+        ...     parse_expression("volume >> ")
+        ... except SQLParseError as err:
+        ...     print(err)
+        incomplete expression (an operand is missing) at line 1, column 9, after 'volume >>'
+    """
+    if not e.errors:
+        return str(e)
+    err = e.errors[0]
+    description = str(err.get("description") or "syntax error")
+    if re.match(r"Required keyword: '\w+' missing for <class ", description):
+        # sqlglot names its own node class here, which means nothing to a user.
+        description = "incomplete expression (an operand is missing)"
+    before = f"{err.get('start_context') or ''}{err.get('highlight') or ''}".strip()
+    near = f", after {before[-40:]!r}" if before else ""
+    return f"{description} at line {err.get('line')}, column {err.get('col')}{near}"
 
 
 def column_names(node: exp.Expr) -> list[str]:

@@ -234,6 +234,13 @@ def test_sql_that_is_not_a_step_is_experiment_sql_error(h: Harness, sql: str, wh
     assert "broken" not in h.experiments
 
 
+def test_incomplete_condition_error_says_where_without_parser_internals(h: Harness) -> None:
+    expected = r"'half'.*incomplete expression.*column \d+, after 'volume >>'"
+    with pytest.raises(ExperimentSQLError, match=expected) as info:
+        h.add_experiment("half", "volume >> ")
+    assert "<class" not in str(info.value) and "sqlglot" not in str(info.value)
+
+
 def test_sql_duckdb_cannot_bind_is_experiment_sql_error(h: Harness) -> None:
     with pytest.raises(ExperimentSQLError, match=r"'agg'.*aggregate"):
         h.add_experiment("agg", "sum(volume) > 1")
