@@ -169,8 +169,8 @@ class Harness:
         start, end = window
         tz = self.dataset.metadata.timezone
         return SessionWindow(
-            parse_wall_time(start, key="window start") if start else None,
-            parse_wall_time(end, key="window end") if end else None,
+            parse_wall_time(start, key="window", label="Window start") if start else None,
+            parse_wall_time(end, key="window", label="Window end") if end else None,
             tz,
         )
 

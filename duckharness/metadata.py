@@ -25,17 +25,20 @@ KNOWN_KEYS = ("start_time", "end_time", "timezone", "time_column")
 _TIME_RE = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2})(?:\.(\d{1,6}))?)?$")
 
 
-def parse_wall_time(text: Any, *, key: str, path: str | None = None) -> dt.time:
+def parse_wall_time(text: Any, *, key: str, path: str | None = None, label: str | None = None) -> dt.time:
     """Parse a local wall-clock time written ``HH:MM`` or ``HH:MM:SS[.ffffff]``.
+
+    ``key`` names the metadata key (and ``path`` its file) in errors; ``label`` replaces
+    "Key 'start_time'" for a time that did not come from a file (a window given per call).
 
     Example:
         >>> parse_wall_time("09:30", key="start_time")
         datetime.time(9, 30)
     """
-    where = f" in {path}" if path else ""
+    subject = label or (f"Key {key!r} in {path}" if path else f"Key {key!r}")
     if not isinstance(text, str) or not (m := _TIME_RE.match(text.strip())):
         raise MetadataError(
-            f"Key {key!r}{where} must be a wall-clock time 'HH:MM' or 'HH:MM:SS', got {text!r}.",
+            f"{subject} must be a wall-clock time 'HH:MM' or 'HH:MM:SS', got {text!r}.",
             path=path,
             key=key,
         )
@@ -43,7 +46,7 @@ def parse_wall_time(text: Any, *, key: str, path: str | None = None) -> dt.time:
     try:
         return dt.time(int(hh), int(mm), int(ss or 0), int((frac or "0").ljust(6, "0")))
     except ValueError:
-        raise MetadataError(f"Key {key!r}{where} is not a valid time of day: {text!r}.", path=path, key=key) from None
+        raise MetadataError(f"{subject} is not a valid time of day: {text!r}.", path=path, key=key) from None
 
 
 def load_timezone(name: Any, *, key: str = "timezone", path: str | None = None) -> zoneinfo.ZoneInfo:

@@ -190,7 +190,7 @@ ERROR_CASES = {
                                  "Cannot read experiments file"),
     "unknown_experiment": (["{demo}", "--experiment", "ghost"], None, "Unknown experiment 'ghost'"),
     "bad_pair": (["{demo}", "--pair", "garbage"], None, "must be written PRED:TARGET"),
-    "bad_window": (["{demo}", "--window", "9.30-16:00"], None, "'window start'"),
+    "bad_window": (["{demo}", "--window", "9.30-16:00"], None, "Window start must be a wall-clock time"),
 }
 
 
