@@ -51,7 +51,18 @@ def daily_series(
     if RANK_IC in metrics:
         df = h.rank_ic(list(pairs), list(names), cross_section=cross_section, window=window)
         frames.append(df.filter(pl.col("metric") == RANK_IC))
-    return pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else frames[0]
+    out = pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else frames[0]
+    order = {
+        "experiment": {n: i for i, n in enumerate(names)},
+        "pred": {p.pred: i for i, p in enumerate(pairs)},
+        "metric": {m: i for i, m in enumerate(metrics)},
+    }
+    ranks = [
+        pl.col(c).replace_strict(o, default=len(o), return_dtype=pl.Int64).alias(f"__o_{c}") for c, o in order.items()
+    ]
+    return (
+        out.with_columns(ranks).sort([*[f"__o_{c}" for c in order], "target", "day"]).drop([f"__o_{c}" for c in order])
+    )
 
 
 def summarize(series: pl.DataFrame, *, lag: int | None = None) -> pl.DataFrame:
@@ -62,7 +73,7 @@ def summarize(series: pl.DataFrame, *, lag: int | None = None) -> pl.DataFrame:
         >>> import datetime as dt
         >>> s = pl.DataFrame({"experiment": "a", "pred": "p", "target": "t", "metric": "corr",
         ...                   "day": [dt.date(2026, 1, d) for d in (5, 6, 7)], "value": [0.1, 0.3, 0.2]})
-        >>> summarize(s, lag=0).select("n_days", "mean", "frac_positive").row(0)
+        >>> summarize(s, lag=0).select("n_days", pl.col("mean").round(6), "frac_positive").row(0)
         (3, 0.2, 1.0)
     """
     rows: list[dict[str, Any]] = []

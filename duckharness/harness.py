@@ -527,6 +527,8 @@ class Harness:
         lag: int | None = None,
         cross_section: bool = False,
         window: WindowArg = None,
+        plot: str | os.PathLike[str] | None = None,
+        rolling: int = 20,
     ) -> pl.DataFrame:
         """Statistics of each metric's per-day series across days.
 
@@ -534,7 +536,8 @@ class Harness:
         (mean/std), ``t_stat`` (mean over its Newey–West standard error, Bartlett kernel with
         ``nw_lag`` lags, default ``floor(4 (T/100)^(2/9))``), ``p_value`` (two-sided, Student t with
         T − 1 df), ``nw_lag``, ``frac_positive`` (share of days above zero). Days where the metric is
-        undefined are left out.
+        undefined are left out. ``plot="series.png"`` also saves the per-day series (see
+        :meth:`series`).
 
         Example:
             >>> h.summary(["rank_ic", "corr"], "pred_10s:target_10s")               # doctest: +SKIP
@@ -543,7 +546,9 @@ class Harness:
 
         if lag is not None and lag < 0:
             raise InputError(f"lag must be 0 or more, got {lag}.")
-        series = self.series(metrics, pairs, experiments, cross_section=cross_section, window=window)
+        series = self.series(
+            metrics, pairs, experiments, cross_section=cross_section, window=window, plot=plot, rolling=rolling
+        )
         return summarize(series, lag=lag)
 
     def compare(
