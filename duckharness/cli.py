@@ -380,41 +380,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     su = sub.add_parser(
         "summary",
-        help="statistics of per-day metric series: mean, std, ICIR, Newey-West t, share of positive days",
+        help="statistics of per day metric series: mean, std, ICIR, Newey–West t, share of positive days",
         description="Per-day series of each metric (rank_ic by default) summarised across days: mean, std, "
-        "ICIR = mean/std, t-statistic with Newey-West (HAC) standard errors, p-value, fraction of positive days.",
+        "ICIR = mean/std, t statistic with Newey–West (HAC) standard errors, p-value, fraction of positive days.",
     )
     _source_options(su)
     su.add_argument("--experiment", action="append", metavar="NAME", help="only these experiments (repeatable)")
     su.add_argument("--metric", action="append", metavar="NAME", help="rank_ic or a metric name (repeatable)")
     su.add_argument("--metric-dir", action="append", metavar="DIR", help="folder of your own metric SQL files")
     su.add_argument("--pair", action="append", metavar="PRED:TARGET", help=pair_help)
-    su.add_argument("--lag", type=int, metavar="L", help="Newey-West lag (default floor(4 (T/100)^(2/9)))")
+    su.add_argument("--lag", type=int, metavar="L", help="Newey–West lag (default floor(4 (T/100)^(2/9)))")
     su.add_argument("--cross-section", action="store_true", help="rank IC within each timestamp across symbols")
-    su.add_argument("--plot", metavar="FILE.png", help="also save the per-day series with a rolling mean")
+    su.add_argument("--plot", metavar="FILE.png", help="also save the per day series with a rolling mean")
     su.add_argument("--rolling", type=_positive, default=20, help="rolling-mean window in days (default 20)")
     su.add_argument("--format", choices=formats, default="table", help="output format")
     su.set_defaults(func=cmd_summary)
 
     c = sub.add_parser(
         "compare",
-        help="is experiment A better than B? Diebold-Mariano test and bootstrap interval",
-        description="Compare experiments A and B on one metric: per-day differences with a Diebold-Mariano test "
-        "(Newey-West variance, Harvey-Leybourne-Newbold correction, Student t p-value) and a seeded day-block "
+        help="is experiment A better than B? Diebold–Mariano test and bootstrap interval",
+        description="Compare experiments A and B on one metric: per day differences with a Diebold–Mariano test "
+        "(Newey–West variance, Harvey–Leybourne–Newbold correction, Student t p-value) and a seeded day block "
         "bootstrap interval of the difference in the pooled metric. One scan.",
     )
     _source_options(c)
-    c.add_argument("--a", required=True, metavar="NAME", help="experiment A (differences are A - B)")
+    c.add_argument("--a", required=True, metavar="NAME", help="experiment A (differences are A − B)")
     c.add_argument("--b", required=True, metavar="NAME", help="experiment B")
     c.add_argument("--metric", required=True, metavar="NAME", help="metric to compare, e.g. mse or rank_ic")
     c.add_argument("--metric-dir", action="append", metavar="DIR", help="folder of your own metric SQL files")
     c.add_argument("--pair", action="append", metavar="PRED:TARGET", help=pair_help)
-    c.add_argument("--lag", type=int, metavar="L", help="Newey-West lag (default floor(4 (T/100)^(2/9)))")
+    c.add_argument("--lag", type=int, metavar="L", help="Newey–West lag (default floor(4 (T/100)^(2/9)))")
     c.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     c.add_argument("--n-boot", type=_positive, default=2000, help="bootstrap resamples (default 2000)")
     c.add_argument("--level", type=float, default=0.95, help="confidence level of the interval (default 0.95)")
     c.add_argument("--cross-section", action="store_true", help="rank IC within each timestamp across symbols")
-    c.add_argument("--daily", action="store_true", help="print the per-day values and differences instead")
+    c.add_argument("--daily", action="store_true", help="print the per day values and differences instead")
     c.add_argument("--plot", metavar="FILE.png", help="save the comparison chart as a PNG")
     c.add_argument("--format", choices=formats, default="records", help="output format (default records)")
     c.set_defaults(func=cmd_compare)

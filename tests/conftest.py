@@ -113,11 +113,13 @@ def make_panel(tmp_path: Path) -> Callable[..., Path]:
         rng = np.random.default_rng(seed)
         tables = [panel_day(d, rng, **kw) for d in trading_days(DST_START, days)]
         if files is None:
-            out = {d.isoformat(): t for d, t in zip(trading_days(DST_START, days), tables)}
+            out = {d.isoformat(): t for d, t in zip(trading_days(DST_START, days), tables, strict=True)}
         else:
-            out = {stem: pa.concat_tables([tables[i].slice(s.start or 0, (s.stop or tables[i].num_rows) - (s.start or 0))
-                                           for i, s in parts])
-                   for stem, parts in files.items()}
+            def rows(i: int, s: slice) -> pa.Table:
+                lo, hi = s.start or 0, s.stop or tables[i].num_rows
+                return tables[i].slice(lo, hi - lo)
+
+            out = {stem: pa.concat_tables([rows(i, s) for i, s in parts]) for stem, parts in files.items()}
         write_dataset(folder, out, {"timezone": "US/Eastern"} if metadata is None else metadata)
         return folder
 

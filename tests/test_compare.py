@@ -84,7 +84,9 @@ def test_daily_differential_and_dm_match_pandas(folder: Path, reference: tuple[p
     assert row["value_b"] == pytest.approx(rb["sum"].sum() / rb["count"].sum(), rel=1e-12)
 
 
-def test_bootstrap_recombines_resampled_days_exactly(folder: Path, reference: tuple[pd.DataFrame, pd.DataFrame]) -> None:
+def test_bootstrap_recombines_resampled_days_exactly(
+    folder: Path, reference: tuple[pd.DataFrame, pd.DataFrame]
+) -> None:
     ra, rb = reference
     n_boot, seed = 300, 42
     with harness(folder) as h:

@@ -117,5 +117,5 @@ def test_cross_sectional_ic_on_a_hand_computed_case(tmp_path: Path) -> None:
 
 
 def test_rank_ic_is_not_a_mergeable_metric(make_panel: Callable[..., Path]) -> None:
-    with Harness(make_panel(days=1), cache=False) as h, pytest.raises(UnknownMetricError, match="h.rank_ic"):
+    with Harness(make_panel(days=1), cache=False) as h, pytest.raises(UnknownMetricError, match=r"h\.rank_ic"):
         h.metrics(["corr", "rank_ic"])
