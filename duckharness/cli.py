@@ -326,7 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PRED:TARGET",
         help="pred:target pair (repeatable; PRED alone pairs pred_X with target_X; default: every such pair)",
     )
-    m.add_argument("--by", action="append", metavar="KEY", help="group by 'day' or a column (repeatable)")
+    m.add_argument(
+        "--by",
+        action="append",
+        metavar="KEY",
+        help="group by 'day', a column or a local time-of-day bucket such as tod:30min (repeatable)",
+    )
     m.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
     m.set_defaults(func=cmd_metrics)
 

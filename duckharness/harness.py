@@ -408,7 +408,8 @@ class Harness:
             metrics: metric names (default: count, r2, mse, mae, corr, hit_rate).
             pairs: ``"pred_10s:target_10s"`` strings or tuples (default: every pred_X with target_X).
             experiments: names (default: all, baseline first).
-            by: None for pooled results, ``"day"``, a column name, or a list of them.
+            by: None for pooled results, ``"day"``, a column name, a local time-of-day bucket
+                ``"tod:30min"`` (output column ``tod``; units s, min, h), or a list of them.
             window: None for the metadata's session window, False for none, or ``("09:30", "16:00")``.
             executor: ``threads`` (default), ``processes``, ``ray``, ``dask`` or an Executor;
                 defaults to the harness's.

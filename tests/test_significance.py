@@ -13,6 +13,8 @@ import numpy as np
 import polars as pl
 import pytest
 from conftest import read_all
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats as sps
 
 from duckharness import Harness, InputError
@@ -25,6 +27,7 @@ from duckharness.significance import (
     student_t_sf,
     summarize_series,
 )
+from duckharness.stats import merge_partials
 
 
 def nw_direct(x: np.ndarray, lag: int) -> float:
@@ -144,3 +147,18 @@ def test_summary_covers_rank_ic_and_metrics_in_one_table(make_panel: Callable[..
     assert got["n_days"].to_list() == [5, 5, 5, 5]
     assert got["nw_lag"].to_list() == [newey_west_lag(5)] * 4
     assert got.schema["p_value"] == pl.Float64
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 50), st.floats(-1e3, 1e3), st.floats(-1e3, 1e3)), min_size=1, max_size=8),
+    st.integers(0, 2**32 - 1),
+)
+def test_resampled_merge_equals_merging_the_drawn_days(days: list[tuple[int, float, float]], seed: int) -> None:
+    stats = np.array(days, dtype=float)
+    counts = bootstrap_counts(len(days), 5, seed)
+    got = merge_resampled(stats, ["sum", "sum", "min"], counts)
+    for b in range(5):
+        drawn = pl.DataFrame(stats[np.repeat(np.arange(len(days)), counts[b])], schema=["n", "s", "lo"], orient="row")
+        want = merge_partials(drawn, [], {"n": "sum", "s": "sum", "lo": "min"}).row(0)
+        assert got[b].tolist() == pytest.approx(list(want), rel=1e-12, abs=1e-9)
