@@ -53,7 +53,7 @@ def plot_series(frame: pl.DataFrame, path: str | os.PathLike[str], *, rolling: i
 
     Example:
         >>> fig = plot_series(h.series("corr", "pred_10s"), "ic.png")       # doctest: +SKIP
-        >>> fig.axes[0].lines[0].get_ydata()                                # the table's values
+        >>> fig.axes[0].lines[0].get_ydata()                     # the table's values   # doctest: +SKIP
     """
     if rolling < 1:
         raise ValueError(f"rolling must be at least 1, got {rolling}")
