@@ -1,5 +1,6 @@
 """duckharness: SQL-first evaluation of backtests and forecasts on DuckDB."""
 
+from duckharness.analysis import Comparison
 from duckharness.errors import (
     DuckHarnessError,
     DuplicateExperimentError,
@@ -24,6 +25,7 @@ from duckharness.plan import Pair
 __version__ = "0.1.0"
 
 __all__ = [
+    "Comparison",
     "DuckHarnessError",
     "DuplicateExperimentError",
     "ExecutionError",

@@ -186,6 +186,8 @@ def _run(
     """Run ``build(relation, day, types)`` over each day group of each experiment; one frame
     with an ``experiment`` column."""
     tcol = dataset.time_column
+    if need_ts and tcol is None:
+        raise InputError("Cross-sectional rank IC needs a time column (set 'time_column' in metadata.json).")
     tasks: list[ChainTask] = []
     labels: list[str] = []
     groups = day_groups(dataset, window)
@@ -205,8 +207,6 @@ def _run(
                 column=tcol,
                 experiment=name,
             )
-        if need_ts and tcol is None:
-            raise InputError("Cross-sectional rank IC needs a time column (set 'time_column' in metadata.json).")
         rel = exp.Table(this=sb.ident(name))
         per_group = groups if experiments.batchable(name) else [list(dataset.files)]
         for g in per_group:
