@@ -474,7 +474,8 @@ class Harness:
         """
         from duckharness.daywise import rank_ic
 
-        return rank_ic(
+        t = time.perf_counter()
+        out = rank_ic(
             self.dataset,
             self.experiments,
             self._experiment_names(experiments),
@@ -485,6 +486,8 @@ class Harness:
             batch_size=self.batch_size,
             tracer=self.tracer,
         )
+        self._record_run(t)
+        return out
 
     def series(
         self,
@@ -637,6 +640,7 @@ class Harness:
 
         if by not in (None, "day"):
             raise InputError(f"deciles: by must be None or 'day', got {by!r}.")
+        t = time.perf_counter()
         df = quantile_buckets(
             self.dataset,
             self.experiments,
@@ -649,6 +653,7 @@ class Harness:
             batch_size=self.batch_size,
             tracer=self.tracer,
         )
+        self._record_run(t)
         if plot is not None:
             if by is not None:
                 raise InputError("deciles: plot= draws the pooled table; call without by='day'.")
@@ -656,6 +661,12 @@ class Harness:
 
             plot_deciles(df, plot)
         return df
+
+    def _record_run(self, started: float) -> None:
+        """``last_run`` of a per-day window scan (rank IC, buckets): its files and total time."""
+        self.last_run = RunStats(files=len(self.dataset.files))
+        self.last_run.timings["listing"] = self.listing_seconds
+        self.last_run.timings["total"] = time.perf_counter() - started
 
     def _check_metric_names(self, names: Sequence[str]) -> None:
         for n in names:

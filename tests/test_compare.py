@@ -175,3 +175,15 @@ def test_comparison_table_is_tidy_per_pair(folder: Path) -> None:
     one_s = c.table.row(1, named=True)
     assert one_s["dm_stat"] is None and one_s["ci_low"] == 0 and one_s["ci_high"] == 0
     assert c.daily.filter(pl.col("pred") == "pred_1s")["diff"].to_list() == [0.0] * 8
+
+
+def test_compare_an_experiment_that_needs_all_rows(folder: Path) -> None:
+    df = session_rows(folder)
+    demeaned = df["pred_10s"] - df["pred_10s"].mean()  # over all session rows, not per day
+    ra, rb = daily_n_sse(df, demeaned), daily_n_sse(df, df["pred_10s"])
+    with Harness(folder, cache=False) as h:
+        h.add_experiment("demeaned", "SELECT * REPLACE (pred_10s - avg(pred_10s) OVER () AS pred_10s) FROM baseline")
+        c = h.compare("mse", "demeaned", "baseline", "pred_10s", n_boot=100, lag=0)
+    want = (ra["sum"] / ra["count"] - rb["sum"] / rb["count"]).to_numpy()
+    assert c.daily["diff"].to_numpy() == pytest.approx(want, rel=1e-6, abs=1e-12)
+    assert c.table["dm_stat"][0] == pytest.approx(dm_direct(want, 0)[0], rel=1e-6)
