@@ -1,5 +1,6 @@
 """duckharness: SQL-first evaluation of backtests and forecasts on DuckDB."""
 
+from duckharness.analysis import Comparison
 from duckharness.errors import (
     DuckHarnessError,
     DuplicateExperimentError,
@@ -10,6 +11,7 @@ from duckharness.errors import (
     InputError,
     MetadataError,
     MetricError,
+    MissingDependencyError,
     SourceError,
     UnknownColumnError,
     UnknownExperimentError,
@@ -23,6 +25,7 @@ from duckharness.plan import Pair
 __version__ = "0.1.0"
 
 __all__ = [
+    "Comparison",
     "DuckHarnessError",
     "DuplicateExperimentError",
     "ExecutionError",
@@ -36,6 +39,7 @@ __all__ = [
     "Metric",
     "MetricError",
     "MetricLibrary",
+    "MissingDependencyError",
     "Pair",
     "SessionWindow",
     "SourceError",

@@ -178,6 +178,66 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_frame(df: Any, fmt: str) -> None:
+    from duckharness.results import FRAME_FORMATS
+
+    sys.stdout.write(FRAME_FORMATS[fmt](df).rstrip("\n") + "\n")
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    with _harness(args) as h:
+        df = h.summary(
+            args.metric or "rank_ic",
+            pairs=args.pair or None,
+            experiments=args.experiment or None,
+            lag=args.lag,
+            cross_section=args.cross_section,
+            window=_window(args),
+            plot=args.plot,
+            rolling=args.rolling,
+        )
+    _print_frame(df, args.format)
+    if args.plot:
+        print(f"Wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    with _harness(args) as h:
+        result = h.compare(
+            args.metric,
+            args.a,
+            args.b,
+            pairs=args.pair or None,
+            lag=args.lag,
+            n_boot=args.n_boot,
+            seed=args.seed,
+            level=args.level,
+            cross_section=args.cross_section,
+            window=_window(args),
+            plot=args.plot,
+        )
+    _print_frame(result.daily if args.daily else result.table, args.format)
+    if args.plot:
+        print(f"Wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def cmd_deciles(args: argparse.Namespace) -> int:
+    with _harness(args) as h:
+        df = h.deciles(
+            pairs=args.pair or None,
+            experiments=args.experiment or None,
+            buckets=args.buckets,
+            window=_window(args),
+            plot=args.plot,
+        )
+    _print_frame(df, args.format)
+    if args.plot:
+        print(f"Wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -266,7 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PRED:TARGET",
         help="pred:target pair (repeatable; PRED alone pairs pred_X with target_X; default: every such pair)",
     )
-    m.add_argument("--by", action="append", metavar="KEY", help="group by 'day' or a column (repeatable)")
+    m.add_argument(
+        "--by",
+        action="append",
+        metavar="KEY",
+        help="group by 'day', a column or a local time-of-day bucket such as tod:30min (repeatable)",
+    )
     m.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
     m.set_defaults(func=cmd_metrics)
 
@@ -314,6 +379,64 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--partition-by", choices=["day"], help="one file per local day")
     k.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")
     k.set_defaults(func=cmd_sink)
+
+    pair_help = "pred:target pair (repeatable; PRED alone pairs pred_X with target_X; default: every such pair)"
+    formats = ["table", "records", "csv", "json"]
+
+    su = sub.add_parser(
+        "summary",
+        help="statistics of per day metric series: mean, std, ICIR, Newey–West t, share of positive days",
+        description="Per-day series of each metric (rank_ic by default) summarised across days: mean, std, "
+        "ICIR = mean/std, t statistic with Newey–West (HAC) standard errors, p-value, fraction of positive days.",
+    )
+    _source_options(su)
+    su.add_argument("--experiment", action="append", metavar="NAME", help="only these experiments (repeatable)")
+    su.add_argument("--metric", action="append", metavar="NAME", help="rank_ic or a metric name (repeatable)")
+    su.add_argument("--metric-dir", action="append", metavar="DIR", help="folder of your own metric SQL files")
+    su.add_argument("--pair", action="append", metavar="PRED:TARGET", help=pair_help)
+    su.add_argument("--lag", type=int, metavar="L", help="Newey–West lag (default floor(4 (T/100)^(2/9)))")
+    su.add_argument("--cross-section", action="store_true", help="rank IC within each timestamp across symbols")
+    su.add_argument("--plot", metavar="FILE.png", help="also save the per day series with a rolling mean")
+    su.add_argument("--rolling", type=_positive, default=20, help="rolling-mean window in days (default 20)")
+    su.add_argument("--format", choices=formats, default="table", help="output format")
+    su.set_defaults(func=cmd_summary)
+
+    c = sub.add_parser(
+        "compare",
+        help="is experiment A better than B? Diebold–Mariano test and bootstrap interval",
+        description="Compare experiments A and B on one metric: per day differences with a Diebold–Mariano test "
+        "(Newey–West variance, Harvey–Leybourne–Newbold correction, Student t p-value) and a seeded day block "
+        "bootstrap interval of the difference in the pooled metric. One scan.",
+    )
+    _source_options(c)
+    c.add_argument("--a", required=True, metavar="NAME", help="experiment A (differences are A − B)")
+    c.add_argument("--b", required=True, metavar="NAME", help="experiment B")
+    c.add_argument("--metric", required=True, metavar="NAME", help="metric to compare, e.g. mse or rank_ic")
+    c.add_argument("--metric-dir", action="append", metavar="DIR", help="folder of your own metric SQL files")
+    c.add_argument("--pair", action="append", metavar="PRED:TARGET", help=pair_help)
+    c.add_argument("--lag", type=int, metavar="L", help="Newey–West lag (default floor(4 (T/100)^(2/9)))")
+    c.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    c.add_argument("--n-boot", type=_positive, default=2000, help="bootstrap resamples (default 2000)")
+    c.add_argument("--level", type=float, default=0.95, help="confidence level of the interval (default 0.95)")
+    c.add_argument("--cross-section", action="store_true", help="rank IC within each timestamp across symbols")
+    c.add_argument("--daily", action="store_true", help="print the per day values and differences instead")
+    c.add_argument("--plot", metavar="FILE.png", help="save the comparison chart as a PNG")
+    c.add_argument("--format", choices=formats, default="records", help="output format (default records)")
+    c.set_defaults(func=cmd_compare)
+
+    dc = sub.add_parser(
+        "deciles",
+        help="mean target by prediction quantile bucket (buckets cut per day, pooled exactly)",
+        description="Cut each day's rows into prediction quantile buckets (pandas qcut semantics) and report the "
+        "pooled mean target and prediction per bucket.",
+    )
+    _source_options(dc)
+    dc.add_argument("--experiment", action="append", metavar="NAME", help="only these experiments (repeatable)")
+    dc.add_argument("--pair", action="append", metavar="PRED:TARGET", help=pair_help)
+    dc.add_argument("--buckets", type=_positive, default=10, help="number of buckets (default 10)")
+    dc.add_argument("--plot", metavar="FILE.png", help="save the bucket chart as a PNG")
+    dc.add_argument("--format", choices=formats, default="table", help="output format")
+    dc.set_defaults(func=cmd_deciles)
 
     e = sub.add_parser(
         "export",

@@ -32,6 +32,7 @@ from duckharness.plan import (
     Pair,
     Target,
     batch_relation,
+    group_key,
     round_shift,
     window_and_day,
 )
@@ -99,6 +100,60 @@ def run_metrics(
 ) -> pl.DataFrame:
     """Compute ``metrics`` for every experiment in ``names`` and pair, grouped by ``by``."""
     stats = stats if stats is not None else RunStats()
+    results, out_keys = _map_partials(
+        dataset, experiments, names, pairs, metrics, by, window, executor, batch_size, tracer, stats, progress, cache
+    )
+    t3 = time.perf_counter()
+    tidy = finalize(results, metrics, out_keys, names, pairs, tracer)
+    stats.timings["reduce"] = time.perf_counter() - t3
+    return tidy
+
+
+def run_stats(
+    dataset: Dataset,
+    experiments: Experiments,
+    names: Sequence[str],
+    pairs: Sequence[Pair],
+    metrics: Sequence[Metric],
+    by: Sequence[str],
+    window: SessionWindow | None,
+    *,
+    executor: Executor,
+    batch_size: int = 1,
+    tracer: Tracer | None = None,
+    stats: RunStats | None = None,
+    progress: bool | None = None,
+    cache: StatsCache | None = None,
+) -> dict[str, pl.DataFrame]:
+    """The merged sufficient statistics of each metric (not finalized), from the same scan as
+    :func:`run_metrics`: per metric a frame ``experiment, pred, target, [by...], <stat columns>``.
+    Groups with no valid rows are absent."""
+    stats = stats if stats is not None else RunStats()
+    results, out_keys = _map_partials(
+        dataset, experiments, names, pairs, metrics, by, window, executor, batch_size, tracer, stats, progress, cache
+    )
+    t3 = time.perf_counter()
+    per_metric, _ = merge_results(results, metrics, out_keys)
+    stats.timings["reduce"] = time.perf_counter() - t3
+    return {name: frame.rename({DAY: "day"}) if DAY in frame.columns else frame for name, frame in per_metric.items()}
+
+
+def _map_partials(
+    dataset: Dataset,
+    experiments: Experiments,
+    names: Sequence[str],
+    pairs: Sequence[Pair],
+    metrics: Sequence[Metric],
+    by: Sequence[str],
+    window: SessionWindow | None,
+    executor: Executor,
+    batch_size: int,
+    tracer: Tracer | None,
+    stats: RunStats,
+    progress: bool | None,
+    cache: StatsCache | None,
+) -> tuple[list[tuple[list[Target], pl.DataFrame]], list[str]]:
+    """The map phase: partial stats of every batch, for each group of targets."""
     t0 = time.perf_counter()
     fused: dict[str, tuple[Inlined, Mapping[str, str]]] = {}
     whole: list[str] = []
@@ -108,7 +163,7 @@ def run_metrics(
             whole.append(n)
         else:
             fused[n] = (inl, experiments.columns(n))
-    out_keys = ([DAY] if "day" in by else []) + [b for b in by if b != "day"]
+    out_keys = ([DAY] if "day" in by else []) + [group_key(b) for b in by if b != "day"]
     if "day" in by and dataset.time_column is None:
         raise InputError("Cannot group by day: the source has no time column (set 'time_column' in metadata.json).")
     results: list[tuple[list[Target], pl.DataFrame]] = []
@@ -178,11 +233,7 @@ def run_metrics(
     bar.close()
     if whole:
         stats.timings["whole"] = time.perf_counter() - t2
-
-    t3 = time.perf_counter()
-    tidy = finalize(results, metrics, out_keys, names, pairs, tracer)
-    stats.timings["reduce"] = time.perf_counter() - t3
-    return tidy
+    return results, out_keys
 
 
 def _run_chain(
@@ -239,7 +290,7 @@ def _run_chain(
         first.close()
 
     tasks = [ChainTask(dataset, experiments, name, list(g), window, batch_size, aggregate(g)) for g in groups[1:]]
-    frames += executor.map(_chain_task, tasks, describe=lambda t: [f.path for f in t.files])
+    frames += executor.map(run_chain_task, tasks, describe=lambda t: [f.path for f in t.files])
     return targets, pl.concat(frames, how="vertical_relaxed")
 
 
@@ -262,7 +313,7 @@ def cached_columns(frame: pl.DataFrame, scan: FusedScan) -> list[str]:
     return [n for n in names if n in frame.columns]
 
 
-def _chain_task(con: duckdb.DuckDBPyConnection, task: ChainTask) -> pl.DataFrame:
+def run_chain_task(con: duckdb.DuckDBPyConnection, task: ChainTask) -> pl.DataFrame:
     build_chain(con, task.dataset, task.experiments, task.name, task.files, task.window, None, task.batch_size)
     return _frame(con, task.sql, None)
 
@@ -296,6 +347,46 @@ def finalize(
     tracer: Tracer | None = None,
 ) -> pl.DataFrame:
     """Merge each target's cells and evaluate every metric's final query; tidy output."""
+    merged_stats, excluded = merge_results(results, metrics, out_keys)
+    frames: list[pl.DataFrame] = []
+    con = ConnectionConfig(threads=1).open()
+    try:
+        for m in metrics:
+            merged = merged_stats[m.name]
+            values = evaluate_final(m, merged.select(m.stat_names), con, tracer)
+            frames.append(
+                merged.select("experiment", "pred", "target", *out_keys).with_columns(
+                    pl.lit(m.name).alias("metric"), pl.Series("value", values, dtype=pl.Float64)
+                )
+            )
+    finally:
+        con.close()
+    frames.extend(excluded)
+    out = pl.concat(
+        [f.select("experiment", "pred", "target", *out_keys, "metric", "value") for f in frames], how="vertical_relaxed"
+    )
+    # NaN from 0/0 in a final formula means "undefined": report it as null.
+    out = out.with_columns(pl.when(pl.col("value").is_nan()).then(None).otherwise(pl.col("value")).alias("value"))
+    order = {
+        "experiment": {n: i for i, n in enumerate(names)},
+        "pred": {p.pred: i for i, p in enumerate(pairs)},
+        "metric": {m.name: i for i, m in enumerate(metrics)} | {"n_excluded": len(metrics)},
+    }
+    out = out.with_columns(
+        *[
+            pl.col(c).replace_strict(o, default=len(o), return_dtype=pl.Int64).alias(f"__o_{c}")
+            for c, o in order.items()
+        ]
+    )
+    out = out.sort(["__o_experiment", "__o_pred", "target", *out_keys, "__o_metric"]).drop([f"__o_{c}" for c in order])
+    return out.rename({DAY: "day"}) if DAY in out_keys else out
+
+
+def merge_results(
+    results: Sequence[tuple[list[Target], pl.DataFrame]], metrics: Sequence[Metric], out_keys: Sequence[str]
+) -> tuple[dict[str, pl.DataFrame], list[pl.DataFrame]]:
+    """Merge each target's cells: per metric, a frame of labels, group keys and merged stats;
+    and the tidy ``n_excluded`` rows."""
     per_metric: dict[str, list[pl.DataFrame]] = {m.name: [] for m in metrics}
     excluded: list[pl.DataFrame] = []
     plans: list[tuple[Target, pl.DataFrame]] = []
@@ -343,43 +434,26 @@ def finalize(
             per_metric[m.name].append(
                 merged.select(*label, *out_keys, *[pl.col(f"{cols[s]}|{m.merge[s]}").alias(s) for s in m.stat_names])
             )
-    frames: list[pl.DataFrame] = []
-    con = ConnectionConfig(threads=1).open()
+    frames = {m.name: pl.concat(per_metric[m.name], how="vertical_relaxed") for m in metrics}
+    return frames, excluded
+
+
+def evaluate_final(
+    metric: Metric, merged: pl.DataFrame, con: duckdb.DuckDBPyConnection | None = None, tracer: Tracer | None = None
+) -> list[float | None]:
+    """The metric's final query on each row of ``merged`` (its stat columns), in row order."""
+    own = con is None
+    con = con or ConnectionConfig(threads=1).open()
     try:
-        for m in metrics:
-            merged = pl.concat(per_metric[m.name], how="vertical_relaxed").with_row_index("__i")
-            stat_only = merged.select("__i", *[pl.col(s).cast(pl.Float64) for s in m.stat_names])
-            con.register("merged", stat_only)
-            q = sb.select([sb.column("__i"), sb.alias(m.final.copy(), "value")], "merged")
-            sql = sb.render(q)
-            if tracer is not None:
-                tracer(sql)
-            values = con.sql(sql).pl()
-            con.unregister("merged")
-            frames.append(
-                merged.select("__i", "experiment", "pred", "target", *out_keys)
-                .join(values, on="__i")
-                .drop("__i")
-                .with_columns(pl.lit(m.name).alias("metric"), pl.col("value").cast(pl.Float64))
-            )
+        stat_only = merged.select([pl.col(s).cast(pl.Float64) for s in metric.stat_names]).with_row_index("__i")
+        con.register("merged", stat_only)
+        q = sb.select([sb.column("__i"), sb.alias(metric.final.copy(), "value")], "merged")
+        sql = sb.render(q)
+        if tracer is not None:
+            tracer(sql)
+        values = con.sql(sql).pl().sort("__i")
+        con.unregister("merged")
     finally:
-        con.close()
-    frames.extend(excluded)
-    out = pl.concat(
-        [f.select("experiment", "pred", "target", *out_keys, "metric", "value") for f in frames], how="vertical_relaxed"
-    )
-    # NaN from 0/0 in a final formula means "undefined": report it as null.
-    out = out.with_columns(pl.when(pl.col("value").is_nan()).then(None).otherwise(pl.col("value")).alias("value"))
-    order = {
-        "experiment": {n: i for i, n in enumerate(names)},
-        "pred": {p.pred: i for i, p in enumerate(pairs)},
-        "metric": {m.name: i for i, m in enumerate(metrics)} | {"n_excluded": len(metrics)},
-    }
-    out = out.with_columns(
-        *[
-            pl.col(c).replace_strict(o, default=len(o), return_dtype=pl.Int64).alias(f"__o_{c}")
-            for c, o in order.items()
-        ]
-    )
-    out = out.sort(["__o_experiment", "__o_pred", "target", *out_keys, "__o_metric"]).drop([f"__o_{c}" for c in order])
-    return out.rename({DAY: "day"}) if DAY in out_keys else out
+        if own:
+            con.close()
+    return [None if v is None else float(v) for v in values["value"].to_list()]

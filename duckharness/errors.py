@@ -97,3 +97,12 @@ class ExecutionError(DuckHarnessError):
         super().__init__(message)
         self.files = files or []
         self.sql = sql
+
+
+class MissingDependencyError(DuckHarnessError, ImportError):
+    """An optional package a feature needs is not installed; the message says what to install."""
+
+    def __init__(self, message: str, *, package: str, extra: str) -> None:
+        super().__init__(message)
+        self.package = package
+        self.extra = extra

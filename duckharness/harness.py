@@ -14,11 +14,12 @@ import polars as pl
 from sqlglot import exp
 
 from duckharness import sqlbuild as sb
+from duckharness.analysis import Comparison
 from duckharness.cache import StatsCache, cache_disabled_by_env, default_cache_dir
 from duckharness.chain import apply_python_step, build_chain, collect_step, relation_sql
 from duckharness.connection import fetch_all
 from duckharness.engine import RunStats, baseline_query, run_metrics
-from duckharness.errors import InputError
+from duckharness.errors import InputError, UnknownMetricError
 from duckharness.executor import EXECUTORS, Executor, make_executor
 from duckharness.experiments import BASELINE, Experiments, Step, parse_experiments_file
 from duckharness.export import ExportResult
@@ -407,7 +408,8 @@ class Harness:
             metrics: metric names (default: count, r2, mse, mae, corr, hit_rate).
             pairs: ``"pred_10s:target_10s"`` strings or tuples (default: every pred_X with target_X).
             experiments: names (default: all, baseline first).
-            by: None for pooled results, ``"day"``, a column name, or a list of them.
+            by: None for pooled results, ``"day"``, a column name, a local time-of-day bucket
+                ``"tod:30min"`` (output column ``tod``; units s, min, h), or a list of them.
             window: None for the metadata's session window, False for none, or ``("09:30", "16:00")``.
             executor: ``threads`` (default), ``processes``, ``ray``, ``dask`` or an Executor;
                 defaults to the harness's.
@@ -417,6 +419,12 @@ class Harness:
             (experiment, pair, group) also has an ``n_excluded`` row counting rows dropped
             because pred or target was NULL or NaN.
         """
+        if metrics == "rank_ic" or (not isinstance(metrics, str) and metrics is not None and "rank_ic" in metrics):
+            raise UnknownMetricError(
+                "Metric 'rank_ic' is computed per day from ranks, not from mergeable sums: use "
+                "h.rank_ic(...), h.series('rank_ic') or h.summary('rank_ic').",
+                metric="rank_ic",
+            )
         ms = self.metric_library.resolve(metrics)
         pair_list = self._pairs(pairs)
         names = self._experiment_names(experiments)
@@ -439,6 +447,231 @@ class Harness:
             progress=self.progress if progress is None else progress,
             cache=self.cache,
         )
+
+    # -- research statistics ------------------------------------------------------------------
+    def rank_ic(
+        self,
+        pairs: Sequence[str | tuple[str, str] | Pair] | str | None = None,
+        experiments: Sequence[str] | str | None = None,
+        *,
+        cross_section: bool = False,
+        window: WindowArg = None,
+    ) -> pl.DataFrame:
+        """Per-day rank IC: Spearman correlation of pred and target within each day.
+
+        Ties get average ranks; rows with a NULL, NaN or infinite pred or target are left out.
+        With ``cross_section=True`` the IC is computed within each timestamp across symbols (as
+        factor research does, e.g. alphalens' per-date IC) and a day's value is the mean over its
+        timestamps whose IC is defined. Ranks are not mergeable sums, so this runs its own scan
+        with window functions per day (files are grouped so that no day is split).
+
+        Returns:
+            A tidy DataFrame ``experiment, pred, target, day, metric, value`` with metrics
+            ``rank_ic``, ``n`` (rows used) and, cross-sectionally, ``n_sections``.
+
+        Example:
+            >>> h.rank_ic("pred_10s:target_10s", ["baseline", "liquid"])          # doctest: +SKIP
+        """
+        from duckharness.daywise import rank_ic
+
+        t = time.perf_counter()
+        out = rank_ic(
+            self.dataset,
+            self.experiments,
+            self._experiment_names(experiments),
+            self._pairs(pairs),
+            self._window(window),
+            self._executor(None, None),
+            cross_section=cross_section,
+            batch_size=self.batch_size,
+            tracer=self.tracer,
+        )
+        self._record_run(t)
+        return out
+
+    def series(
+        self,
+        metrics: Sequence[str] | str = "rank_ic",
+        pairs: Sequence[str | tuple[str, str] | Pair] | str | None = None,
+        experiments: Sequence[str] | str | None = None,
+        *,
+        cross_section: bool = False,
+        window: WindowArg = None,
+        plot: str | os.PathLike[str] | None = None,
+        rolling: int = 20,
+    ) -> pl.DataFrame:
+        """Per-day values of metrics (``rank_ic`` or any metric file), tidy:
+        ``experiment, pred, target, day, metric, value``.
+
+        ``plot="series.png"`` also saves the series with a ``rolling``-day rolling mean
+        (:func:`duckharness.plots.plot_series`; needs ``pip install "duckharness[plot]"``).
+
+        Example:
+            >>> h.series("corr", "pred_10s", plot="ic.png")                        # doctest: +SKIP
+        """
+        from duckharness.analysis import daily_series
+
+        names = [metrics] if isinstance(metrics, str) else list(metrics)
+        self._check_metric_names(names)
+        df = daily_series(
+            self, names, self._pairs(pairs), self._experiment_names(experiments), window, cross_section=cross_section
+        )
+        if plot is not None:
+            from duckharness.plots import plot_series
+
+            plot_series(df, plot, rolling=rolling)
+        return df
+
+    def summary(
+        self,
+        metrics: Sequence[str] | str = "rank_ic",
+        pairs: Sequence[str | tuple[str, str] | Pair] | str | None = None,
+        experiments: Sequence[str] | str | None = None,
+        *,
+        lag: int | None = None,
+        cross_section: bool = False,
+        window: WindowArg = None,
+        plot: str | os.PathLike[str] | None = None,
+        rolling: int = 20,
+    ) -> pl.DataFrame:
+        """Statistics of each metric's per-day series across days.
+
+        Columns: ``experiment, pred, target, metric, n_days, mean, std`` (ddof 1), ``icir``
+        (mean/std), ``t_stat`` (mean over its Newey–West standard error, Bartlett kernel with
+        ``nw_lag`` lags, default ``floor(4 (T/100)^(2/9))``), ``p_value`` (two-sided, Student t with
+        T − 1 df), ``nw_lag``, ``frac_positive`` (share of days above zero). Days where the metric is
+        undefined are left out. ``plot="series.png"`` also saves the per-day series (see
+        :meth:`series`).
+
+        Example:
+            >>> h.summary(["rank_ic", "corr"], "pred_10s:target_10s")               # doctest: +SKIP
+        """
+        from duckharness.analysis import summarize
+
+        if lag is not None and lag < 0:
+            raise InputError(f"lag must be 0 or more, got {lag}.")
+        series = self.series(
+            metrics, pairs, experiments, cross_section=cross_section, window=window, plot=plot, rolling=rolling
+        )
+        return summarize(series, lag=lag)
+
+    def compare(
+        self,
+        metric: str,
+        a: str,
+        b: str,
+        pairs: Sequence[str | tuple[str, str] | Pair] | str | None = None,
+        *,
+        lag: int | None = None,
+        n_boot: int = 2000,
+        seed: int | None = 0,
+        level: float = 0.95,
+        cross_section: bool = False,
+        window: WindowArg = None,
+        plot: str | os.PathLike[str] | None = None,
+    ) -> Comparison:
+        """Is experiment ``a`` different from ``b`` on ``metric``? From one scan by day.
+
+        The per-day differential ``d_t = metric_a(t) − metric_b(t)`` gets a Diebold–Mariano test
+        (Newey–West variance with ``lag`` lags, default ``floor(4 (T/100)^(2/9))``; the
+        Harvey–Leybourne–Newbold correction; p-value from Student t with T − 1 df). The difference
+        of the *pooled* metric gets a day-block bootstrap interval: days are resampled with
+        replacement (the same days for both), their sufficient statistics merged exactly, and the
+        metric finalized; ``seed`` makes it reproducible. For ``rank_ic`` the pooled value is the
+        mean daily IC.
+
+        Returns:
+            A :class:`~duckharness.analysis.Comparison` with ``daily`` and ``table`` frames;
+            ``plot="cmp.png"`` also saves its chart.
+
+        Example:
+            >>> c = h.compare("mse", "clipped", "baseline", "pred_10s:target_10s", seed=7)   # doctest: +SKIP
+            >>> c.table.select("diff", "dm_stat", "p_value", "ci_low", "ci_high")  # doctest: +SKIP
+        """
+        from duckharness.analysis import compare
+
+        self._check_metric_names([metric])
+        result = compare(
+            self,
+            metric,
+            a,
+            b,
+            self._pairs(pairs),
+            window,
+            lag=lag,
+            n_boot=n_boot,
+            seed=seed,
+            level=level,
+            cross_section=cross_section,
+        )
+        if plot is not None:
+            result.plot(plot)
+        return result
+
+    def deciles(
+        self,
+        pairs: Sequence[str | tuple[str, str] | Pair] | str | None = None,
+        experiments: Sequence[str] | str | None = None,
+        *,
+        buckets: int = 10,
+        by: str | None = None,
+        window: WindowArg = None,
+        plot: str | os.PathLike[str] | None = None,
+    ) -> pl.DataFrame:
+        """Mean target by prediction quantile bucket, buckets cut within each day.
+
+        Each day's rows are cut at that day's prediction quantiles (``pandas.qcut`` semantics:
+        linear interpolation, buckets ``(e_{k−1}, e_k]``, tied predictions in one bucket);
+        counts and sums merge across days, so the pooled mean target per bucket is exact.
+
+        Args:
+            buckets: number of buckets (10: deciles).
+            by: None for pooled across days, or ``"day"`` for one table per day.
+            plot: save the bucket chart as a PNG (pooled tables only).
+
+        Returns:
+            ``experiment, pred, target, [day], bucket, n, mean_pred, mean_target`` (bucket 1
+            holds the lowest predictions).
+
+        Example:
+            >>> h.deciles("pred_10s:target_10s", "baseline", plot="deciles.png")      # doctest: +SKIP
+        """
+        from duckharness.daywise import quantile_buckets
+
+        if by not in (None, "day"):
+            raise InputError(f"deciles: by must be None or 'day', got {by!r}.")
+        t = time.perf_counter()
+        df = quantile_buckets(
+            self.dataset,
+            self.experiments,
+            self._experiment_names(experiments),
+            self._pairs(pairs),
+            self._window(window),
+            self._executor(None, None),
+            buckets=buckets,
+            by_day=by == "day",
+            batch_size=self.batch_size,
+            tracer=self.tracer,
+        )
+        self._record_run(t)
+        if plot is not None:
+            if by is not None:
+                raise InputError("deciles: plot= draws the pooled table; call without by='day'.")
+            from duckharness.plots import plot_deciles
+
+            plot_deciles(df, plot)
+        return df
+
+    def _record_run(self, started: float) -> None:
+        """``last_run`` of a per-day window scan (rank IC, buckets): its files and total time."""
+        self.last_run = RunStats(files=len(self.dataset.files))
+        self.last_run.timings["listing"] = self.listing_seconds
+        self.last_run.timings["total"] = time.perf_counter() - started
+
+    def _check_metric_names(self, names: Sequence[str]) -> None:
+        for n in names:
+            if n != "rank_ic":
+                self.metric_library.get(n)  # raises UnknownMetricError naming it
 
     def _executor(self, executor: str | Executor | None, workers: int | None) -> Executor:
         """The executor for a run: a given instance, or one made from a name and kept (clusters

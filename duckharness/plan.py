@@ -26,6 +26,7 @@ from duckharness.metricfile import Metric
 from duckharness.source import Dataset, FileInfo
 
 DAY = "__day"
+TOD = "tod"  # the output column of a ``by="tod:30min"`` grouping
 _SLOT_DAY, _SLOT_FROM, _SLOT_WHERE = "__dh_slot_day__", "__dh_slot_from__", "__dh_slot_where__"
 ROWS = "__rows"
 
@@ -160,8 +161,18 @@ class FusedScan:
         self.need_day = "day" in by
         self.by: list[tuple[str, exp.Expr]] = []
         source_columns = columns if columns is not None else dataset.columns
+        if sum(1 for b in by if b.startswith("tod:")) > 1:
+            raise InputError("Group by at most one time-of-day bucket (e.g. by=['day', 'tod:30min']).")
         for b in by:
             if b == "day":
+                continue
+            if b.startswith("tod:"):
+                tcol = dataset.time_column
+                if tcol is None or tcol not in source_columns:
+                    raise UnknownColumnError(
+                        f"Cannot group by {b!r}: there is no time column {tcol!r}.", column=str(tcol)
+                    )
+                self.by.append((TOD, time_of_day_bucket(dataset, parse_bucket(b))))
                 continue
             if b not in source_columns:
                 raise UnknownColumnError(
@@ -307,6 +318,51 @@ class FusedScan:
                 )
             )
         return sb.select(proj, sample.subquery("sample"))
+
+
+_UNITS = {"s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600, "hour": 3600}
+
+
+def parse_bucket(spec: str) -> int:
+    """The length in seconds of a time-of-day grouping such as ``"tod:30min"``.
+
+    Units: ``s``/``sec``, ``m``/``min``, ``h``/``hour``. The length must divide a day, so that
+    buckets start at the same wall-clock times every day (09:30, 10:00, ... for 30min).
+
+    Example:
+        >>> parse_bucket("tod:30min"), parse_bucket("tod:1h"), parse_bucket("tod:90s")
+        (1800, 3600, 90)
+    """
+    text = spec.split(":", 1)[1].strip().lower() if spec.lower().startswith("tod:") else spec.strip().lower()
+    num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(num) :] or "s"
+    if not num.isdigit() or unit not in _UNITS or int(num) == 0:
+        raise InputError(f"Time-of-day bucket {spec!r} must look like 'tod:30min', 'tod:1h' or 'tod:300s'.")
+    seconds = int(num) * _UNITS[unit]
+    if 86_400 % seconds:
+        raise InputError(f"Time-of-day bucket {spec!r} must divide 24 hours (e.g. 5min, 15min, 30min, 1h).")
+    return seconds
+
+
+def time_of_day_bucket(dataset: Dataset, seconds: int) -> exp.Expr:
+    """The local wall-clock start of each row's ``seconds``-long bucket, as a TIME.
+
+    The time column is converted to the data's time zone per row (naive times are read as UTC),
+    so buckets follow local time across daylight-saving switches.
+    """
+    assert dataset.time_column is not None
+    ts = sb.column(dataset.time_column)
+    instant = ts if dataset.time_is_aware else sb.func("timezone", sb.string("UTC"), ts)
+    local = sb.cast(sb.func("timezone", sb.string(dataset.metadata.timezone), instant), "TIMESTAMP")
+    width = exp.Interval(this=sb.string(str(seconds)), unit=exp.var("SECOND"))
+    return sb.cast(sb.func("time_bucket", width, local), "TIME")
+
+
+def group_key(by: str) -> str:
+    """The partial-stats column of a ``by`` entry: the day label, ``tod`` or the column itself."""
+    if by == "day":
+        return DAY
+    return TOD if by.startswith("tod:") else by
 
 
 def _intern(node: exp.Expr, table: dict[str, exp.Expr], by_text: dict[str, str], prefix: str) -> str:

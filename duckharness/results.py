@@ -61,6 +61,40 @@ def format_table(tidy: pl.DataFrame) -> str:
     return "\n".join(out)
 
 
+def format_frame(frame: pl.DataFrame) -> str:
+    """Any frame as a plain-text table, one line per row (numbers right-aligned).
+
+    Example:
+        >>> print(format_frame(pl.DataFrame({"bucket": [1, 2], "mean_target": [-0.5, 0.25]})))
+        bucket  mean_target
+        ------  -----------
+             1         -0.5
+             2         0.25
+    """
+    headers = frame.columns
+    rows = [[_fmt(v) for v in r] for r in frame.iter_rows()]
+    numeric = [frame.schema[c].is_numeric() for c in headers]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(widths[i]) if numeric[i] else c.ljust(widths[i]) for i, c in enumerate(cells)).rstrip()
+
+    return "\n".join([line(list(headers)), line(["-" * x for x in widths]), *[line(r) for r in rows]])
+
+
+def format_records(frame: pl.DataFrame) -> str:
+    """Each row as ``field  value`` lines (for wide one-row-per-result tables), blank-line separated.
+
+    Example:
+        >>> print(format_records(pl.DataFrame({"a": ["x"], "p_value": [0.0123]})))
+        a        x
+        p_value  0.0123
+    """
+    width = max((len(c) for c in frame.columns), default=0)
+    blocks = ["\n".join(f"{c.ljust(width)}  {_fmt(v)}" for c, v in row.items()) for row in frame.iter_rows(named=True)]
+    return "\n\n".join(blocks)
+
+
 def format_csv(tidy: pl.DataFrame) -> str:
     buf = io.StringIO()
     tidy.write_csv(buf)
@@ -72,3 +106,5 @@ def format_json(tidy: pl.DataFrame) -> str:
 
 
 FORMATS = {"table": format_table, "csv": format_csv, "json": format_json}
+# Wide frames (summaries, comparisons, bucket tables): the same formats without the pivot.
+FRAME_FORMATS = {"table": format_frame, "records": format_records, "csv": format_csv, "json": format_json}

@@ -286,3 +286,24 @@ def attach(path: str, alias_name: str, storage_version: str) -> exp.Expr:
         this=exp.alias_(string(path), ident(alias_name)),
         expressions=[exp.AttachOption(this=exp.var("STORAGE_VERSION"), expression=string(storage_version))],
     )
+
+
+def window(fn: exp.Expr, partition_by: Sequence[exp.Expr], order_by: Sequence[exp.Expr] = ()) -> exp.Expr:
+    """``fn OVER (PARTITION BY ... ORDER BY ...)``."""
+    order = exp.Order(expressions=[exp.Ordered(this=o, nulls_first=False) for o in order_by]) if order_by else None
+    return exp.Window(this=fn, partition_by=list(partition_by) or None, order=order, over="OVER")
+
+
+def union_all(queries: Sequence[exp.Expr]) -> exp.Expr:
+    """``q1 UNION ALL q2 UNION ALL ...`` (one query: itself)."""
+    out = queries[0]
+    for q in queries[1:]:
+        out = exp.Union(this=out, expression=q, distinct=False)
+    return out
+
+
+def with_ctes(query: exp.Select, ctes: Sequence[tuple[str, exp.Expr]]) -> exp.Select:
+    """``WITH name AS (...), ... <query>``."""
+    for name, cte in ctes:
+        query = query.with_(ident(name), as_=cte, copy=False)
+    return query

@@ -71,3 +71,56 @@ os.environ.setdefault("POLARS_MAX_THREADS", "2")
 # Tests compare runs with each other (workers, batch sizes): a shared cache would make those
 # comparisons vacuous. The cache has tests of its own that turn it on explicitly.
 os.environ["DUCKHARNESS_CACHE"] = "off"
+
+
+def panel_day(day: dt.date, rng: np.random.Generator, *, timestamps: int = 8, symbols: int = 6,
+              invalid: bool = True) -> pa.Table:
+    """A small factor-research panel for one day: ``timestamps`` cross-sections of ``symbols``
+    names from 15:00 UTC, predictions and targets rounded to 0.1 (so ranks have ties), volume,
+    and (with ``invalid``) a NaN prediction and a NULL target on the first rows."""
+    n = timestamps * symbols
+    start = np.datetime64(dt.datetime.combine(day, dt.time(15, 0)), "us")
+    ts = start + (np.repeat(np.arange(timestamps), symbols) * 60 * 10**6).astype("timedelta64[us]")
+    pred = np.round(rng.standard_normal(n), 1)
+    target = np.round(0.5 * pred + rng.standard_normal(n), 1)
+    pred_1s = np.round(pred + 0.3 * rng.standard_normal(n), 1)
+    target_1s = target.copy()
+    target_list: list[float | None] = target.tolist()
+    if invalid:
+        pred[0] = np.nan
+        target_list[1] = None
+    return pa.table({
+        "ts": pa.array(ts, pa.timestamp("us", tz="UTC")),
+        "symbol": pa.array([f"S{i}" for i in range(symbols)] * timestamps),
+        "volume": pa.array(rng.integers(1, 3000, n)),
+        "pred_10s": pa.array(pred, pa.float64()),
+        "target_10s": pa.array(target_list, pa.float64()),
+        "pred_1s": pa.array(pred_1s, pa.float64()),
+        "target_1s": pa.array(target_1s, pa.float64()),
+    })
+
+
+@pytest.fixture
+def make_panel(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``make_panel(days=4, seed=0, files=None, **panel_day options)`` -> folder with one
+    file per day (or ``files={stem: [day index, ...]}`` to split or join days across files) and a
+    ``metadata.json`` with no session window (US/Eastern)."""
+    counter = iter(range(1000))
+
+    def make(days: int = 4, seed: int = 0, files: Mapping[str, Sequence[tuple[int, slice]]] | None = None,
+             metadata: Mapping[str, Any] | None = None, **kw: Any) -> Path:
+        folder = tmp_path / f"panel{next(counter)}"
+        rng = np.random.default_rng(seed)
+        tables = [panel_day(d, rng, **kw) for d in trading_days(DST_START, days)]
+        if files is None:
+            out = {d.isoformat(): t for d, t in zip(trading_days(DST_START, days), tables, strict=True)}
+        else:
+            def rows(i: int, s: slice) -> pa.Table:
+                lo, hi = s.start or 0, s.stop or tables[i].num_rows
+                return tables[i].slice(lo, hi - lo)
+
+            out = {stem: pa.concat_tables([rows(i, s) for i, s in parts]) for stem, parts in files.items()}
+        write_dataset(folder, out, {"timezone": "US/Eastern"} if metadata is None else metadata)
+        return folder
+
+    return make

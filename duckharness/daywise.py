@@ -1,0 +1,359 @@
+"""Statistics computed within each day: rank IC (Spearman) and prediction-quantile buckets.
+
+Ranks and quantiles are not mergeable sums, so they are computed per day in SQL with window
+functions and only then merged across days. Files are grouped so that no local day is split
+between two groups (a day that spans files is ranked as a whole; a group that holds several days
+partitions by the day label), and each group runs through the experiment's chain on a
+connection of its own, in parallel, like any batch. Rows whose pred or target is NULL, NaN or
+±infinite are left out, as for every metric.
+
+- **Rank IC**: within each day (or each timestamp cross-section of a day), the Pearson
+  correlation of the average ranks of pred and target (ties get the mean of the ranks they
+  span), which is Spearman's rho; a cross-sectional day's value is the mean of its timestamps'
+  ICs (cross-sections whose IC is undefined, e.g. a single symbol, are skipped).
+- **Quantile buckets**: each day's prediction quantiles ``quantile_cont(pred, k/q)`` (linear
+  interpolation, as numpy and pandas) cut the day's rows into ``q`` buckets ``(e_{k−1}, e_k]``,
+  the lowest including the minimum, which is ``pandas.qcut(pred, q, labels=False) + 1`` per day;
+  counts and sums of pred and target per bucket merge exactly across days.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import polars as pl
+from sqlglot import exp
+
+from duckharness import sqlbuild as sb
+from duckharness.engine import ChainTask, run_chain_task
+from duckharness.errors import InputError, UnknownColumnError
+from duckharness.executor import Executor
+from duckharness.experiments import Experiments
+from duckharness.metadata import SessionWindow
+from duckharness.plan import DAY, Pair, local_dates, window_and_day
+from duckharness.source import Dataset, FileInfo
+from duckharness.stats import merge_partials
+
+Tracer = Callable[[str], None]
+PAIR, TS, BUCKET = "__pair", "__ts", "__bucket"
+_P, _T, _RP, _RT = "__p", "__t", "__rp", "__rt"
+
+
+def day_groups(dataset: Dataset, window: SessionWindow | None) -> list[list[FileInfo]]:
+    """Files grouped so that every local day's rows are in one group (in file order).
+
+    Files whose footers give no time range cannot be placed: then all files form one group.
+
+    Example:
+        >>> day_groups(dataset, None)                                     # doctest: +SKIP
+        [[<2026-03-04.parquet>], [<2026-03-05.parquet>], ...]
+    """
+    files = list(dataset.files)
+    if any(f.time_min is None or f.time_max is None for f in files):
+        return [files] if files else []
+    tz = window.timezone if window is not None else dataset.metadata.timezone
+    groups: list[tuple[set, list[FileInfo]]] = []
+    for f in files:
+        assert f.time_min is not None and f.time_max is not None
+        days = set(local_dates(f.time_min, f.time_max, tz))
+        if window is not None and window.overnight:  # rows after midnight belong to the day before
+            days |= {d.fromordinal(d.toordinal() - 1) for d in days}
+        joined = [g for g in groups if g[0] & days]
+        for g in joined:
+            groups.remove(g)
+            days |= g[0]
+        members = [m for g in joined for m in g[1]] + [f]
+        groups.append((days, members))
+    order = {f.path: i for i, f in enumerate(files)}
+    out = [sorted(m, key=lambda f: order[f.path]) for _, m in groups]
+    return sorted(out, key=lambda g: order[g[0].path])
+
+
+def _valid_rows(relation: exp.Expr, day: exp.Expr, pair: Pair, types: dict[str, str], ts: str | None) -> exp.Select:
+    """``SELECT day, [ts], pred, target FROM relation WHERE both are finite numbers``."""
+    p, t = sb.column(pair.pred), sb.column(pair.target)
+    proj = [sb.alias(day.copy(), DAY)]
+    if ts is not None:
+        proj.append(sb.alias(sb.column(ts), TS))
+    proj += [sb.alias(sb.cast(p, "DOUBLE"), _P), sb.alias(sb.cast(t, "DOUBLE"), _T)]
+    where = exp.and_(sb.is_valid_number(p, types[pair.pred]), sb.is_valid_number(t, types[pair.target]))
+    return sb.select(proj, relation.copy(), where=where)
+
+
+def _average_rank(col: str, partition: list[str]) -> exp.Expr:
+    """``rank() + (ties − 1) / 2``: the mean of the ranks a group of tied values spans."""
+    part = [sb.column(c) for c in partition]
+    first = sb.window(exp.Rank(), part, [sb.column(col)])
+    ties = sb.window(exp.Count(this=exp.Star()), [*[c.copy() for c in part], sb.column(col)])
+    half = exp.Div(this=exp.paren(exp.Sub(this=ties, expression=sb.number(1))), expression=sb.number(2.0))
+    return exp.Add(this=first, expression=half)
+
+
+def rank_ic_query(
+    relation: exp.Expr, day: exp.Expr, pairs: Sequence[Pair], types: dict[str, str], ts: str | None
+) -> exp.Expr:
+    """Per (pair, day): the rank IC and the rows (and, with ``ts``, cross-sections) it used."""
+    parts = []
+    for i, pair in enumerate(pairs):
+        part = [DAY] if ts is None else [DAY, TS]
+        ranked = sb.select(
+            [
+                *[sb.column(c) for c in part],
+                sb.alias(_average_rank(_P, part), _RP),
+                sb.alias(_average_rank(_T, part), _RT),
+            ],
+            _valid_rows(relation, day, pair, types, ts).subquery("v"),
+        )
+        ic = sb.func("corr", sb.column(_RP), sb.column(_RT))
+        per = sb.select(
+            [*[sb.column(c) for c in part], sb.alias(ic, "__s_ic"), sb.alias(exp.Count(this=exp.Star()), "__s_n")],
+            ranked.subquery("r"),
+            group_by_all=True,
+        )
+        if ts is None:
+            q = sb.select([sb.alias(sb.number(i), PAIR), exp.Star()], per.subquery("d"))
+            q = q.select(sb.alias(sb.cast(exp.Null(), "DOUBLE"), "__s_sections"))
+        else:
+            defined = exp.and_(exp.Not(this=sb.is_null(sb.column("__s_ic"))), sb.func("isfinite", sb.column("__s_ic")))
+            q = sb.select(
+                [
+                    sb.alias(sb.number(i), PAIR),
+                    sb.column(DAY),
+                    sb.alias(
+                        exp.Filter(this=exp.Avg(this=sb.column("__s_ic")), expression=exp.Where(this=defined)), "__s_ic"
+                    ),
+                    sb.alias(exp.Sum(this=sb.column("__s_n")), "__s_n"),
+                    sb.alias(
+                        exp.Filter(this=exp.Count(this=exp.Star()), expression=exp.Where(this=defined.copy())),
+                        "__s_sections",
+                    ),
+                ],
+                per.subquery("s"),
+                group_by_all=True,
+            )
+        parts.append(q)
+    return sb.union_all(parts)
+
+
+def bucket_query(
+    relation: exp.Expr, day: exp.Expr, pairs: Sequence[Pair], types: dict[str, str], buckets: int
+) -> exp.Expr:
+    """Per (pair, day, bucket): rows, sum of pred and sum of target."""
+    parts = []
+    qs = exp.Array(expressions=[sb.number(k / buckets) for k in range(1, buckets)])
+    for i, pair in enumerate(pairs):
+        rows = _valid_rows(relation, day, pair, types, None)
+        edges = sb.select(
+            [sb.column(DAY), sb.alias(sb.func("quantile_cont", sb.column(_P), qs.copy()), "__edges")],
+            exp.Table(this=sb.ident("v")),
+            group_by_all=True,
+        )
+        above: exp.Expr = sb.number(1)
+        for k in range(1, buckets):
+            edge = sb.func("list_extract", sb.column("__edges", "e"), sb.number(k))
+            above = exp.Add(this=above, expression=sb.cast(exp.GT(this=sb.column(_P, "v"), expression=edge), "INTEGER"))
+        on = exp.NullSafeEQ(this=sb.column(DAY, "v"), expression=sb.column(DAY, "e"))
+        q = (
+            exp.select(
+                sb.alias(sb.number(i), PAIR),
+                sb.alias(sb.column(DAY, "v"), DAY),
+                sb.alias(above, BUCKET),
+                sb.alias(exp.Count(this=exp.Star()), "__s_n"),
+                sb.alias(exp.Sum(this=sb.column(_P, "v")), "__s_sp"),
+                sb.alias(exp.Sum(this=sb.column(_T, "v")), "__s_st"),
+            )
+            .from_(exp.Table(this=sb.ident("v")))
+            .join(exp.Table(this=sb.ident("e")), on=on)
+        )
+        q.set("group", exp.Group(all=True))
+        parts.append(sb.with_ctes(q, [("v", rows), ("e", edges)]))
+    return sb.union_all([exp.paren(p) if len(parts) > 1 else p for p in parts])
+
+
+def _run(
+    dataset: Dataset,
+    experiments: Experiments,
+    names: Sequence[str],
+    pairs: Sequence[Pair],
+    window: SessionWindow | None,
+    executor: Executor,
+    build: Callable[[exp.Expr, exp.Expr, dict[str, str]], exp.Expr],
+    *,
+    batch_size: int,
+    tracer: Tracer | None,
+    need_ts: bool = False,
+) -> pl.DataFrame:
+    """Run ``build(relation, day, types)`` over each day group of each experiment; one frame
+    with an ``experiment`` column."""
+    tcol = dataset.time_column
+    if need_ts and tcol is None:
+        raise InputError("Cross-sectional rank IC needs a time column (set 'time_column' in metadata.json).")
+    tasks: list[ChainTask] = []
+    labels: list[str] = []
+    groups = day_groups(dataset, window)
+    for name in names:
+        cols = experiments.columns(name)
+        for pair in pairs:
+            for c in (pair.pred, pair.target):
+                if c not in cols:
+                    raise UnknownColumnError(
+                        f"Experiment {name!r} has no column {c!r} (pair {pair.pred}:{pair.target}).",
+                        column=c,
+                        experiment=name,
+                    )
+        if tcol is not None and tcol not in cols:
+            raise UnknownColumnError(
+                f"Experiment {name!r} has no time column {tcol!r}, so its rows cannot be split by day.",
+                column=tcol,
+                experiment=name,
+            )
+        rel = exp.Table(this=sb.ident(name))
+        per_group = groups if experiments.batchable(name) else [list(dataset.files)]
+        for g in per_group:
+            _, day = window_and_day(dataset, g, window, need_day=True)
+            sql = sb.render(build(rel, day, cols))
+            if tracer is not None:
+                tracer(sql)
+            tasks.append(ChainTask(dataset, experiments, name, list(g), window, batch_size, sql))
+            labels.append(name)
+    executor.with_config(dataset.connection(1))
+    frames = executor.map(run_chain_task, tasks, describe=lambda t: [f.path for f in t.files])
+    out = [f.with_columns(pl.lit(n).alias("experiment")) for n, f in zip(labels, frames, strict=True) if f.height]
+    if not out:
+        return pl.DataFrame(schema={"experiment": pl.String, PAIR: pl.Int64, DAY: pl.Date})
+    return pl.concat(out, how="diagonal_relaxed")
+
+
+def _label_pairs(frame: pl.DataFrame, pairs: Sequence[Pair]) -> pl.DataFrame:
+    preds = pl.Series([p.pred for p in pairs])
+    targets = pl.Series([p.target for p in pairs])
+    idx = pl.col(PAIR).cast(pl.Int64)
+    return frame.with_columns(pl.lit(preds).gather(idx).alias("pred"), pl.lit(targets).gather(idx).alias("target"))
+
+
+def rank_ic(
+    dataset: Dataset,
+    experiments: Experiments,
+    names: Sequence[str],
+    pairs: Sequence[Pair],
+    window: SessionWindow | None,
+    executor: Executor,
+    *,
+    cross_section: bool = False,
+    batch_size: int = 1,
+    tracer: Tracer | None = None,
+) -> pl.DataFrame:
+    """Per-day rank IC of every experiment and pair, tidy: ``experiment, pred, target, day,
+    metric, value`` with metrics ``rank_ic``, ``n`` (rows used) and, cross-sectionally,
+    ``n_sections`` (timestamps whose IC is defined)."""
+    ts = dataset.time_column if cross_section else None
+    raw = _run(
+        dataset,
+        experiments,
+        names,
+        pairs,
+        window,
+        executor,
+        lambda rel, day, types: rank_ic_query(rel, day, pairs, types, ts),
+        batch_size=batch_size,
+        tracer=tracer,
+        need_ts=cross_section,
+    )
+    if raw.height == 0:
+        return pl.DataFrame(
+            schema={
+                "experiment": pl.String,
+                "pred": pl.String,
+                "target": pl.String,
+                "day": pl.Date,
+                "metric": pl.String,
+                "value": pl.Float64,
+            }
+        )
+    raw = _label_pairs(raw, pairs)
+    metrics = {"rank_ic": "__s_ic", "n": "__s_n"} | ({"n_sections": "__s_sections"} if cross_section else {})
+    long = pl.concat(
+        [
+            raw.select(
+                "experiment",
+                "pred",
+                "target",
+                pl.col(DAY).alias("day"),
+                pl.lit(m).alias("metric"),
+                pl.col(c).cast(pl.Float64).alias("value"),
+                PAIR,
+            )
+            for m, c in metrics.items()
+        ]
+    )
+    long = long.with_columns(pl.when(pl.col("value").is_nan()).then(None).otherwise(pl.col("value")).alias("value"))
+    order = {n: i for i, n in enumerate(names)}
+    morder = {m: i for i, m in enumerate(metrics)}
+    return (
+        long.with_columns(
+            pl.col("experiment").replace_strict(order, return_dtype=pl.Int64).alias("__o"),
+            pl.col("metric").replace_strict(morder, return_dtype=pl.Int64).alias("__m"),
+        )
+        .sort(["__o", PAIR, "day", "__m"])
+        .drop("__o", "__m", PAIR)
+    )
+
+
+def quantile_buckets(
+    dataset: Dataset,
+    experiments: Experiments,
+    names: Sequence[str],
+    pairs: Sequence[Pair],
+    window: SessionWindow | None,
+    executor: Executor,
+    *,
+    buckets: int = 10,
+    by_day: bool = False,
+    batch_size: int = 1,
+    tracer: Tracer | None = None,
+) -> pl.DataFrame:
+    """Mean target (and pred) by per-day prediction-quantile bucket, pooled across days (or
+    per day): ``experiment, pred, target, [day], bucket, n, mean_pred, mean_target``."""
+    if buckets < 2:
+        raise InputError(f"buckets must be at least 2, got {buckets}.")
+    raw = _run(
+        dataset,
+        experiments,
+        names,
+        pairs,
+        window,
+        executor,
+        lambda rel, day, types: bucket_query(rel, day, pairs, types, buckets),
+        batch_size=batch_size,
+        tracer=tracer,
+    )
+    keys = ["experiment", PAIR, *([DAY] if by_day else []), BUCKET]
+    if raw.height == 0:
+        merged = pl.DataFrame(
+            schema={
+                **{k: pl.Int64 for k in keys},
+                "experiment": pl.String,
+                DAY: pl.Date,
+                "__s_n": pl.Float64,
+                "__s_sp": pl.Float64,
+                "__s_st": pl.Float64,
+            }
+        )
+    else:
+        merged = merge_partials(raw, keys, {"__s_n": "sum", "__s_sp": "sum", "__s_st": "sum"})
+    order = {n: i for i, n in enumerate(names)}
+    out = (
+        _label_pairs(merged, pairs)
+        .with_columns(pl.col("experiment").replace_strict(order, return_dtype=pl.Int64).alias("__o"))
+        .sort(["__o", PAIR, *([DAY] if by_day else []), BUCKET])
+    )
+    return out.select(
+        "experiment",
+        "pred",
+        "target",
+        *([pl.col(DAY).alias("day")] if by_day else []),
+        pl.col(BUCKET).cast(pl.Int64).alias("bucket"),
+        pl.col("__s_n").cast(pl.Int64).alias("n"),
+        (pl.col("__s_sp") / pl.col("__s_n")).alias("mean_pred"),
+        (pl.col("__s_st") / pl.col("__s_n")).alias("mean_target"),
+    )

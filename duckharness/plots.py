@@ -1,0 +1,159 @@
+"""Charts of the research tables, saved as PNG files.
+
+Each function takes the table a :class:`~duckharness.Harness` method returned, draws exactly its
+values, saves the figure and returns it (so tests and notebooks can inspect the artists).
+Matplotlib is optional (``pip install "duckharness[plot]"``) and imported only here, when a chart
+is drawn; figures are made without ``pyplot``, on the Agg canvas, so no display is needed and the
+user's pyplot state is left alone.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from duckharness.errors import MissingDependencyError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from duckharness.analysis import Comparison
+
+
+def _figure(rows: int = 1, height: float = 4.0) -> tuple[Figure, Any]:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MissingDependencyError(
+            'Plotting needs matplotlib: pip install "duckharness[plot]"', package="matplotlib", extra="plot"
+        ) from None
+    fig = Figure(figsize=(10, height * rows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, 1, squeeze=False)[:, 0]
+    return fig, axes
+
+
+def _save(fig: Figure, path: str | os.PathLike[str]) -> Figure:
+    fig.savefig(os.fspath(path), format="png", dpi=100)
+    return fig
+
+
+def plot_series(frame: pl.DataFrame, path: str | os.PathLike[str], *, rolling: int = 20) -> Figure:
+    """Per-day metric series (one line per experiment and pair) with a ``rolling``-day mean,
+    one panel per metric.
+
+    Args:
+        frame: a per-day tidy table (``experiment, pred, target, day, metric, value``), as from
+            :meth:`Harness.series`.
+        path: the PNG file to write.
+        rolling: window of the rolling mean, in days (shorter series use what they have).
+
+    Example:
+        >>> fig = plot_series(h.series("corr", "pred_10s"), "ic.png")       # doctest: +SKIP
+        >>> fig.axes[0].lines[0].get_ydata()                     # the table's values   # doctest: +SKIP
+    """
+    if rolling < 1:
+        raise ValueError(f"rolling must be at least 1, got {rolling}")
+    metrics = list(dict.fromkeys(frame["metric"].to_list())) or ["value"]
+    fig, axes = _figure(len(metrics))
+    for ax, metric in zip(axes, metrics, strict=True):
+        part = frame.filter(pl.col("metric") == metric)
+        for key, group in part.group_by(["experiment", "pred", "target"], maintain_order=True):
+            g = group.sort("day")
+            label = f"{key[0]} {key[1]}:{key[2]}"
+            values = g["value"].cast(pl.Float64)
+            (line,) = ax.plot(g["day"].to_list(), values.to_list(), marker=".", linewidth=1, label=label)
+            mean = values.rolling_mean(window_size=rolling, min_samples=1)
+            ax.plot(
+                g["day"].to_list(),
+                mean.to_list(),
+                linestyle="--",
+                color=line.get_color(),
+                linewidth=1.5,
+                label=f"{label} ({rolling}-day mean)",
+            )
+        ax.axhline(0, color="grey", linewidth=0.6)
+        ax.set_title(f"{metric} per day")
+        ax.set_xlabel("day (local trading date)")
+        ax.set_ylabel(f"{metric} (one value per day)")
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_deciles(frame: pl.DataFrame, path: str | os.PathLike[str]) -> Figure:
+    """Mean target by prediction bucket (grouped bars: one colour per experiment and pair).
+
+    Args:
+        frame: a pooled bucket table (``experiment, pred, target, bucket, n, mean_pred,
+            mean_target``), as from :meth:`Harness.deciles`.
+        path: the PNG file to write.
+
+    Example:
+        >>> fig = plot_deciles(h.deciles("pred_10s"), "deciles.png")        # doctest: +SKIP
+    """
+    fig, (ax,) = _figure(1, height=5.0)
+    groups = list(frame.group_by(["experiment", "pred", "target"], maintain_order=True))
+    width = 0.8 / max(len(groups), 1)
+    for i, (key, group) in enumerate(groups):
+        g = group.sort("bucket")
+        x = [b - 0.4 + width * (i + 0.5) for b in g["bucket"].to_list()]
+        ax.bar(x, g["mean_target"].to_list(), width=width, label=f"{key[0]} {key[1]}:{key[2]}")
+    buckets = sorted(set(frame["bucket"].to_list()))
+    ax.set_xticks(buckets)
+    ax.axhline(0, color="grey", linewidth=0.6)
+    target = frame["target"][0] if frame.height else "target"
+    ax.set_title(f"Mean {target} by prediction bucket ({len(buckets)} per-day quantile buckets, pooled over days)")
+    ax.set_xlabel("prediction bucket (1 = lowest predictions of the day)")
+    ax.set_ylabel(f"mean {target} (target units)")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def plot_comparison(cmp: Comparison, path: str | os.PathLike[str], *, rolling: int = 20) -> Figure:
+    """Two panels per pair: the per-day metric of both experiments, and their daily difference
+    (bars) with its ``rolling``-day mean; the title gives the Diebold–Mariano test and the
+    bootstrap interval of the pooled difference.
+
+    Example:
+        >>> fig = plot_comparison(h.compare("mse", "clipped", "baseline", "pred_10s"), "cmp.png")  # doctest: +SKIP
+    """
+    pairs = cmp.table.select("pred", "target").rows()
+    fig, axes = _figure(2 * len(pairs), height=3.2)
+    for k, (pred, target) in enumerate(pairs):
+        d = cmp.daily.filter((pl.col("pred") == pred) & (pl.col("target") == target)).sort("day")
+        row = cmp.table.filter((pl.col("pred") == pred) & (pl.col("target") == target)).row(0, named=True)
+        top, bottom = axes[2 * k], axes[2 * k + 1]
+        days = d["day"].to_list()
+        top.plot(days, d["value_a"].to_list(), marker=".", linewidth=1, label=cmp.a)
+        top.plot(days, d["value_b"].to_list(), marker=".", linewidth=1, label=cmp.b)
+        top.set_title(f"{cmp.metric} per day, {pred}:{target}: {cmp.a} vs {cmp.b}")
+        top.set_ylabel(f"{cmp.metric} (one value per day)")
+        top.legend(fontsize="small")
+        top.grid(alpha=0.3)
+        diff = d["diff"].cast(pl.Float64)
+        bottom.bar(days, diff.fill_null(0.0).to_list(), color="tab:grey", label=f"{cmp.a} − {cmp.b}")
+        bottom.plot(
+            days,
+            diff.rolling_mean(window_size=rolling, min_samples=1).to_list(),
+            color="tab:red",
+            label=f"{rolling}-day mean",
+        )
+        bottom.axhline(0, color="black", linewidth=0.6)
+
+        def fmt(v: Any) -> str:
+            return "n/a" if v is None else f"{v:.4g}"
+
+        bottom.set_title(
+            f"daily difference; DM = {fmt(row['dm_stat'])} (p = {fmt(row['p_value'])}, lag {row['lag']}); "
+            f"pooled diff {fmt(row['diff'])}, {row['level']:.0%} CI [{fmt(row['ci_low'])}, {fmt(row['ci_high'])}]"
+        )
+        bottom.set_xlabel("day (local trading date)")
+        bottom.set_ylabel(f"Δ {cmp.metric}")
+        bottom.legend(fontsize="small")
+        bottom.grid(alpha=0.3)
+    return _save(fig, path)
