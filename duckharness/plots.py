@@ -73,7 +73,7 @@ def plot_series(frame: pl.DataFrame, path: str | os.PathLike[str], *, rolling: i
                 linestyle="--",
                 color=line.get_color(),
                 linewidth=1.5,
-                label=f"{label} ({rolling}-day mean)",
+                label=f"{label} ({min(rolling, g.height)}-day rolling mean)",
             )
         ax.axhline(0, color="grey", linewidth=0.6)
         ax.set_title(f"{metric} per day")
@@ -141,7 +141,7 @@ def plot_comparison(cmp: Comparison, path: str | os.PathLike[str], *, rolling: i
             days,
             diff.rolling_mean(window_size=rolling, min_samples=1).to_list(),
             color="tab:red",
-            label=f"{rolling}-day mean",
+            label=f"{min(rolling, d.height)}-day rolling mean",
         )
         bottom.axhline(0, color="black", linewidth=0.6)
 
@@ -149,8 +149,9 @@ def plot_comparison(cmp: Comparison, path: str | os.PathLike[str], *, rolling: i
             return "n/a" if v is None else f"{v:.4g}"
 
         bottom.set_title(
-            f"daily difference; DM = {fmt(row['dm_stat'])} (p = {fmt(row['p_value'])}, lag {row['lag']}); "
-            f"pooled diff {fmt(row['diff'])}, {row['level']:.0%} CI [{fmt(row['ci_low'])}, {fmt(row['ci_high'])}]"
+            f"daily difference; Diebold–Mariano: DM = {fmt(row['dm_stat'])}"
+            f" (p = {fmt(row['p_value'])}, lag {row['lag']})\n"
+            f"pooled difference {fmt(row['diff'])}, {row['level']:.0%} CI [{fmt(row['ci_low'])}, {fmt(row['ci_high'])}]"
         )
         bottom.set_xlabel("day (local trading date)")
         bottom.set_ylabel(f"Δ {cmp.metric}")
