@@ -422,7 +422,8 @@ class Harness:
         if metrics == "rank_ic" or (not isinstance(metrics, str) and metrics is not None and "rank_ic" in metrics):
             raise UnknownMetricError(
                 "Metric 'rank_ic' is computed per day from ranks, not from mergeable sums: use "
-                "h.rank_ic(...), h.series('rank_ic') or h.summary('rank_ic').",
+                "h.rank_ic(...), h.series('rank_ic') or h.summary('rank_ic') (command line: "
+                "duckharness summary --metric rank_ic, or compare --metric rank_ic).",
                 metric="rank_ic",
             )
         ms = self.metric_library.resolve(metrics)
@@ -513,6 +514,7 @@ class Harness:
 
         names = [metrics] if isinstance(metrics, str) else list(metrics)
         self._check_metric_names(names)
+        _check_plot(plot)
         df = daily_series(
             self, names, self._pairs(pairs), self._experiment_names(experiments), window, cross_section=cross_section
         )
@@ -591,6 +593,13 @@ class Harness:
         from duckharness.analysis import compare
 
         self._check_metric_names([metric])
+        _check_plot(plot)
+        if lag is not None and lag < 0:
+            raise InputError(f"lag must be 0 or more, got {lag}.")
+        if n_boot < 1:
+            raise InputError(f"n_boot must be at least 1, got {n_boot}.")
+        if not 0 < level < 1:
+            raise InputError(f"level must be between 0 and 1 (e.g. 0.95), got {level}.")
         result = compare(
             self,
             metric,
@@ -640,6 +649,9 @@ class Harness:
 
         if by not in (None, "day"):
             raise InputError(f"deciles: by must be None or 'day', got {by!r}.")
+        if plot is not None and by is not None:
+            raise InputError("deciles: plot= draws the pooled table; call without by='day'.")
+        _check_plot(plot)
         t = time.perf_counter()
         df = quantile_buckets(
             self.dataset,
@@ -655,8 +667,6 @@ class Harness:
         )
         self._record_run(t)
         if plot is not None:
-            if by is not None:
-                raise InputError("deciles: plot= draws the pooled table; call without by='day'.")
             from duckharness.plots import plot_deciles
 
             plot_deciles(df, plot)
@@ -742,3 +752,11 @@ class Harness:
             f"Harness({self.dataset.root!r}, files={len(self.dataset.files)}, days={len(days)}, "
             f"experiments={self.experiments.names})"
         )
+
+
+def _check_plot(plot: str | os.PathLike[str] | None) -> None:
+    """Refuse a plot path that cannot be written before any data is read."""
+    if plot is not None:
+        from duckharness.plots import check_plot_path
+
+        check_plot_path(plot)

@@ -1,4 +1,4 @@
-"""Charts of the research tables, saved as PNG files.
+"""Charts of the research tables, saved as PNG (or, by the file's extension, PDF or SVG) files.
 
 Each function takes the table a :class:`~duckharness.Harness` method returned, draws exactly its
 values, saves the figure and returns it (so tests and notebooks can inspect the artists).
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from duckharness.errors import MissingDependencyError
+from duckharness.errors import InputError, MissingDependencyError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -36,9 +36,39 @@ def _figure(rows: int = 1, height: float = 4.0) -> tuple[Figure, Any]:
     return fig, axes
 
 
+FORMATS = ("png", "pdf", "svg")
+
+
+def check_plot_path(path: str | os.PathLike[str]) -> str:
+    """The image format of ``path`` (by its extension), or an :class:`InputError` saying why it
+    cannot be written; called before any data is read, so a bad path costs no scan.
+
+    Example:
+        >>> check_plot_path("ic.png"), check_plot_path("ic.PDF")
+        ('png', 'pdf')
+    """
+    text = os.fspath(path)
+    ext = os.path.splitext(text)[1].lstrip(".").lower()
+    if os.path.isdir(text):
+        raise InputError(
+            f"Plot file {text!r} is a directory; give a file name such as {os.path.join(text, 'chart.png')!r}."
+        )
+    if ext not in FORMATS:
+        raise InputError(f"Plot file {text!r}: name it with one of .png, .pdf or .svg.")
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise InputError(f"Plot file {text!r}: folder {folder!r} does not exist.")
+    return ext
+
+
 def _save(fig: Figure, path: str | os.PathLike[str]) -> Figure:
-    fig.savefig(os.fspath(path), format="png", dpi=100)
+    fig.savefig(os.fspath(path), format=check_plot_path(path), dpi=100)
     return fig
+
+
+def _no_data(ax: Any) -> None:
+    ax.text(0.5, 0.5, "no defined values", transform=ax.transAxes, ha="center", va="center", color="grey")
+    ax.set_xticks([])
 
 
 def plot_series(frame: pl.DataFrame, path: str | os.PathLike[str], *, rolling: int = 20) -> Figure:
@@ -61,6 +91,8 @@ def plot_series(frame: pl.DataFrame, path: str | os.PathLike[str], *, rolling: i
     fig, axes = _figure(len(metrics))
     for ax, metric in zip(axes, metrics, strict=True):
         part = frame.filter(pl.col("metric") == metric)
+        if part["value"].drop_nulls().len() == 0:
+            _no_data(ax)
         for key, group in part.group_by(["experiment", "pred", "target"], maintain_order=True):
             g = group.sort("day")
             label = f"{key[0]} {key[1]}:{key[2]}"
@@ -73,7 +105,7 @@ def plot_series(frame: pl.DataFrame, path: str | os.PathLike[str], *, rolling: i
                 linestyle="--",
                 color=line.get_color(),
                 linewidth=1.5,
-                label=f"{label} ({min(rolling, g.height)}-day rolling mean)",
+                label=f"{label} (trailing mean, up to {rolling} days)",
             )
         ax.axhline(0, color="grey", linewidth=0.6)
         ax.set_title(f"{metric} per day")
@@ -128,6 +160,9 @@ def plot_comparison(cmp: Comparison, path: str | os.PathLike[str], *, rolling: i
         d = cmp.daily.filter((pl.col("pred") == pred) & (pl.col("target") == target)).sort("day")
         row = cmp.table.filter((pl.col("pred") == pred) & (pl.col("target") == target)).row(0, named=True)
         top, bottom = axes[2 * k], axes[2 * k + 1]
+        if d["diff"].drop_nulls().len() == 0:
+            _no_data(top)
+            _no_data(bottom)
         days = d["day"].to_list()
         top.plot(days, d["value_a"].to_list(), marker=".", linewidth=1, label=cmp.a)
         top.plot(days, d["value_b"].to_list(), marker=".", linewidth=1, label=cmp.b)
@@ -141,7 +176,7 @@ def plot_comparison(cmp: Comparison, path: str | os.PathLike[str], *, rolling: i
             days,
             diff.rolling_mean(window_size=rolling, min_samples=1).to_list(),
             color="tab:red",
-            label=f"{min(rolling, d.height)}-day rolling mean",
+            label=f"trailing mean, up to {rolling} days",
         )
         bottom.axhline(0, color="black", linewidth=0.6)
 

@@ -187,3 +187,15 @@ def test_compare_an_experiment_that_needs_all_rows(folder: Path) -> None:
     want = (ra["sum"] / ra["count"] - rb["sum"] / rb["count"]).to_numpy()
     assert c.daily["diff"].to_numpy() == pytest.approx(want, rel=1e-6, abs=1e-12)
     assert c.table["dm_stat"][0] == pytest.approx(dm_direct(want, 0)[0], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "why"), [({"lag": -1}, "lag must be 0 or more"), ({"n_boot": 0}, "n_boot"), ({"level": 95}, "level")]
+)
+def test_bad_test_settings_are_input_errors_before_any_scan(folder: Path, kwargs: dict, why: str) -> None:
+    h = Harness(folder, cache=False)
+    h.add_experiment("clipped", CLIP)
+    statements: list[str] = []
+    with h.trace(statements.append), pytest.raises(InputError, match=why):
+        h.compare("mse", "clipped", "baseline", "pred_10s", **kwargs)
+    assert statements == []

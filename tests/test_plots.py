@@ -12,7 +12,7 @@ import pandas as pd
 import polars as pl
 import pytest
 
-from duckharness import DuckHarnessError, Harness, MissingDependencyError
+from duckharness import DuckHarnessError, Harness, InputError, MissingDependencyError
 from duckharness.plots import plot_comparison, plot_deciles, plot_series
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -103,3 +103,36 @@ def test_plot_series_rejects_a_bad_window(tmp_path: Path) -> None:
                        "value": [1.0]})
     with pytest.raises(ValueError, match="rolling"):
         plot_series(df, tmp_path / "x.png", rolling=0)
+
+
+def test_plot_format_follows_the_file_extension(panel: Harness, tmp_path: Path) -> None:
+    df = panel.series("corr", "pred_10s", "baseline")
+    plot_series(df, tmp_path / "s.pdf")
+    plot_series(df, tmp_path / "s.svg")
+    assert (tmp_path / "s.pdf").read_bytes()[:5] == b"%PDF-"
+    assert b"<svg" in (tmp_path / "s.svg").read_bytes()[:2000]
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [("chart.txt", r"\.png, \.pdf or \.svg"), ("no/such/folder/chart.png", "does not exist"), (".", "directory")],
+)
+def test_unwritable_plot_path_is_refused_before_any_scan(panel: Harness, tmp_path: Path, name: str, why: str) -> None:
+    target = tmp_path / name if name != "." else tmp_path
+    statements: list[str] = []
+    with panel.trace(statements.append):
+        for call in (
+            lambda: panel.series("corr", "pred_10s", plot=target),
+            lambda: panel.compare("mse", "liquid", "baseline", "pred_10s", plot=target),
+            lambda: panel.deciles("pred_10s", plot=target),
+        ):
+            with pytest.raises(InputError, match=why):
+                call()
+    assert statements == []
+
+
+def test_series_without_defined_values_says_so_on_the_chart(panel: Harness, tmp_path: Path) -> None:
+    df = panel.series("corr", "pred_10s", "baseline").with_columns(pl.lit(None, dtype=pl.Float64).alias("value"))
+    fig = plot_series(df, tmp_path / "empty.png")
+    assert is_png(tmp_path / "empty.png")
+    assert [t.get_text() for t in fig.axes[0].texts] == ["no defined values"]
