@@ -52,7 +52,10 @@ class Pair:
             return cls(p, t)
         if text.startswith("pred_"):
             return cls(text, "target_" + text[len("pred_") :])
-        raise InputError(f"Pair {text!r} must be written PRED:TARGET, e.g. pred_10s:target_10s.")
+        raise InputError(
+            f"Pair {text!r} must be written PRED:TARGET (e.g. pred_10s:target_10s), or be a column named "
+            f"pred_X, which pairs with target_X."
+        )
 
 
 @dataclass
