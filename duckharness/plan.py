@@ -274,14 +274,13 @@ class FusedScan:
         label, the FROM and the WHERE are built per batch (each still as a sqlglot tree).
         """
         if fast not in self._skeletons:
-            self._skeletons[fast] = sb.render(
-                sb.select(
-                    self._projections(sb.column(_SLOT_DAY), skip_valid=fast),
-                    sb.column(_SLOT_FROM),
-                    where=sb.column(_SLOT_WHERE),
-                    group_by_all=True,
-                )
+            skeleton = sb.select(
+                self._projections(sb.column(_SLOT_DAY), skip_valid=fast),
+                sb.column(_SLOT_FROM),
+                where=sb.column(_SLOT_WHERE),
+                group_by_all=True,
             )
+            self._skeletons[fast] = sb.render(skeleton, copy=False)
         key = (tuple(f.path for f in files), window)
         if key not in self._fragments:  # the fast and the full query of a batch share these
             where, day = window_and_day(self.dataset, files, window, need_day=self.need_day)
@@ -370,7 +369,7 @@ def group_key(by: str) -> str:
 
 def _intern(node: exp.Expr, table: dict[str, exp.Expr], by_text: dict[str, str], prefix: str) -> str:
     """The column name of ``node`` in ``table``, adding it once per distinct SQL text."""
-    text = sb.render(node)
+    text = sb.render(node, copy=False)
     if text not in by_text:
         by_text[text] = f"{prefix}{len(by_text)}"
         table[by_text[text]] = node

@@ -58,9 +58,14 @@ def number(value: float | int) -> exp.Expr:
     return exp.Neg(this=lit) if text.startswith("-") else lit
 
 
-def render(node: exp.Expr, *, pretty: bool = False) -> str:
-    """Render a tree as DuckDB SQL."""
-    return node.sql(dialect=DIALECT, pretty=pretty)
+def render(node: exp.Expr, *, pretty: bool = False, copy: bool = True) -> str:
+    """Render a tree as DuckDB SQL.
+
+    sqlglot's generator may rewrite the tree it renders, so it renders a copy; ``copy=False``
+    skips that deep copy (the costly half of rendering) for trees the engine built itself and
+    renders only to text, such as the fused scan's aggregates and per-batch fragments.
+    """
+    return node.sql(dialect=DIALECT, pretty=pretty, copy=copy)
 
 
 def timestamp(value: dt.datetime, *, with_tz: bool) -> exp.Expr:
@@ -247,7 +252,7 @@ class RenderedSlots:
 
 
 def render_slots(fragments: Mapping[str, exp.Expr]) -> RenderedSlots:
-    return RenderedSlots({slot: render(node) for slot, node in fragments.items()})
+    return RenderedSlots({slot: render(node, copy=False) for slot, node in fragments.items()})
 
 
 def fill_slots(skeleton: str, fragments: Mapping[str, exp.Expr] | RenderedSlots) -> str:
