@@ -396,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--pair", action="append", metavar="PRED:TARGET", help=pair_help)
     su.add_argument("--lag", type=int, metavar="L", help="Newey–West lag (default floor(4 (T/100)^(2/9)))")
     su.add_argument("--cross-section", action="store_true", help="rank IC within each timestamp across symbols")
-    su.add_argument("--plot", metavar="FILE.png", help="also save the per day series with a rolling mean")
+    su.add_argument("--plot", metavar="FILE.png", help="save the per day series chart (PNG; .pdf, .svg by extension)")
     su.add_argument("--rolling", type=_positive, default=20, help="rolling-mean window in days (default 20)")
     su.add_argument("--format", choices=formats, default="table", help="output format")
     su.set_defaults(func=cmd_summary)
@@ -420,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--level", type=float, default=0.95, help="confidence level of the interval (default 0.95)")
     c.add_argument("--cross-section", action="store_true", help="rank IC within each timestamp across symbols")
     c.add_argument("--daily", action="store_true", help="print the per day values and differences instead")
-    c.add_argument("--plot", metavar="FILE.png", help="save the comparison chart as a PNG")
+    c.add_argument("--plot", metavar="FILE.png", help="save the comparison chart (PNG; .pdf or .svg by the extension)")
     c.add_argument("--format", choices=formats, default="records", help="output format (default records)")
     c.set_defaults(func=cmd_compare)
 
@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--experiment", action="append", metavar="NAME", help="only these experiments (repeatable)")
     dc.add_argument("--pair", action="append", metavar="PRED:TARGET", help=pair_help)
     dc.add_argument("--buckets", type=_positive, default=10, help="number of buckets (default 10)")
-    dc.add_argument("--plot", metavar="FILE.png", help="save the bucket chart as a PNG")
+    dc.add_argument("--plot", metavar="FILE.png", help="save the bucket chart (PNG; .pdf or .svg by the extension)")
     dc.add_argument("--format", choices=formats, default="table", help="output format")
     dc.set_defaults(func=cmd_deciles)
 

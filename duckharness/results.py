@@ -47,18 +47,7 @@ def format_table(tidy: pl.DataFrame) -> str:
         ----------  ----  ------  -----  ----
         baseline    p     t          10  0.25
     """
-    w = wide(tidy)
-    headers = w.columns
-    rows = [[_fmt(v) for v in r] for r in w.iter_rows()]
-    numeric = [w.schema[c].is_numeric() for c in headers]
-    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(widths[i]) if numeric[i] else c.ljust(widths[i]) for i, c in enumerate(cells)).rstrip()
-
-    out = [line(list(headers)), line(["-" * x for x in widths])]
-    out += [line(r) for r in rows]
-    return "\n".join(out)
+    return format_frame(wide(tidy))
 
 
 def format_frame(frame: pl.DataFrame) -> str:
