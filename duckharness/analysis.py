@@ -176,20 +176,22 @@ def compare(
             rows.append(_row(pair, days, va, vb, sa, sb_, ["sum", "sum"], mean_ic, lag, n_boot, seed, level))
     else:
         m = h.metric_library.get(metric)
-        stats = run_stats(
-            h.dataset,
-            h.experiments,
-            names,
-            list(pairs),
-            [m],
-            ["day"],
-            h._window(window),
-            executor=h._executor(None, None),
-            batch_size=h.batch_size,
-            tracer=h.tracer,
-            progress=h.progress,
-            cache=h.cache,
-        )[m.name]
+        with h._control() as control:
+            stats = run_stats(
+                h.dataset,
+                h.experiments,
+                names,
+                list(pairs),
+                [m],
+                ["day"],
+                h._window(window),
+                executor=h._executor(None, None),
+                batch_size=h.batch_size,
+                tracer=h.tracer,
+                progress=h.progress,
+                cache=h.cache,
+                control=control,
+            )[m.name]
         for pair in pairs:
             days, sa, sb_ = _aligned_stats(stats, pair, a, b, m)
             va, vb = _final(m, sa), _final(m, sb_)

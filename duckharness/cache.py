@@ -10,10 +10,11 @@ into place, so concurrent runs sharing a cache never see half-written entries.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import polars as pl
@@ -63,11 +64,27 @@ class StatsCache:
             return None  # missing, or unreadable: recompute (and overwrite)
 
     def put(self, key: str, frame: pl.DataFrame) -> None:
-        path = self._path(key)
+        self._write(self._path(key), frame.write_parquet)
+
+    def get_values(self, key: str) -> list[float | None] | None:
+        """A small list of numbers stored under ``key`` (the shifts of a run), or None."""
+        try:
+            values = json.loads(self._path(key).with_suffix(".json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(values, list) or not all(v is None or isinstance(v, (int, float)) for v in values):
+            return None  # not ours or damaged: recompute (and overwrite)
+        return [None if v is None else float(v) for v in values]
+
+    def put_values(self, key: str, values: Sequence[float | None]) -> None:
+        self._write(self._path(key).with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(list(values))))
+
+    def _write(self, path: Path, write: Callable[[Path], object]) -> None:
+        """Write to a temporary name, then rename into place: readers see all or nothing."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            frame.write_parquet(tmp)
+            write(tmp)
             os.replace(tmp, path)
         finally:
             if tmp.exists():

@@ -40,10 +40,16 @@ class ConnectionConfig:
         # Never fetch extensions at run time: CI and many clusters have no internet.
         config["autoinstall_known_extensions"] = False
         con = duckdb.connect(":memory:", config=config)
-        # Results must not depend on the machine's zone; all bounds are written as UTC instants.
-        con.execute(f"SET TimeZone = '{self.timezone}'").fetchall()
         if self.filesystem is not None:
             con.register_filesystem(self.filesystem)
+        return self.session(con)
+
+    def session(self, con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
+        """Set this config's session settings on ``con`` (a new connection or a cursor of one
+        opened by :meth:`open`: cursors share the database, its threads and filesystems, but
+        not session settings). Returns ``con``."""
+        # Results must not depend on the machine's zone; all bounds are written as UTC instants.
+        con.execute(f"SET TimeZone = '{self.timezone}'").fetchall()
         return con
 
 

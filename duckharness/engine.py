@@ -8,10 +8,12 @@ evaluates each metric's final SQL on the merged rows.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import duckdb
+import numpy as np
 import polars as pl
 from sqlglot import exp
 
@@ -38,7 +40,7 @@ from duckharness.plan import (
 )
 from duckharness.progress import Progress
 from duckharness.source import Dataset, FileInfo
-from duckharness.stats import merge_partials
+from duckharness.stats import reduce_runs
 
 Tracer = Callable[[str], None]
 EXCLUDED = "__excluded"
@@ -97,14 +99,32 @@ def run_metrics(
     stats: RunStats | None = None,
     progress: bool | None = None,
     cache: StatsCache | None = None,
+    control: duckdb.DuckDBPyConnection | None = None,
 ) -> pl.DataFrame:
-    """Compute ``metrics`` for every experiment in ``names`` and pair, grouped by ``by``."""
+    """Compute ``metrics`` for every experiment in ``names`` and pair, grouped by ``by``.
+
+    ``control`` is a connection (configured as ``dataset.connection(1)``) for the run's small
+    queries: the shifts and the final formulas; without one, the run opens its own."""
     stats = stats if stats is not None else RunStats()
-    results, out_keys = _map_partials(
-        dataset, experiments, names, pairs, metrics, by, window, executor, batch_size, tracer, stats, progress, cache
-    )
-    t3 = time.perf_counter()
-    tidy = finalize(results, metrics, out_keys, names, pairs, tracer)
+    with _control(dataset, control) as con:
+        results, out_keys = _map_partials(
+            dataset,
+            experiments,
+            names,
+            pairs,
+            metrics,
+            by,
+            window,
+            executor,
+            batch_size,
+            tracer,
+            stats,
+            progress,
+            cache,
+            con,
+        )
+        t3 = time.perf_counter()
+        tidy = finalize(results, metrics, out_keys, names, pairs, tracer, con)
     stats.timings["reduce"] = time.perf_counter() - t3
     return tidy
 
@@ -124,16 +144,31 @@ def run_stats(
     stats: RunStats | None = None,
     progress: bool | None = None,
     cache: StatsCache | None = None,
+    control: duckdb.DuckDBPyConnection | None = None,
 ) -> dict[str, pl.DataFrame]:
     """The merged sufficient statistics of each metric (not finalized), from the same scan as
     :func:`run_metrics`: per metric a frame ``experiment, pred, target, [by...], <stat columns>``.
     Groups with no valid rows are absent."""
     stats = stats if stats is not None else RunStats()
-    results, out_keys = _map_partials(
-        dataset, experiments, names, pairs, metrics, by, window, executor, batch_size, tracer, stats, progress, cache
-    )
+    with _control(dataset, control) as con:
+        results, out_keys = _map_partials(
+            dataset,
+            experiments,
+            names,
+            pairs,
+            metrics,
+            by,
+            window,
+            executor,
+            batch_size,
+            tracer,
+            stats,
+            progress,
+            cache,
+            con,
+        )
     t3 = time.perf_counter()
-    per_metric, _ = merge_results(results, metrics, out_keys)
+    per_metric = merge_results(results, metrics, out_keys).per_metric()
     stats.timings["reduce"] = time.perf_counter() - t3
     return {name: frame.rename({DAY: "day"}) if DAY in frame.columns else frame for name, frame in per_metric.items()}
 
@@ -152,6 +187,7 @@ def _map_partials(
     stats: RunStats,
     progress: bool | None,
     cache: StatsCache | None,
+    control: duckdb.DuckDBPyConnection,
 ) -> tuple[list[tuple[list[Target], pl.DataFrame]], list[str]]:
     """The map phase: partial stats of every batch, for each group of targets."""
     t0 = time.perf_counter()
@@ -175,7 +211,7 @@ def _map_partials(
     bar = Progress(len(batches) * ((1 if fused else 0) + len(whole)), "metrics", enabled=progress)
     if fused:
         scan = FusedScan(dataset, fused, pairs, metrics, by)
-        shifts = _shifts(scan, batch_relation(dataset, batches[0]), tracer)
+        shifts = _shifts(scan, batch_relation(dataset, batches[0]), tracer, control, cache, batches[0])
         targets = scan.build(shifts)
         sqls = [scan.batch_query(b, window) for b in batches]
         # Batches whose inputs the footers show NULL-free run without validity keys; their check
@@ -195,7 +231,14 @@ def _map_partials(
             for i, sql in enumerate(sqls):
                 tracer((fast[i] or sql) if cached[i] is None else f"-- from the cache: {', '.join(files_of[sql])}")
         bar.advance(stats.cache_hits)
-        computed = executor.map(_sql_task, run, describe=lambda sql: files_of[sql], on_done=bar.advance)
+        # Fewer batches to compute than workers (say, the one new day of an incremental run): the
+        # idle workers' threads go to the batches' queries instead.
+        spare = executor.workers // len(run) if run else 1
+        executor.with_config(dataset.connection(spare if spare > 1 else 1))
+        try:
+            computed = executor.map(_sql_task, run, describe=lambda sql: files_of[sql], on_done=bar.advance)
+        finally:
+            executor.with_config(dataset.connection(1))
         checks = sorted({c for t in targets for c in t.checks})
         redo = [
             k
@@ -323,19 +366,43 @@ def _sql_task(con: duckdb.DuckDBPyConnection, sql: str) -> pl.DataFrame:
 
 
 def _shifts(
-    scan: FusedScan, relation: exp.Expr, tracer: Tracer | None, con: duckdb.DuckDBPyConnection | None = None
+    scan: FusedScan,
+    relation: exp.Expr,
+    tracer: Tracer | None,
+    con: duckdb.DuckDBPyConnection,
+    cache: StatsCache | None = None,
+    files: Sequence[FileInfo] = (),
 ) -> dict[str, float]:
+    """The shift of each pred/target expression: the median of its first rows, rounded. With a
+    cache, the medians are kept under the shift query and the identities of the files it reads,
+    so a re-run writes the same batch queries (whose cached partials it can then reuse)."""
     q = scan.shift_query(relation)
     if q is None:
         return {}
-    own = con is None
-    con = con or scan.dataset.connection(1).open()
+    sql = sb.render(q)
+    key = cache.key(sql, files) if cache is not None and files else None
+    row: list[float | None] | None = cache.get_values(key) if cache is not None and key is not None else None
+    exprs = scan.shift_expressions()
+    if row is None or len(row) != len(exprs):
+        row = list(fetch_all(con, sql, tracer)[0])
+        if cache is not None and key is not None:
+            cache.put_values(key, row)
+    elif tracer is not None:
+        tracer(f"-- shifts from the cache: {', '.join(f.path for f in files)}")
+    return {sb.render(e): round_shift(v) for e, v in zip(exprs, row, strict=True)}
+
+
+@contextmanager
+def _control(dataset: Dataset, con: duckdb.DuckDBPyConnection | None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """The given control connection, or one opened (and closed) for this run."""
+    if con is not None:
+        yield con
+        return
+    own = dataset.connection(1).open()
     try:
-        row = fetch_all(con, sb.render(q), tracer)[0]
+        yield own
     finally:
-        if own:
-            con.close()
-    return {sb.render(e): round_shift(v) for e, v in zip(scan.shift_expressions(), row, strict=True)}
+        own.close()
 
 
 def finalize(
@@ -345,26 +412,18 @@ def finalize(
     names: Sequence[str],
     pairs: Sequence[Pair],
     tracer: Tracer | None = None,
+    con: duckdb.DuckDBPyConnection | None = None,
 ) -> pl.DataFrame:
     """Merge each target's cells and evaluate every metric's final query; tidy output."""
-    merged_stats, excluded = merge_results(results, metrics, out_keys)
-    frames: list[pl.DataFrame] = []
-    con = ConnectionConfig(threads=1).open()
-    try:
-        for m in metrics:
-            merged = merged_stats[m.name]
-            values = evaluate_final(m, merged.select(m.stat_names), con, tracer)
-            frames.append(
-                merged.select("experiment", "pred", "target", *out_keys).with_columns(
-                    pl.lit(m.name).alias("metric"), pl.Series("value", values, dtype=pl.Float64)
-                )
-            )
-    finally:
-        con.close()
-    frames.extend(excluded)
-    out = pl.concat(
-        [f.select("experiment", "pred", "target", *out_keys, "metric", "value") for f in frames], how="vertical_relaxed"
-    )
+    merged = merge_results(results, metrics, out_keys)
+    values = evaluate_finals(metrics, merged.stats, con, tracer)
+    label_cols = ["experiment", "pred", "target", *out_keys]
+    frames = [
+        merged.labels.with_columns(pl.lit(m.name).alias("metric"), pl.Series("value", v, dtype=pl.Float64))
+        for m, v in zip(metrics, values, strict=True)
+    ]
+    frames.append(merged.labels.with_columns(pl.lit("n_excluded").alias("metric"), pl.Series("value", merged.excluded)))
+    out = pl.concat([f.select(*label_cols, "metric", "value") for f in frames], how="vertical_relaxed")
     # NaN from 0/0 in a final formula means "undefined": report it as null.
     out = out.with_columns(pl.when(pl.col("value").is_nan()).then(None).otherwise(pl.col("value")).alias("value"))
     order = {
@@ -382,78 +441,156 @@ def finalize(
     return out.rename({DAY: "day"}) if DAY in out_keys else out
 
 
+@dataclass
+class Merged:
+    """The merged cells of every target: one row per (experiment, pair, group) in ``labels``
+    (``experiment, pred, target, <group keys>``), the same rows of each metric's stats in
+    ``stats[metric]`` (one column per stat), and the rows excluded as invalid."""
+
+    labels: pl.DataFrame
+    stats: dict[str, pl.DataFrame]
+    excluded: np.ndarray
+
+    def per_metric(self) -> dict[str, pl.DataFrame]:
+        return {name: pl.concat([self.labels, frame], how="horizontal") for name, frame in self.stats.items()}
+
+
 def merge_results(
     results: Sequence[tuple[list[Target], pl.DataFrame]], metrics: Sequence[Metric], out_keys: Sequence[str]
-) -> tuple[dict[str, pl.DataFrame], list[pl.DataFrame]]:
-    """Merge each target's cells: per metric, a frame of labels, group keys and merged stats;
-    and the tidy ``n_excluded`` rows."""
-    per_metric: dict[str, list[pl.DataFrame]] = {m.name: [] for m in metrics}
-    excluded: list[pl.DataFrame] = []
-    plans: list[tuple[Target, pl.DataFrame]] = []
+) -> Merged:
+    """Merge each target's cells: the stats of its valid cells, per group, and the count of the
+    rows in its invalid cells (``n_excluded``).
+
+    Every group where a target's conditions select a cell gets a row (with no group keys: one
+    row per target), so each group that has rows gets every metric and ``n_excluded``. Cells
+    merge in a fixed order, by group and then by position (:func:`duckharness.stats.reduce_runs`),
+    so the same partials give the same bits. Each partials frame is turned into one matrix, and
+    each target is a row selection and a column selection of it.
+    """
+    out_keys = list(out_keys)
+    label_parts: list[pl.DataFrame] = []
+    stat_parts: dict[str, list[np.ndarray]] = {m.name: [] for m in metrics}
+    seen_parts: dict[str, list[np.ndarray]] = {m.name: [] for m in metrics}
+    excluded_parts: list[np.ndarray] = []
     for targets, partials in results:
-        lazy = partials.lazy()
-        selections: list[pl.LazyFrame] = []
-        merges: list[tuple[Target, dict[str, str]]] = []
+        n = partials.height
+        if out_keys:
+            ordered = partials.select(out_keys).with_row_index("__pos").sort([*out_keys, "__pos"], nulls_last=True)
+            order = ordered["__pos"].to_numpy()
+            group = ordered.select(pl.struct(out_keys).rle_id()).to_series().to_numpy() if n else np.zeros(0, np.int64)
+            sorted_keys = ordered.select(out_keys)
+        else:
+            order, group, sorted_keys = np.arange(n), np.zeros(n, dtype=np.int64), None
+        stat_cols = sorted({ROWS} | {c for t in targets for m in metrics for c in t.stats[m.name].values()})
+        key_cols = sorted({k for t in targets for k in (*t.conds, t.valid)})
+        col = {c: j for j, c in enumerate(stat_cols)}
+        flag = {k: j for j, k in enumerate(key_cols)}
+        values = _matrix(partials, [pl.col(c).cast(pl.Float64) for c in stat_cols], np.float64)[order]
+        missing = _matrix(partials, [pl.col(c).is_null() for c in stat_cols], bool)[order]
+        flags = _matrix(partials, [pl.col(k).fill_null(False) for k in key_cols], bool)[order]  # NULL selects nothing
         for t in targets:
-            selected = pl.lit(True)
+            selected = np.ones(n, dtype=bool)
             for k in t.conds:
-                selected = selected & pl.col(k).fill_null(False)  # a NULL condition does not select
-            valid = pl.col(t.valid).fill_null(False)
-            # One merge per target over all its cells, so every group that has rows gets every
-            # metric and n_excluded: stats come from valid cells only, n_excluded from the rest.
-            how: dict[str, str] = {EXCLUDED: "sum"}
+                selected &= flags[:, flag[k]]
+            rows = np.flatnonzero(selected)
+            if out_keys:
+                starts = np.flatnonzero(np.diff(group[rows], prepend=-1)) if len(rows) else np.zeros(0, np.int64)
+                keys = sorted_keys[rows[starts].tolist()] if sorted_keys is not None else None
+            else:
+                starts, keys = np.zeros(1, dtype=np.int64), None
+            valid = flags[rows, flag[t.valid]]
+            invalid_rows = np.where(valid, 0.0, values[rows, col[ROWS]])[:, None]
+            excluded_parts.append(
+                reduce_runs(invalid_rows, np.zeros(invalid_rows.shape, dtype=bool), starts, ["sum"])[0][:, 0]
+            )
+            groups = len(starts)
+            label = pl.DataFrame(
+                {
+                    "experiment": [t.experiment] * groups,
+                    "pred": [t.pair.pred] * groups,
+                    "target": [t.pair.target] * groups,
+                },
+                schema={"experiment": pl.String, "pred": pl.String, "target": pl.String},
+            )
+            label_parts.append(pl.concat([label, keys], how="horizontal") if keys is not None else label)
             for m in metrics:
-                for s, col in t.stats[m.name].items():
-                    how[f"{col}|{m.merge[s]}"] = m.merge[s]
-            cells = lazy.filter(selected).select(
-                *out_keys,
-                pl.when(valid).then(0.0).otherwise(pl.col(ROWS)).alias(EXCLUDED),
-                *[pl.when(valid).then(pl.col(c.split("|")[0])).alias(c) for c in how if c != EXCLUDED],
-            )
-            selections.append(cells)
-            merges.append((t, how))
-        # The cell selections in one Polars call; the merges themselves in a fixed order (stats.py).
-        for (t, how), cells_df in zip(merges, pl.collect_all(selections), strict=True):
-            plans.append((t, merge_partials(cells_df, out_keys, how)))
-    for t, merged in plans:
-        label = [
-            pl.lit(t.experiment).alias("experiment"),
-            pl.lit(t.pair.pred).alias("pred"),
-            pl.lit(t.pair.target).alias("target"),
-        ]
-        excluded.append(
-            merged.select(
-                *label,
-                *out_keys,
-                pl.lit("n_excluded").alias("metric"),
-                pl.col(EXCLUDED).alias("value"),
-            )
-        )
-        for m in metrics:
-            cols = t.stats[m.name]
-            per_metric[m.name].append(
-                merged.select(*label, *out_keys, *[pl.col(f"{cols[s]}|{m.merge[s]}").alias(s) for s in m.stat_names])
-            )
-    frames = {m.name: pl.concat(per_metric[m.name], how="vertical_relaxed") for m in metrics}
-    return frames, excluded
+                cols = [col[t.stats[m.name][s]] for s in m.stat_names]
+                cells = np.ix_(rows, np.asarray(cols, dtype=np.int64))
+                skip = missing[cells] | ~valid[:, None]  # stats come from valid cells only
+                reduced, seen = reduce_runs(values[cells], skip, starts, [m.merge[s] for s in m.stat_names])
+                stat_parts[m.name].append(reduced)
+                seen_parts[m.name].append(seen)
+    labels = (
+        pl.concat(label_parts, how="vertical_relaxed")
+        if label_parts
+        else pl.DataFrame(schema={"experiment": pl.String, "pred": pl.String, "target": pl.String})
+    )
+    stats: dict[str, pl.DataFrame] = {}
+    for m in metrics:
+        width = len(m.stat_names)
+        matrix = np.vstack(stat_parts[m.name]) if stat_parts[m.name] else np.zeros((0, width))
+        seen = np.vstack(seen_parts[m.name]) if seen_parts[m.name] else np.zeros((0, width), dtype=bool)
+        columns = []
+        for j, s in enumerate(m.stat_names):
+            series = pl.Series(s, matrix[:, j], dtype=pl.Float64)
+            if m.merge[s] != "sum":  # a min/max over no values is null (a NaN in the data stays NaN)
+                series = series.scatter(np.flatnonzero(~seen[:, j]), None)
+            columns.append(series)
+        stats[m.name] = pl.DataFrame(columns)
+    excluded = np.concatenate(excluded_parts) if excluded_parts else np.zeros(0)
+    return Merged(labels, stats, excluded)
+
+
+def _matrix(frame: pl.DataFrame, exprs: Sequence[pl.Expr], dtype: type) -> np.ndarray:
+    """``exprs`` over ``frame`` as one ``(rows, len(exprs))`` numpy matrix."""
+    if not exprs:
+        return np.zeros((frame.height, 0), dtype=dtype)
+    return frame.select(exprs).to_numpy().astype(dtype, copy=False).reshape(frame.height, len(exprs))
+
+
+def evaluate_finals(
+    metrics: Sequence[Metric],
+    stats: Mapping[str, pl.DataFrame],
+    con: duckdb.DuckDBPyConnection | None = None,
+    tracer: Tracer | None = None,
+) -> list[list[float | None]]:
+    """Every metric's final formula on its merged stats, in one query: the stats of metric ``m``
+    are columns ``"m.stat"`` of one table ``merged``, and its formula reads them under those
+    names. Returns, per metric, the values in row order."""
+    if not metrics:
+        return []
+    columns = {f"{m.name}.{s}": stats[m.name].get_column(s).cast(pl.Float64) for m in metrics for s in m.stat_names}
+    height = stats[metrics[0].name].height
+    finals = [
+        sb.alias(sb.substitute_columns(m.final, {s: sb.column(f"{m.name}.{s}") for s in m.stat_names}), f"v{j}")
+        for j, m in enumerate(metrics)
+    ]
+    sql = sb.render(sb.select([sb.column("__i"), *finals], "merged").order_by("__i", copy=False), copy=False)
+    if tracer is not None:
+        tracer(sql)
+    # NULL-free stats go in as numpy arrays (no Arrow conversion); a NULL (a min or max over no
+    # rows) needs the frame.
+    table: dict[str, np.ndarray] | pl.DataFrame
+    if any(c.null_count() for c in columns.values()):
+        table = pl.DataFrame([c.alias(n) for n, c in columns.items()]).with_row_index("__i")
+    else:
+        table = {"__i": np.arange(height, dtype=np.int64)} | {n: c.to_numpy() for n, c in columns.items()}
+    own = con is None
+    con = con or ConnectionConfig(threads=1).open()
+    try:
+        con.register("merged", table)
+        try:
+            rows = con.execute(sql).fetchall()
+        finally:
+            con.unregister("merged")
+    finally:
+        if own:
+            con.close()
+    return [[None if r[j + 1] is None else float(r[j + 1]) for r in rows] for j in range(len(metrics))]
 
 
 def evaluate_final(
     metric: Metric, merged: pl.DataFrame, con: duckdb.DuckDBPyConnection | None = None, tracer: Tracer | None = None
 ) -> list[float | None]:
     """The metric's final query on each row of ``merged`` (its stat columns), in row order."""
-    own = con is None
-    con = con or ConnectionConfig(threads=1).open()
-    try:
-        stat_only = merged.select([pl.col(s).cast(pl.Float64) for s in metric.stat_names]).with_row_index("__i")
-        con.register("merged", stat_only)
-        q = sb.select([sb.column("__i"), sb.alias(metric.final.copy(), "value")], "merged")
-        sql = sb.render(q)
-        if tracer is not None:
-            tracer(sql)
-        values = con.sql(sql).pl().sort("__i")
-        con.unregister("merged")
-    finally:
-        if own:
-            con.close()
-    return [None if v is None else float(v) for v in values["value"].to_list()]
+    return evaluate_finals([metric], {metric.name: merged}, con, tracer)[0]

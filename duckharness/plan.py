@@ -222,9 +222,10 @@ class FusedScan:
     def build(self, shifts: Mapping[str, float]) -> list[Target]:
         """Bind every metric to every (experiment, pair); returns the targets."""
         targets = []
-        # A bound aggregate is fixed by its metric statistic and the SQL of its roles, so it is
-        # built and rendered (to find identical ones) once per distinct pair of role texts.
-        bound_agg: dict[tuple[str, str, str, str], str] = {}
+        # A bound aggregate is fixed by the SQL of its statistic and of its roles, so it is built
+        # and rendered once per distinct pair of those (metrics sharing a statistic share it).
+        bound_agg: dict[tuple[str, str, str], str] = {}
+        stat_text: dict[tuple[str, str], str] = {}  # (metric, stat) -> its aggregate's SQL
         for name, pair, inl, p, t, ptype, ttype in self.bound:
             role_text = (sb.render(p), sb.render(t))
             conds = tuple(self._key(c) for c in inl.conditions)
@@ -239,7 +240,9 @@ class FusedScan:
             def bind(
                 metric: str, stat: str, agg: exp.Expr, roles: dict[str, exp.Expr] = roles, texts: tuple = role_text
             ) -> str:
-                key = (metric, stat, *texts)
+                if (metric, stat) not in stat_text:
+                    stat_text[metric, stat] = sb.render(agg)
+                key = (stat_text[metric, stat], *texts)
                 if key not in bound_agg:
                     bound_agg[key] = self._aggregate(sb.cast(sb.substitute_columns(agg, roles), "DOUBLE"))
                 return bound_agg[key]
@@ -263,8 +266,10 @@ class FusedScan:
     def _projections(self, day: exp.Expr, *, skip_valid: bool = False) -> list[exp.Expr]:
         proj = [sb.alias(day, DAY)]
         proj += [sb.alias(e, n) for n, e in self.by]
-        proj += [sb.alias(e, n) for n, e in self.keys.items() if not (skip_valid and n in self.valid_keys)]
-        proj += [sb.alias(e, n) for n, e in self.aggregates.items()]
+        # The interned keys and aggregates go into the tree uncopied: query trees are only rendered,
+        # never rewritten, and a node may sit under the aliases of several of them.
+        proj += [sb.alias(e, n, copy=False) for n, e in self.keys.items() if not (skip_valid and n in self.valid_keys)]
+        proj += [sb.alias(e, n, copy=False) for n, e in self.aggregates.items()]
         return proj
 
     def batch_query(self, files: Sequence[FileInfo], window: SessionWindow | None, *, fast: bool = False) -> str:

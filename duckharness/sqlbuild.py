@@ -192,7 +192,8 @@ def substitute_columns(node: exp.Expr, mapping: Mapping[str, exp.Expr]) -> exp.E
 def select(
     projections: Sequence[exp.Expr], from_: exp.Expr | str, *, where: exp.Expr | None = None, group_by_all: bool = False
 ) -> exp.Select:
-    q = exp.select(*projections).from_(from_ if isinstance(from_, exp.Expr) else exp.to_table(from_))
+    # The new SELECT is the builder's own: no defensive copy of it (and its projections) for FROM.
+    q = exp.select(*projections).from_(from_ if isinstance(from_, exp.Expr) else exp.to_table(from_), copy=False)
     if where is not None:
         q = q.where(where, copy=False)
     if group_by_all:
@@ -200,8 +201,10 @@ def select(
     return q
 
 
-def alias(node: exp.Expr, name: str) -> exp.Expr:
-    return exp.alias_(node, ident(name))
+def alias(node: exp.Expr, name: str, *, copy: bool = True) -> exp.Expr:
+    """``node AS name``; ``copy=False`` puts ``node`` itself under the alias (for trees that are
+    built only to be rendered)."""
+    return exp.alias_(node, ident(name), copy=copy)
 
 
 def create_view(name: str, query: exp.Expr, *, temp: bool = False) -> exp.Create:

@@ -17,6 +17,34 @@ import polars as pl
 _REDUCE = {"sum": np.add, "min": np.fmin, "max": np.fmax}
 
 
+def reduce_runs(
+    values: np.ndarray, missing: np.ndarray, starts: np.ndarray, how: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merge runs of rows of a stats matrix: rows ``starts[i]:starts[i + 1]`` form group ``i``
+    and column ``j`` merges by ``how[j]`` (``sum``, ``min`` or ``max``), rows in order, skipping
+    cells flagged ``missing``. Returns the merged ``(groups, columns)`` matrix and whether each
+    merged cell saw any value (a min or max of nothing is meaningless; a sum of nothing is 0).
+
+    Example:
+        >>> v = np.array([[1.0, 5.0], [2.0, 7.0], [4.0, 1.0]])
+        >>> m = np.zeros_like(v, dtype=bool)
+        >>> reduce_runs(v, m, np.array([0, 2]), ["sum", "max"])[0].tolist()
+        [[3.0, 7.0], [4.0, 1.0]]
+    """
+    groups, width = len(starts), values.shape[1]
+    reduced = np.empty((groups, width))
+    if not len(values) or not groups:
+        for j, fn in enumerate(how):
+            reduced[:, j] = 0.0 if fn == "sum" else np.nan
+        return reduced, np.zeros((groups, width), dtype=bool)
+    seen = np.add.reduceat((~missing).astype(np.int64), starts, axis=0) > 0
+    for fn in set(how):
+        idx = [j for j, h in enumerate(how) if h == fn]
+        part = np.where(missing[:, idx], 0.0 if fn == "sum" else np.nan, values[:, idx])
+        reduced[:, idx] = _REDUCE[fn].reduceat(part, starts, axis=0)
+    return reduced, seen
+
+
 def merge_partials(partials: pl.DataFrame, keys: Sequence[str], how: Mapping[str, str]) -> pl.DataFrame:
     """Merge rows of partial stats that share ``keys``; ``how`` maps each stat column to
     ``sum``, ``min`` or ``max``. Missing (null) stats are skipped: a sum of nothing is 0, a min or
@@ -47,19 +75,7 @@ def merge_partials(partials: pl.DataFrame, keys: Sequence[str], how: Mapping[str
     missing = ordered.select([pl.col(c).is_null() for c in names]).to_numpy().astype(bool, copy=False)
     values = values.reshape(len(ordered), len(names))
     missing = missing.reshape(len(ordered), len(names))
-    reduced = np.empty((len(starts), len(names)))
-    seen = (
-        np.add.reduceat((~missing).astype(np.int64), starts, axis=0) > 0
-        if len(values) and len(starts)
-        else np.zeros((len(starts), len(names)), dtype=bool)
-    )
-    for fn in set(how.values()):
-        idx = [i for i, c in enumerate(names) if how[c] == fn]
-        part = np.where(missing[:, idx], 0.0 if fn == "sum" else np.nan, values[:, idx])
-        if len(part) and len(starts):
-            reduced[:, idx] = _REDUCE[fn].reduceat(part, starts, axis=0)
-        else:
-            reduced[:, idx] = 0.0 if fn == "sum" else np.nan
+    reduced, seen = reduce_runs(values, missing, starts, [how[c] for c in names])
     columns = []
     for i, col in enumerate(names):
         s = pl.Series(col, reduced[:, i], dtype=pl.Float64)
