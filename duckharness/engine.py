@@ -29,6 +29,7 @@ from duckharness.metricfile import Metric
 from duckharness.plan import (
     DAY,
     MAX_VIEW_WINDOW_DAYS,
+    PART,
     ROWS,
     FusedScan,
     Pair,
@@ -79,6 +80,8 @@ def _frame(con: duckdb.DuckDBPyConnection, sql: str, tracer: Tracer | None) -> p
     # Give empty batches (no rows in the window) the same types as the others.
     fixed: dict[str, type[pl.DataType]] = {n: pl.Float64 for n in names if n.startswith("__s") or n == ROWS}
     fixed |= {n: pl.Boolean for n in names if n.startswith("__k")}
+    if PART in names:
+        fixed[PART] = pl.Int32
     if DAY in names:
         fixed[DAY] = pl.Date
     return frame.cast(fixed)  # type: ignore[arg-type,unused-ignore]
@@ -220,25 +223,38 @@ def _map_partials(
         stats.queries.extend(sqls[:1])
         t1 = time.perf_counter()
         stats.timings["plan"] = t1 - t0  # resolving the chain, the shifts query, building every query
-        files_of = {sql: [f.path for f in b] for sql, b in zip(sqls, batches, strict=True)}
-        files_of |= {q: files_of[s] for q, s in zip(fast, sqls, strict=True) if q is not None}
         keys = [cache.key(sql, b) for sql, b in zip(sqls, batches, strict=True)] if cache is not None else []
-        cached = [cache.get(k) for k in keys] if cache is not None else [None] * len(sqls)
+        cached: list[pl.DataFrame | None] = [cache.get(k) for k in keys] if cache is not None else [None] * len(sqls)
         todo = [i for i, c in enumerate(cached) if c is None]
         stats.cache_hits = len(sqls) - len(todo)
-        run = [fast[i] or sqls[i] for i in todo]
         if tracer is not None:
-            for i, sql in enumerate(sqls):
-                tracer((fast[i] or sql) if cached[i] is None else f"-- from the cache: {', '.join(files_of[sql])}")
+            for i, b in enumerate(batches):
+                if cached[i] is not None:
+                    tracer(f"-- from the cache: {', '.join(f.path for f in b)}")
         bar.advance(stats.cache_hits)
-        # Fewer batches to compute than workers (say, the one new day of an incremental run): the
-        # idle workers' threads go to the batches' queries instead.
-        spare = executor.workers // len(run) if run else 1
-        executor.with_config(dataset.connection(spare if spare > 1 else 1))
-        try:
-            computed = executor.map(_sql_task, run, describe=lambda sql: files_of[sql], on_done=bar.advance)
-        finally:
-            executor.with_config(dataset.connection(1))
+
+        def compute(chosen: Sequence[int], *, full: bool = False) -> list[pl.DataFrame]:
+            """The partials of the chosen batches. With fewer batches than workers (say, the new
+            day of an incremental run), a batch of several parts runs as one query per part, so
+            idle workers help; the parts' rows are the same either way."""
+            split = len(chosen) < executor.workers
+            runs = []
+            for i in chosen:
+                b = batches[i]
+                n = len(scan.parts(b)) if split else 1
+                use_fast = fast[i] is not None and not full
+                queries = [scan.batch_query(b, window, fast=use_fast, part=j if n > 1 else None) for j in range(n)]
+                runs.append(queries)
+            flat = [q for qs in runs for q in qs]
+            files_of = {q: [f.path for f in batches[i]] for i, qs in zip(chosen, runs, strict=True) for q in qs}
+            if tracer is not None:
+                for q in flat:
+                    tracer(q)
+            bar.total += len(flat) - len(chosen)
+            done = iter(executor.map(_sql_task, flat, describe=lambda sql: files_of[sql], on_done=bar.advance))
+            return [pl.concat([next(done) for _ in qs], how="vertical_relaxed") for qs in runs]
+
+        computed = compute(todo)
         checks = sorted({c for t in targets for c in t.checks})
         redo = [
             k
@@ -248,20 +264,20 @@ def _map_partials(
             and not frame.select(pl.all_horizontal([pl.col(c).is_finite() for c in checks]).all()).item()
         ]
         if redo:  # a NaN or infinity somewhere: those batches need their validity keys after all
-            if tracer is not None:
-                for k in redo:
-                    tracer(sqls[todo[k]])
-            again = executor.map(_sql_task, [sqls[todo[k]] for k in redo], describe=lambda sql: files_of[sql])
-            for k, frame in zip(redo, again, strict=True):
+            bar.total += len(redo)
+            for k, frame in zip(redo, compute([todo[k] for k in redo], full=True), strict=True):
                 computed[k] = frame
         redone = {todo[k] for k in redo}
         for i, frame in zip(todo, computed, strict=True):
             if fast[i] is not None and i not in redone:
                 frame = frame.with_columns([pl.lit(True).alias(v) for v in sorted(scan.valid_keys)])
+            frame = canonical(frame, scan)
             cached[i] = frame
             if cache is not None:
                 cache.put(keys[i], frame)
-        frames = [f.select(cached_columns(f, scan)) for f in cached if f is not None]
+        # (Entries cached by a version without part keys get theirs here.)
+        fresh = set(todo)
+        frames = [f if i in fresh else canonical(f, scan) for i, f in enumerate(cached) if f is not None]
         stats.timings["map"] = time.perf_counter() - t1
         results.append((targets, pl.concat(frames, how="vertical_relaxed")))
 
@@ -350,9 +366,19 @@ class ChainTask:
     sql: str
 
 
+def canonical(frame: pl.DataFrame, scan: FusedScan) -> pl.DataFrame:
+    """A batch's partials in one order, sorted by their group and cell keys (a part column for
+    batches without parts), however their queries were split and whatever order DuckDB gave."""
+    if PART not in frame.columns:
+        frame = frame.with_columns(pl.lit(0, dtype=pl.Int32).alias(PART))
+    frame = frame.select(cached_columns(frame, scan))
+    keys = [c for c in frame.columns if c not in scan.merges]
+    return frame.sort(keys, nulls_last=True) if frame.height > 1 else frame
+
+
 def cached_columns(frame: pl.DataFrame, scan: FusedScan) -> list[str]:
     """The partial frame's columns in one order (fast and full batches order keys differently)."""
-    names = [DAY, *[n for n, _ in scan.by], *scan.keys, *scan.aggregates]
+    names = [DAY, *[n for n, _ in scan.by], PART, *scan.keys, *scan.aggregates]
     return [n for n in names if n in frame.columns]
 
 

@@ -12,6 +12,7 @@ time column, and the day label is a constant for a file that holds one day.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import zoneinfo
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,14 @@ from duckharness.source import Dataset, FileInfo
 DAY = "__day"
 TOD = "tod"  # the output column of a ``by="tod:30min"`` grouping
 _SLOT_DAY, _SLOT_FROM, _SLOT_WHERE = "__dh_slot_day__", "__dh_slot_from__", "__dh_slot_where__"
+_SLOT_PART = "__dh_slot_part__"
 ROWS = "__rows"
+PART = "__part"  # the group key of a file's parts
+ROW_NUMBER = "file_row_number"  # DuckDB's row number within a Parquet file (parts of a file)
+# A one-file batch is computed in parts of whole row groups of about this many rows (computed in
+# parallel, merged in a fixed order): one new day of an incremental run uses every worker.
+PART_ROWS = 500_000
+Part = tuple[int, int | None]
 
 
 @dataclass(frozen=True)
@@ -156,11 +164,12 @@ class FusedScan:
         self.metrics = list(metrics)
         self.keys: dict[str, exp.Expr] = {}
         self.aggregates: dict[str, exp.Expr] = {ROWS: exp.Count(this=exp.Star())}
+        self.merges: dict[str, str] = {ROWS: "sum"}  # aggregate column -> how partials merge
         self._agg_by_text: dict[str, str] = {sb.render(self.aggregates[ROWS]): ROWS}
         self._key_by_text: dict[str, str] = {}
-        self._skeletons: dict[bool, str] = {}
+        self._skeletons: dict[tuple[bool, bool], str] = {}
         self.valid_keys: set[str] = set()
-        self._fragments: dict[tuple[tuple[str, ...], SessionWindow | None], sb.RenderedSlots] = {}
+        self._fragments: dict[tuple[tuple[str, ...], SessionWindow | None, int | None], sb.RenderedSlots] = {}
         self.need_day = "day" in by
         self.by: list[tuple[str, exp.Expr]] = []
         source_columns = columns if columns is not None else dataset.columns
@@ -254,6 +263,8 @@ class FusedScan:
             target = Target(name, pair, conds, valid, checks=checks, inputs=inputs, fast=fast)
             for m in self.metrics:
                 target.stats[m.name] = {stat: bind(m.name, stat, agg) for stat, agg in m.stats}
+                self.merges.update({target.stats[m.name][stat]: m.merge[stat] for stat in m.stat_names})
+            self.merges.update(dict.fromkeys(checks, "sum"))
             targets.append(target)
         return targets
 
@@ -272,33 +283,64 @@ class FusedScan:
         proj += [sb.alias(e, n, copy=False) for n, e in self.aggregates.items()]
         return proj
 
-    def batch_query(self, files: Sequence[FileInfo], window: SessionWindow | None, *, fast: bool = False) -> str:
-        """The SQL text of the fused query for one batch of files.
+    def batch_query(
+        self,
+        files: Sequence[FileInfo],
+        window: SessionWindow | None,
+        *,
+        fast: bool = False,
+        part: int | None = None,
+    ) -> str:
+        """The SQL text of the fused query for one batch of files, or of part ``part`` of it.
+
+        A one-file batch of several parts (:meth:`parts`) groups its rows by part too (key
+        ``__part``, from DuckDB's ``file_row_number``), so each part's cells are their own rows
+        of partials. Part ``i`` alone is the same query restricted to that part's rows (which
+        row-group statistics prune): with one thread per query, its rows are the same sums in the
+        same order, so computing a file whole or in parts gives the same bits.
 
         The aggregate list is the same for every batch, so it is rendered once; only the day
         label, the FROM and the WHERE are built per batch (each still as a sqlglot tree).
         """
-        if fast not in self._skeletons:
-            skeleton = sb.select(
-                self._projections(sb.column(_SLOT_DAY), skip_valid=fast),
-                sb.column(_SLOT_FROM),
-                where=sb.column(_SLOT_WHERE),
-                group_by_all=True,
-            )
-            self._skeletons[fast] = sb.render(skeleton, copy=False)
-        key = (tuple(f.path for f in files), window)
+        ranges = self.parts(files)
+        split = len(ranges) > 1
+        if (fast, split) not in self._skeletons:
+            proj = self._projections(sb.column(_SLOT_DAY), skip_valid=fast)
+            if split:
+                proj.insert(1 + len(self.by), sb.alias(sb.column(_SLOT_PART), PART))
+            skeleton = sb.select(proj, sb.column(_SLOT_FROM), where=sb.column(_SLOT_WHERE), group_by_all=True)
+            self._skeletons[fast, split] = sb.render(skeleton, copy=False)
+        key = (tuple(f.path for f in files), window, part)
         if key not in self._fragments:  # the fast and the full query of a batch share these
             where, day = window_and_day(self.dataset, files, window, need_day=self.need_day)
-            self._fragments = {
-                key: sb.render_slots(
-                    {
-                        _SLOT_DAY: day,
-                        _SLOT_FROM: batch_relation(self.dataset, files),
-                        _SLOT_WHERE: where if where is not None else exp.true(),
-                    }
+            slots = {_SLOT_DAY: day, _SLOT_FROM: batch_relation(self.dataset, files, row_numbers=split)}
+            if split:
+                rows = sb.column(ROW_NUMBER)
+                starts = [exp.Literal.number(lo) for lo, _ in ranges[1:]]
+                # The part of a row: how many part starts it is at or past.
+                slots[_SLOT_PART] = functools.reduce(
+                    lambda acc, term: exp.Add(this=acc, expression=term),
+                    [sb.cast(exp.GTE(this=rows.copy(), expression=lo), "INTEGER") for lo in starts],
                 )
-            }
-        return sb.fill_slots(self._skeletons[fast], self._fragments[key])
+                if part is not None:
+                    lo, hi = ranges[part]
+                    bounds: list[exp.Expr] = (
+                        [exp.GTE(this=rows.copy(), expression=exp.Literal.number(lo))] if lo else []
+                    )
+                    if hi is not None:
+                        bounds.append(exp.LT(this=rows.copy(), expression=exp.Literal.number(hi)))
+                    where = sb.and_all([*([where] if where is not None else []), *bounds])
+            slots[_SLOT_WHERE] = where if where is not None else exp.true()
+            self._fragments = {key: sb.render_slots(slots)}
+        return sb.fill_slots(self._skeletons[fast, split], self._fragments[key])
+
+    def parts(self, files: Sequence[FileInfo]) -> list[Part]:
+        """The parts of a batch: one (the whole batch) or, for one file of more than ``PART_ROWS``
+        rows in several row groups, row ranges ``(first, end)`` of whole row groups of about
+        ``PART_ROWS`` rows each. They depend only on the file's footer."""
+        if len(files) != 1 or ROW_NUMBER in self.dataset.columns:
+            return [(0, None)]
+        return row_group_parts(files[0].row_groups, PART_ROWS)
 
     def fast_eligible(self, targets: Sequence[Target], files: Sequence[FileInfo]) -> bool:
         """Whether the batch may skip validity keys: every target's expressions are
@@ -381,10 +423,11 @@ def _intern(node: exp.Expr, table: dict[str, exp.Expr], by_text: dict[str, str],
     return by_text[text]
 
 
-def batch_relation(dataset: Dataset, files: Sequence[FileInfo]) -> exp.Expr:
+def batch_relation(dataset: Dataset, files: Sequence[FileInfo], *, row_numbers: bool = False) -> exp.Expr:
     """``read_parquet`` of the batch, with columns the batch lacks added as typed NULLs and
-    columns whose type differs cast to the dataset's union type, so every batch has one schema."""
-    rp = sb.read_parquet([f.path for f in files])
+    columns whose type differs cast to the dataset's union type, so every batch has one schema
+    (and, with ``row_numbers``, DuckDB's ``file_row_number`` column)."""
+    rp = sb.read_parquet([f.path for f in files], file_row_number=row_numbers)
     present: dict[str, None] = {}
     for f in files:
         present.update(dict.fromkeys(f.columns))
@@ -396,6 +439,32 @@ def batch_relation(dataset: Dataset, files: Sequence[FileInfo]) -> exp.Expr:
     proj: list[exp.Expr] = [star]
     proj += [sb.alias(sb.cast(exp.Null(), dataset.columns[c]), c) for c in missing]
     return sb.select(proj, rp).subquery("src")
+
+
+def row_group_parts(row_groups: Sequence[int], part_rows: int) -> list[Part]:
+    """Row ranges ``(first, end)`` of consecutive whole row groups, each closed once it holds at
+    least ``part_rows`` rows; a remainder of less than half that joins the last range, and the
+    last range is open (``end`` None).
+
+    Example:
+        >>> row_group_parts([4, 4, 4, 4, 2], 8)
+        [(0, 8), (8, None)]
+        >>> row_group_parts([4, 4, 4, 4, 4], 8)
+        [(0, 8), (8, 16), (16, None)]
+        >>> row_group_parts([4, 4, 4, 4, 2], 100)
+        [(0, None)]
+    """
+    ends: list[int] = []
+    offset = held = 0
+    for n in row_groups:
+        offset += n
+        held += n
+        if held >= part_rows:
+            ends.append(offset)
+            held = 0
+    if ends and held * 2 < part_rows:
+        ends.pop()  # the last range runs to the end of the file (with a small remainder, if any)
+    return list(zip([0, *ends], [*ends, None], strict=True))
 
 
 def local_dates(lo: dt.datetime, hi: dt.datetime, tz: str) -> list[dt.date]:

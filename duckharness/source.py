@@ -40,6 +40,7 @@ class FileInfo:
     time_min: dt.datetime | None = None
     time_max: dt.datetime | None = None
     null_free: frozenset[str] = frozenset()  # columns whose footer statistics count no NULLs
+    row_groups: tuple[int, ...] = ()  # rows of each row group, in file order (empty when unknown)
 
 
 @dataclass
@@ -203,8 +204,9 @@ def read_footers(
 
 def read_null_free(
     paths: list[str], *, con: duckdb.DuckDBPyConnection, tracer: Callable[[str], None] | None = None
-) -> dict[str, frozenset[str]]:
-    """Per file, the columns that row-group statistics say hold no NULL (none when unknown)."""
+) -> tuple[dict[str, frozenset[str]], dict[str, tuple[int, ...]]]:
+    """Per file, the columns that row-group statistics say hold no NULL (none when unknown), and
+    the rows of each of its row groups, in file order."""
     null_count = sb.column("stats_null_count")
     sql = sb.render(
         sb.select(
@@ -218,16 +220,25 @@ def read_null_free(
                     ),
                     "none",
                 ),
+                sb.alias(
+                    exp.WithinGroup(
+                        this=sb.func("list", sb.column("row_group_num_rows")),
+                        expression=exp.Order(expressions=[exp.Ordered(this=sb.column("row_group_id"))]),
+                    ),
+                    "groups",
+                ),
             ],
             sb.table_function("parquet_metadata", paths),
             group_by_all=True,
         )
     )
     out: dict[str, set[str]] = {p: set() for p in paths}
-    for fname, column, none in fetch_all(con, sql, tracer):
+    groups: dict[str, tuple[int, ...]] = {}
+    for fname, column, none, sizes in fetch_all(con, sql, tracer):
         if none:
             out.setdefault(fname, set()).add(column)
-    return {p: frozenset(cols) for p, cols in out.items()}
+        groups.setdefault(fname, tuple(int(n) for n in sizes or ()))
+    return {p: frozenset(cols) for p, cols in out.items()}, groups
 
 
 def read_time_ranges(
@@ -336,7 +347,7 @@ def open_dataset(
     con = ConnectionConfig(threads=None, filesystem=fs).open()
     try:
         footers = read_footers(paths, con=con, tracer=tracer)
-        null_free = read_null_free(paths, con=con, tracer=tracer)
+        null_free, row_groups = read_null_free(paths, con=con, tracer=tracer)
         columns = union_columns([footers[p][1] for p in paths], con)
         time_column = detect_time_column(columns, meta)
         ranges: dict[str, tuple[Any, Any]] = {}
@@ -349,7 +360,11 @@ def open_dataset(
         size, mtime = stats[p]
         rows, cols = footers[p]
         lo, hi = ranges.get(p, (None, None))
-        files.append(FileInfo(p, size, mtime, rows, cols, lo, hi, null_free.get(p, frozenset()) & set(cols)))
+        files.append(
+            FileInfo(
+                p, size, mtime, rows, cols, lo, hi, null_free.get(p, frozenset()) & set(cols), row_groups.get(p, ())
+            )
+        )
     return Dataset(files, columns, meta, time_column, root, dict(storage_options or {}), fs)
 
 

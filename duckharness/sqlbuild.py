@@ -80,11 +80,14 @@ def date(value: dt.date) -> exp.Expr:
     return exp.cast(string(value.isoformat()), "DATE")
 
 
-def read_parquet(paths: Sequence[str], *, union_by_name: bool = True) -> exp.Expr:
-    """``read_parquet([...], union_by_name = true)`` over the given files or globs."""
+def read_parquet(paths: Sequence[str], *, union_by_name: bool = True, file_row_number: bool = False) -> exp.Expr:
+    """``read_parquet([...], union_by_name = true)`` over the given files or globs (with
+    ``file_row_number``, also each row's number within its file, as column ``file_row_number``)."""
     args: list[exp.Expr] = [exp.Array(expressions=[string(p) for p in paths])]
     if union_by_name:
         args.append(exp.EQ(this=exp.var("union_by_name"), expression=exp.true()))
+    if file_row_number:
+        args.append(exp.EQ(this=exp.var("file_row_number"), expression=exp.true()))
     return exp.Anonymous(this="read_parquet", expressions=args)
 
 

@@ -41,7 +41,8 @@ def reduce_runs(
     for fn in set(how):
         idx = [j for j, h in enumerate(how) if h == fn]
         part = np.where(missing[:, idx], 0.0 if fn == "sum" else np.nan, values[:, idx])
-        reduced[:, idx] = _REDUCE[fn].reduceat(part, starts, axis=0)
+        with np.errstate(invalid="ignore", over="ignore"):  # inf + -inf is NaN, as in SQL
+            reduced[:, idx] = _REDUCE[fn].reduceat(part, starts, axis=0)
     return reduced, seen
 
 

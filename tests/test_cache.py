@@ -149,3 +149,38 @@ def test_cache_key_depends_on_file_identity_and_sql(seed: int) -> None:
     assert StatsCache.key("SELECT 1", [f]) != StatsCache.key("SELECT 1", [g])
     assert StatsCache.key("SELECT 1", [f]) != StatsCache.key("SELECT 2", [f])
     assert StatsCache.key("SELECT 1", [f]) == StatsCache.key("SELECT 1", [f])
+
+
+def test_shifts_come_from_the_cache_until_the_first_file_changes(backtest: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    Harness(backtest, cache=cache).metrics(METRICS, pairs=PAIR)
+    statements: list[str] = []
+    h = Harness(backtest, cache=cache, tracer=statements.append)
+    h.metrics(METRICS, pairs=PAIR)
+    assert not [s for s in statements if "MEDIAN(" in s]
+    assert any(s.startswith("-- shifts from the cache") for s in statements)
+    assert h.last_run is not None and h.last_run.cache_hits == 6
+    first = sorted(backtest.glob("*.parquet"))[0]
+    table = pq.read_table(first)
+    pq.write_table(table.slice(table.num_rows // 2), first)  # other first rows, so other medians
+    stat = os.stat(first)
+    os.utime(first, (stat.st_atime, stat.st_mtime + 5))
+    statements.clear()
+    h = Harness(backtest, cache=cache, tracer=statements.append)
+    df = h.metrics(METRICS, pairs=PAIR)
+    assert [s for s in statements if "MEDIAN(" in s]
+    assert counts(df) == reference_count(backtest)
+
+
+def test_damaged_shift_entry_is_recomputed(backtest: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    expected = Harness(backtest, cache=cache).metrics(METRICS, pairs=PAIR)
+    entries = list(cache.glob("*/*.json"))
+    assert len(entries) == 1
+    for text in ("not json", '{"a": 1}', '["x", 2]', "[1.0]"):
+        entries[0].write_text(text)
+        statements: list[str] = []
+        h = Harness(backtest, cache=cache, tracer=statements.append)
+        assert h.metrics(METRICS, pairs=PAIR).equals(expected)
+        assert [s for s in statements if "MEDIAN(" in s], text
+    assert not list(cache.glob("*/.*.tmp"))

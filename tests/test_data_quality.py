@@ -216,25 +216,31 @@ def test_nan_in_a_float_column_without_nulls_is_excluded_and_counted(
 
 
 
-def _null_free_source(folder: Path, parts: Sequence[dict[str, np.ndarray]]) -> pa.Table:
+def _null_free_source(folder: Path, parts: Sequence[dict[str, np.ndarray]], row_group_size: int | None = None
+                      ) -> pa.Table:
     folder.mkdir(exist_ok=True)
     tables = [pa.table(x) for x in parts]
     for i, t in enumerate(tables):
         assert all(c.null_count == 0 for c in t.columns)
-        pq.write_table(t, folder / f"part{i}.parquet")
+        pq.write_table(t, folder / f"part{i}.parquet", row_group_size=row_group_size)
     (folder / "metadata.json").write_text("{}")
     return pa.concat_tables(tables)
 
 
-@pytest.mark.parametrize("batch_size", [1, 3], ids=["batch1", "batch3"])
-def test_infinities_in_some_files_without_nulls_are_excluded_and_counted(tmp_path: Path, batch_size: int) -> None:
+@pytest.mark.parametrize("batch_size, split", [(1, False), (3, False), (1, True)],
+                         ids=["batch1", "batch3", "files_in_parts"])
+def test_infinities_in_some_files_without_nulls_are_excluded_and_counted(
+        tmp_path: Path, batch_size: int, split: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     # Files whose footers show no NULL are scanned without per-row validity keys; an infinity
-    # (or NaN) in one of them must still be found and excluded, without touching the other files.
+    # (or NaN) in one of them must still be found and excluded, without touching the other files
+    # (also when a file is computed in parts: 4 parts of 200 rows here).
+    if split:
+        monkeypatch.setattr("duckharness.plan.PART_ROWS", 200)
     rng = np.random.default_rng(21)
     parts = [{"pred_x": rng.standard_normal(800), "target_x": rng.standard_normal(800)} for _ in range(3)]
     parts[1]["pred_x"][[5, 17, 300]] = [np.inf, -np.inf, np.inf]
     parts[2]["target_x"][[40]] = -np.inf
-    rows = _null_free_source(tmp_path, parts)
+    rows = _null_free_source(tmp_path, parts, row_group_size=200 if split else None)
     p, t = rows["pred_x"].to_numpy(), rows["target_x"].to_numpy()
     ok = np.isfinite(p) & np.isfinite(t)
     assert (~ok).sum() == 4

@@ -97,6 +97,56 @@ def test_experiments_that_cannot_be_inlined_agree_across_worker_counts_to_roundi
         assert counts == two.filter(pl.col("metric") == "count")["value"].to_list()
 
 
+# --- files computed in parts ------------------------------------------------------------------------
+
+def _part_queries(statements: list[str]) -> list[str]:
+    """The batch queries that read one part of a file (a row-number range in their WHERE)."""
+    return [s for s in statements if "GROUP BY ALL" in s and "file_row_number" in s.split(" WHERE ", 1)[-1]]
+
+
+@pytest.mark.parametrize("by", [None, "day", "symbol"], ids=["pooled", "by_day", "by_symbol"])
+def test_files_computed_whole_or_in_row_group_parts_give_the_same_bits(
+        folder: Path, by: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    unsplit = harness(folder, INLINABLE).metrics(METRICS, by=by)
+    monkeypatch.setattr("duckharness.plan.PART_ROWS", 1000)  # the files hold two row groups of 1000
+    statements: list[str] = []
+    whole = harness(folder, INLINABLE, workers=1, tracer=statements.append).metrics(METRICS, by=by)
+    batch = [s for s in statements if "GROUP BY ALL" in s and "__s1" in s and "READ_PARQUET" in s]
+    assert len(batch) == 7 and all("AS __part" in q for q in batch) and not _part_queries(statements)
+    statements.clear()
+    parts = harness(folder, INLINABLE, workers=8, tracer=statements.append).metrics(METRICS, by=by)
+    ranges = [q.split(" WHERE ", 1)[1] for q in _part_queries(statements)]
+    assert len(ranges) == 14  # 7 batches for 8 workers: each file's two parts run as two queries
+    assert all(("file_row_number >= 1000" in r) != ("file_row_number < 1000" in r) for r in ranges)
+    assert parts.drop("value").equals(whole.drop("value"))
+    assert parts["value"].to_list() == whole["value"].to_list()  # ==, not approx
+    assert whole.drop("value").equals(unsplit.drop("value"))
+    assert_close(_rows(whole), _rows(unsplit), rel=1e-12)
+
+
+def test_an_incremental_run_gives_the_bits_of_a_full_run(
+        folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("duckharness.plan.PART_ROWS", 1000)
+    full = harness(folder, INLINABLE, workers=2, cache=False).metrics(METRICS, by="day")
+    # Six days cached; the seventh is computed alone, its two parts on the two workers.
+    days = sorted(folder.glob("*.parquet"))
+    cache = tmp_path / "cache"
+    harness([str(d) for d in days[:6]], INLINABLE, cache=cache).metrics(METRICS, by="day")
+    statements: list[str] = []
+    h = harness([str(d) for d in days], INLINABLE, cache=cache, workers=2, tracer=statements.append)
+    later = h.metrics(METRICS, by="day")
+    assert h.last_run is not None and h.last_run.cache_hits == 6
+    assert len(_part_queries(statements)) == 2 and all(days[6].name in q for q in _part_queries(statements))
+    assert later.drop("value").equals(full.drop("value"))
+    assert later["value"].to_list() == full["value"].to_list()
+
+
+def test_counts_of_files_in_parts_equal_rows_counted_in_pandas(folder: Path, monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    monkeypatch.setattr("duckharness.plan.PART_ROWS", 1000)
+    test_fused_run_equals_experiments_computed_from_their_own_rows(folder)
+
+
 # --- fused vs alone --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("by", [None, "day"], ids=["pooled", "by_day"])

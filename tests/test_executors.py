@@ -471,3 +471,4 @@ def test_chain_tasks_pickle_with_their_python_steps(folder: Path) -> None:
         back = cloudpickle.loads(cloudpickle.dumps(task))
     assert back.experiments.step("z").fn is add_z
     assert [f.path for f in back.files] == [h.dataset.files[0].path]
+
