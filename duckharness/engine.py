@@ -219,7 +219,7 @@ def _map_partials(
         sqls = [scan.batch_query(b, window) for b in batches]
         # Batches whose inputs the footers show NULL-free run without validity keys; their check
         # sums then prove there was no NaN or infinity, or the batch is run again with the keys.
-        fast = [scan.batch_query(b, window, fast=True) if scan.fast_eligible(targets, b) else None for b in batches]
+        fast = [scan.fast_eligible(targets, b) for b in batches]
         stats.queries.extend(sqls[:1])
         t1 = time.perf_counter()
         stats.timings["plan"] = t1 - t0  # resolving the chain, the shifts query, building every query
@@ -242,7 +242,7 @@ def _map_partials(
             for i in chosen:
                 b = batches[i]
                 n = len(scan.parts(b)) if split else 1
-                use_fast = fast[i] is not None and not full
+                use_fast = fast[i] and not full
                 queries = [scan.batch_query(b, window, fast=use_fast, part=j if n > 1 else None) for j in range(n)]
                 runs.append(queries)
             flat = [q for qs in runs for q in qs]
@@ -259,7 +259,7 @@ def _map_partials(
         redo = [
             k
             for k, (i, frame) in enumerate(zip(todo, computed, strict=True))
-            if fast[i] is not None
+            if fast[i]
             and frame.height
             and not frame.select(pl.all_horizontal([pl.col(c).is_finite() for c in checks]).all()).item()
         ]
@@ -269,7 +269,7 @@ def _map_partials(
                 computed[k] = frame
         redone = {todo[k] for k in redo}
         for i, frame in zip(todo, computed, strict=True):
-            if fast[i] is not None and i not in redone:
+            if fast[i] and i not in redone:
                 frame = frame.with_columns([pl.lit(True).alias(v) for v in sorted(scan.valid_keys)])
             frame = canonical(frame, scan)
             cached[i] = frame
