@@ -508,6 +508,7 @@ def merge_results(
         else:
             order, group, sorted_keys = np.arange(n), np.zeros(n, dtype=np.int64), None
         stat_cols = sorted({ROWS} | {c for t in targets for m in metrics for c in t.stats[m.name].values()})
+        scan_merges = {t.stats[m.name][s]: m.merge[s] for t in targets for m in metrics for s in m.stat_names}
         key_cols = sorted({k for t in targets for k in (*t.conds, t.valid)})
         col = {c: j for j, c in enumerate(stat_cols)}
         flag = {k: j for j, k in enumerate(key_cols)}
@@ -525,10 +526,19 @@ def merge_results(
             else:
                 starts, keys = np.zeros(1, dtype=np.int64), None
             valid = flags[rows, flag[t.valid]]
-            invalid_rows = np.where(valid, 0.0, values[rows, col[ROWS]])[:, None]
-            excluded_parts.append(
-                reduce_runs(invalid_rows, np.zeros(invalid_rows.shape, dtype=bool), starts, ["sum"])[0][:, 0]
+            # Every stat column of the target and the excluded rows, merged in one pass.
+            used = list(dict.fromkeys(t.stats[m.name][s] for m in metrics for s in m.stat_names))
+            how = [scan_merges[c] for c in used]
+            block = values[rows][:, [col[c] for c in [*used, ROWS]]]
+            skip = missing[rows][:, [col[c] for c in used]] | ~valid[:, None]  # stats: valid cells only
+            invalid = np.where(valid, 0.0, block[:, -1])[:, None]
+            merged, seen = reduce_runs(
+                np.hstack([block[:, :-1], invalid]),
+                np.hstack([skip, np.zeros(invalid.shape, dtype=bool)]),
+                starts,
+                [*how, "sum"],
             )
+            excluded_parts.append(merged[:, -1])
             groups = len(starts)
             label = pl.DataFrame(
                 {
@@ -539,13 +549,11 @@ def merge_results(
                 schema={"experiment": pl.String, "pred": pl.String, "target": pl.String},
             )
             label_parts.append(pl.concat([label, keys], how="horizontal") if keys is not None else label)
+            where = {c: j for j, c in enumerate(used)}
             for m in metrics:
-                cols = [col[t.stats[m.name][s]] for s in m.stat_names]
-                cells = np.ix_(rows, np.asarray(cols, dtype=np.int64))
-                skip = missing[cells] | ~valid[:, None]  # stats come from valid cells only
-                reduced, seen = reduce_runs(values[cells], skip, starts, [m.merge[s] for s in m.stat_names])
-                stat_parts[m.name].append(reduced)
-                seen_parts[m.name].append(seen)
+                idx = [where[t.stats[m.name][s]] for s in m.stat_names]
+                stat_parts[m.name].append(merged[:, idx])
+                seen_parts[m.name].append(seen[:, idx])
     labels = (
         pl.concat(label_parts, how="vertical_relaxed")
         if label_parts

@@ -337,8 +337,10 @@ class FusedScan:
     def parts(self, files: Sequence[FileInfo]) -> list[Part]:
         """The parts of a batch: one (the whole batch) or, for one file of more than ``PART_ROWS``
         rows in several row groups, row ranges ``(first, end)`` of whole row groups of about
-        ``PART_ROWS`` rows each. They depend only on the file's footer."""
-        if len(files) != 1 or ROW_NUMBER in self.dataset.columns:
+        ``PART_ROWS`` rows each. They depend only on the file's footer and the grouping: grouped by
+        a column (say ``symbol``), a part key would multiply many groups, so files stay whole."""
+        by_column = any(name != TOD for name, _ in self.by)
+        if len(files) != 1 or by_column or ROW_NUMBER in self.dataset.columns:
             return [(0, None)]
         return row_group_parts(files[0].row_groups, PART_ROWS)
 

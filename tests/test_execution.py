@@ -104,7 +104,7 @@ def _part_queries(statements: list[str]) -> list[str]:
     return [s for s in statements if "GROUP BY ALL" in s and "file_row_number" in s.split(" WHERE ", 1)[-1]]
 
 
-@pytest.mark.parametrize("by", [None, "day", "symbol"], ids=["pooled", "by_day", "by_symbol"])
+@pytest.mark.parametrize("by", [None, "day", ["day", "tod:1h"]], ids=["pooled", "by_day", "by_day_and_hour"])
 def test_files_computed_whole_or_in_row_group_parts_give_the_same_bits(
         folder: Path, by: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
     unsplit = harness(folder, INLINABLE).metrics(METRICS, by=by)
@@ -122,6 +122,15 @@ def test_files_computed_whole_or_in_row_group_parts_give_the_same_bits(
     assert parts["value"].to_list() == whole["value"].to_list()  # ==, not approx
     assert whole.drop("value").equals(unsplit.drop("value"))
     assert_close(_rows(whole), _rows(unsplit), rel=1e-12)
+
+
+def test_files_stay_whole_when_grouped_by_a_column(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A part key would multiply the (many) symbol groups: no parts, whatever the workers.
+    monkeypatch.setattr("duckharness.plan.PART_ROWS", 1000)
+    statements: list[str] = []
+    harness(folder, INLINABLE, workers=8, tracer=statements.append).metrics(METRICS, by="symbol")
+    batch = [s for s in statements if "GROUP BY ALL" in s and "__s1" in s]
+    assert len(batch) == 7 and not any("file_row_number" in q for q in batch)
 
 
 def test_an_incremental_run_gives_the_bits_of_a_full_run(
