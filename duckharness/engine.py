@@ -275,9 +275,8 @@ def _map_partials(
             cached[i] = frame
             if cache is not None:
                 cache.put(keys[i], frame)
-        # (Entries cached by a version without part keys get theirs here.)
-        fresh = set(todo)
-        frames = [f if i in fresh else canonical(f, scan) for i, f in enumerate(cached) if f is not None]
+        # Entries are stored canonical; ones cached by a version without part keys get theirs here.
+        frames = [f if PART in f.columns else canonical(f, scan) for f in cached if f is not None]
         stats.timings["map"] = time.perf_counter() - t1
         results.append((targets, pl.concat(frames, how="vertical_relaxed")))
 
