@@ -595,8 +595,8 @@ def evaluate_finals(
     columns = {f"{m.name}.{s}": stats[m.name].get_column(s).cast(pl.Float64) for m in metrics for s in m.stat_names}
     height = stats[metrics[0].name].height
     finals = [
-        sb.alias(sb.substitute_columns(m.final, {s: sb.column(f"{m.name}.{s}") for s in m.stat_names}), f"v{j}")
-        for j, m in enumerate(metrics)
+        sb.alias(sb.substitute_columns(m.final, {s: sb.column(f"{m.name}.{s}") for s in m.stat_names}), m.name)
+        for m in metrics
     ]
     sql = sb.render(sb.select([sb.column("__i"), *finals], "merged").order_by("__i", copy=False), copy=False)
     if tracer is not None:
