@@ -8,6 +8,7 @@ DuckDB dialect by :func:`render`. Other modules never paste user input into SQL 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -111,8 +112,18 @@ def between(col: exp.Expr, lo: exp.Expr, hi: exp.Expr, *, hi_inclusive: bool) ->
     return exp.and_(exp.GTE(this=col.copy(), expression=lo), exp.LT(this=col.copy(), expression=hi))
 
 
+@functools.lru_cache(maxsize=256)
+def _data_type(type_sql: str) -> exp.DataType:
+    """A parsed type (parsing ``DOUBLE`` is most of the cost of building a cast); callers copy it."""
+    return exp.DataType.build(type_sql, dialect=DIALECT)
+
+
+def data_type(type_sql: str) -> exp.DataType:
+    return _data_type(type_sql).copy()
+
+
 def cast(node: exp.Expr, type_sql: str) -> exp.Expr:
-    return exp.Cast(this=node, to=exp.DataType.build(type_sql, dialect=DIALECT))
+    return exp.Cast(this=node, to=data_type(type_sql))
 
 
 def is_valid_number(node: exp.Expr, type_sql: str) -> exp.Expr:
@@ -220,7 +231,7 @@ def func(name: str, *args: exp.Expr) -> exp.Expr:
 
 
 def try_cast(node: exp.Expr, type_sql: str) -> exp.Expr:
-    return exp.TryCast(this=node, to=exp.DataType.build(type_sql, dialect=DIALECT))
+    return exp.TryCast(this=node, to=data_type(type_sql))
 
 
 def is_null(node: exp.Expr) -> exp.Expr:
