@@ -9,10 +9,11 @@ into place, so concurrent runs sharing a cache never see half-written entries.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import shutil
+import re
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,7 +25,9 @@ from duckharness.source import FileInfo
 ENV = "DUCKHARNESS_CACHE"
 
 
-OFF = ("0", "off", "false", "no")
+OFF = ("0", "off", "false", "no", "none")
+_SHARD = re.compile(r"[0-9a-f]{2}")
+_ENTRY = re.compile(r"\.?[0-9a-f]{64}\.(parquet|json)(\.[0-9a-f]{8}\.tmp)?")
 
 
 def cache_disabled_by_env() -> bool:
@@ -91,7 +94,17 @@ class StatsCache:
                 tmp.unlink()
 
     def clear(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        """Remove every entry this cache wrote (the folder itself, and anything else in it, stay)."""
+        if not self.folder.is_dir():
+            return
+        for shard in self.folder.iterdir():
+            if not (shard.is_dir() and not shard.is_symlink() and _SHARD.fullmatch(shard.name)):
+                continue
+            for entry in shard.iterdir():
+                if _ENTRY.fullmatch(entry.name):
+                    entry.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                shard.rmdir()  # only when empty
 
     def __len__(self) -> int:
         return sum(1 for _ in self.folder.glob("*/*.parquet")) if self.folder.exists() else 0

@@ -25,6 +25,7 @@ def _harness(args: argparse.Namespace) -> Any:
         workers=getattr(args, "workers", None),
         tracer=(lambda sql: print(sql, file=sys.stderr)) if getattr(args, "trace", False) else None,
         progress=False if getattr(args, "quiet", False) else None,
+        cache=False if getattr(args, "no_cache", False) else (getattr(args, "cache", None) or True),
     )
     if getattr(args, "experiments", None):
         try:
@@ -264,6 +265,13 @@ def _source_options(p: argparse.ArgumentParser, *, experiments: bool = True, win
     p.add_argument("--address", help="an existing Ray (ray://host:10001, auto) or Dask (tcp://host:8786) cluster")
     p.add_argument("--retries", type=int, metavar="N", help="retries of a failed batch (default 2)")
     p.add_argument("--trace", action="store_true", help="print every SQL statement to stderr")
+    c = p.add_mutually_exclusive_group()
+    c.add_argument(
+        "--cache",
+        metavar="DIR",
+        help="folder of cached partial statistics (default $DUCKHARNESS_CACHE or ~/.cache/duckharness)",
+    )
+    c.add_argument("--no-cache", action="store_true", help="neither read nor write the statistics cache")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 

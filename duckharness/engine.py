@@ -214,17 +214,20 @@ def _map_partials(
     bar = Progress(len(batches) * ((1 if fused else 0) + len(whole)), "metrics", enabled=progress)
     if fused:
         scan = FusedScan(dataset, fused, pairs, metrics, by)
-        shifts = _shifts(scan, batch_relation(dataset, batches[0]), tracer, control, cache, batches[0])
+        shifts, sampled_nan = _shifts(scan, batch_relation(dataset, batches[0]), tracer, control, cache, batches[0])
         targets = scan.build(shifts)
         sqls = [scan.batch_query(b, window) for b in batches]
         # Batches whose inputs the footers show NULL-free run without validity keys; their check
         # sums then prove there was no NaN or infinity, or the batch is run again with the keys.
-        fast = [scan.fast_eligible(targets, b) for b in batches]
+        # (When the sampled first rows already hold a NaN, every batch carries its keys at once.)
+        fast = [not sampled_nan and scan.fast_eligible(targets, b) for b in batches]
         stats.queries.extend(sqls[:1])
         t1 = time.perf_counter()
         stats.timings["plan"] = t1 - t0  # resolving the chain, the shifts query, building every query
         keys = [cache.key(sql, b) for sql, b in zip(sqls, batches, strict=True)] if cache is not None else []
         cached: list[pl.DataFrame | None] = [cache.get(k) for k in keys] if cache is not None else [None] * len(sqls)
+        needed = {DAY, *(n for n, _ in scan.by), *scan.keys, *scan.aggregates}
+        cached = [f if f is not None and needed <= set(f.columns) else None for f in cached]  # not ours: recompute
         todo = [i for i, c in enumerate(cached) if c is None]
         stats.cache_hits = len(sqls) - len(todo)
         if tracer is not None:
@@ -336,7 +339,7 @@ def _run_chain(
     first = dataset.connection(1 if per_batch else executor.workers).open()
     try:
         build_chain(first, dataset, experiments, name, groups[0], window, tracer, batch_size)
-        shifts = _shifts(scan, rel, tracer, con=first)
+        shifts, _ = _shifts(scan, rel, tracer, con=first)
         targets = scan.build(shifts)
         try:
             frames = [_frame(first, aggregate(groups[0]), tracer)]
@@ -397,24 +400,27 @@ def _shifts(
     con: duckdb.DuckDBPyConnection,
     cache: StatsCache | None = None,
     files: Sequence[FileInfo] = (),
-) -> dict[str, float]:
-    """The shift of each pred/target expression: the median of its first rows, rounded. With a
-    cache, the medians are kept under the shift query and the identities of the files it reads,
-    so a re-run writes the same batch queries (whose cached partials it can then reuse)."""
+) -> tuple[dict[str, float], bool]:
+    """The shift of each pred/target expression (the median of its first rows, rounded) and
+    whether those rows hold a NaN or an infinity. With a cache, the values are kept under the
+    shift query and the identities of the files it reads, so a re-run writes the same batch
+    queries (whose cached partials it can then reuse)."""
     q = scan.shift_query(relation)
     if q is None:
-        return {}
+        return {}, False
     sql = sb.render(q)
     key = cache.key(sql, files) if cache is not None and files else None
     row: list[float | None] | None = cache.get_values(key) if cache is not None and key is not None else None
     exprs = scan.shift_expressions()
-    if row is None or len(row) != len(exprs):
-        row = list(fetch_all(con, sql, tracer)[0])
+    if row is None or len(row) != 2 * len(exprs):
+        row = [None if v is None else float(v) for v in fetch_all(con, sql, tracer)[0]]
         if cache is not None and key is not None:
             cache.put_values(key, row)
     elif tracer is not None:
         tracer(f"-- shifts from the cache: {', '.join(f.path for f in files)}")
-    return {sb.render(e): round_shift(v) for e, v in zip(exprs, row, strict=True)}
+    medians, bad = row[: len(exprs)], row[len(exprs) :]
+    shifts = {sb.render(e): round_shift(v) for e, v in zip(exprs, medians, strict=True)}
+    return shifts, any(b for b in bad)
 
 
 @contextmanager

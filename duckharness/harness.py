@@ -19,7 +19,7 @@ from duckharness.cache import StatsCache, cache_disabled_by_env, default_cache_d
 from duckharness.chain import apply_python_step, build_chain, collect_step, relation_sql
 from duckharness.connection import fetch_all
 from duckharness.engine import RunStats, baseline_query, run_metrics
-from duckharness.errors import InputError, UnknownMetricError
+from duckharness.errors import InputError, SourceError, UnknownMetricError
 from duckharness.executor import EXECUTORS, Executor, make_executor
 from duckharness.experiments import BASELINE, Experiments, Step, parse_experiments_file
 from duckharness.export import ExportResult
@@ -27,7 +27,7 @@ from duckharness.metadata import Metadata, SessionWindow, parse_wall_time
 from duckharness.metricfile import Metric, MetricLibrary
 from duckharness.plan import Pair, default_pairs, local_dates
 from duckharness.sink import SinkResult
-from duckharness.source import Dataset, open_dataset
+from duckharness.source import Dataset, file_identities, open_dataset
 
 WindowArg = SessionWindow | tuple[str, str] | bool | None
 
@@ -92,6 +92,7 @@ class Harness:
         elif executor not in EXECUTORS:
             raise InputError(f"Unknown executor {executor!r}. Choose one of: {', '.join(EXECUTORS)}.")
         t = time.perf_counter()
+        self._source, self._metadata_arg, self._storage_options = source, metadata, storage_options
         self.dataset: Dataset = open_dataset(source, metadata=metadata, storage_options=storage_options, tracer=tracer)
         self.listing_seconds = time.perf_counter() - t
         self.metric_library = MetricLibrary(metric_dirs)
@@ -123,6 +124,34 @@ class Harness:
             con.register(step.name, out)
         rows = fetch_all(con, sb.render(exp.Describe(this=exp.Table(this=sb.ident(step.name)))), self.tracer)
         return {r[0]: r[1] for r in rows}
+
+    def _refresh(self) -> None:
+        """List the source again before reading it: a file rewritten, added or removed since the
+        last listing (this Harness may live for hours in a notebook) is seen, with its new footer,
+        and the cache keys follow. A change of columns needs a new Harness (the experiments were
+        bound to the old ones)."""
+        known = {f.path: (f.size, f.mtime) for f in self.dataset.files}
+        if file_identities(self._source, self._storage_options) == known:
+            return
+        fresh = open_dataset(
+            self._source, metadata=self._metadata_arg, storage_options=self._storage_options, tracer=self.tracer
+        )
+        if fresh.columns != self.dataset.columns:
+            added = [c for c in fresh.columns if c not in self.dataset.columns]
+            gone = [c for c in self.dataset.columns if c not in fresh.columns]
+            retyped = [
+                c for c in fresh.columns if c in self.dataset.columns and fresh.columns[c] != self.dataset.columns[c]
+            ]
+            what = "; ".join(
+                f"{label}: {', '.join(cols)}"
+                for label, cols in (("new", added), ("gone", gone), ("new type", retyped))
+                if cols
+            )
+            raise SourceError(
+                f"The columns of the source changed since this Harness was created ({what}); create a new Harness.",
+                path=self.dataset.root,
+            )
+        self.dataset = fresh
 
     # -- the data ---------------------------------------------------------------------------
     @property
@@ -239,6 +268,7 @@ class Harness:
 
         Pure SQL chains stay lazy; Python steps on the way are run when the relation is made.
         """
+        self._refresh()
         self.experiments.columns(name)  # unknown names raise here
         if not self.experiments.has_python(name):
             return self._schema_con.sql(self.experiment_sql(name, window=window, pretty=False))
@@ -261,6 +291,7 @@ class Harness:
         Chains that work file by file are read one file batch at a time (a ``head()`` reads only
         the first files; selected columns are pushed down); other chains stream from one query.
         """
+        self._refresh()
         from duckharness.lazy import experiment_lazyframe
 
         self.experiments.columns(name)
@@ -290,6 +321,7 @@ class Harness:
         reading once it has them), ``gather_every`` (every ``step``-th row in time order).
         ``random_rows`` is refused: it breaks the time series.
         """
+        self._refresh()
         from duckharness.sample import take_sample
 
         return take_sample(
@@ -313,6 +345,7 @@ class Harness:
         ``Harness``. Nothing is left behind if the sink fails; an existing ``out`` is replaced only
         with ``overwrite=True``.
         """
+        self._refresh()
         from duckharness.sink import sink_experiment
 
         result = sink_experiment(
@@ -347,6 +380,7 @@ class Harness:
             >>> h.export("chain.sql", "chain.duckdb")                  # doctest: +SKIP
             $ duckdb chain.duckdb -c "SELECT dh_r2(pred_10s, target_10s) FROM liquid"
         """
+        self._refresh()
         from duckharness.export import export
 
         return export(self, sql, db, window=self._window(window), materialize=materialize)
@@ -419,6 +453,7 @@ class Harness:
             (experiment, pair, group) also has an ``n_excluded`` row counting rows dropped
             because pred or target was NULL or NaN.
         """
+        self._refresh()
         if metrics == "rank_ic" or (not isinstance(metrics, str) and metrics is not None and "rank_ic" in metrics):
             raise UnknownMetricError(
                 "Metric 'rank_ic' is computed per day from ranks, not from mergeable sums: use "
@@ -475,6 +510,7 @@ class Harness:
         Example:
             >>> h.rank_ic("pred_10s:target_10s", ["baseline", "liquid"])          # doctest: +SKIP
         """
+        self._refresh()
         from duckharness.daywise import rank_ic
 
         t = time.perf_counter()
@@ -512,6 +548,7 @@ class Harness:
         Example:
             >>> h.series("corr", "pred_10s", plot="ic.png")                        # doctest: +SKIP
         """
+        self._refresh()
         from duckharness.analysis import daily_series
 
         names = [metrics] if isinstance(metrics, str) else list(metrics)
@@ -550,6 +587,7 @@ class Harness:
         Example:
             >>> h.summary(["rank_ic", "corr"], "pred_10s:target_10s")               # doctest: +SKIP
         """
+        self._refresh()
         from duckharness.analysis import summarize
 
         if lag is not None and lag < 0:
@@ -592,6 +630,7 @@ class Harness:
             >>> c = h.compare("mse", "clipped", "baseline", "pred_10s:target_10s", seed=7)   # doctest: +SKIP
             >>> c.table.select("diff", "dm_stat", "p_value", "ci_low", "ci_high")  # doctest: +SKIP
         """
+        self._refresh()
         from duckharness.analysis import compare
 
         self._check_metric_names([metric])
@@ -647,6 +686,7 @@ class Harness:
         Example:
             >>> h.deciles("pred_10s:target_10s", "baseline", plot="deciles.png")      # doctest: +SKIP
         """
+        self._refresh()
         from duckharness.daywise import quantile_buckets
 
         if by not in (None, "day"):

@@ -354,7 +354,8 @@ class FusedScan:
         return sb.select(self._projections(day), relation, group_by_all=True)
 
     def shift_query(self, relation: exp.Expr, sample_rows: int = 10_000) -> exp.Expr | None:
-        """Medians of each pred/target expression over the first rows of ``relation``."""
+        """Medians of each pred/target expression over the first rows of ``relation``, then the
+        count of its NaN or infinite values there."""
         exprs = self.shift_expressions()
         if not exprs:
             return None
@@ -368,6 +369,12 @@ class FusedScan:
                     f"m{i}",
                 )
             )
+        # And how many sampled values are NaN or infinite: if any, NaN is how this data marks
+        # missing values, and batch queries carry their validity keys from the start.
+        for i, e in enumerate(exprs):
+            x = sb.cast(e.copy(), "DOUBLE")
+            bad = exp.Not(this=sb.func("isfinite", x))
+            proj.append(sb.alias(exp.Filter(this=exp.Count(this=exp.Star()), expression=exp.Where(this=bad)), f"f{i}"))
         return sb.select(proj, sample.subquery("sample"))
 
 

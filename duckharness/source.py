@@ -325,6 +325,19 @@ def _common_type(a: str, b: str, con: duckdb.DuckDBPyConnection) -> str:
     return str(row[0][0])
 
 
+def file_identities(source: Any, storage_options: Mapping[str, Any] | None = None) -> dict[str, tuple[int, float]]:
+    """Each file of the source now, listed afresh: path -> (size, modification stamp)."""
+    if is_remote(source):
+        _, paths, _, stats = list_remote(source, storage_options or {})
+        return {p: stats[p] for p in paths}
+    paths, _ = list_local(source)
+    out = {}
+    for p in paths:
+        st = os.stat(p)
+        out[p] = (st.st_size, st.st_mtime)
+    return out
+
+
 def open_dataset(
     source: Any,
     *,

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from duckharness import Harness
 from duckharness.cache import StatsCache
+from duckharness.errors import SourceError
 
 METRICS = ["count", "r2", "mse"]
 PAIR = ["pred_10s:target_10s"]
@@ -184,3 +186,66 @@ def test_damaged_shift_entry_is_recomputed(backtest: Path, tmp_path: Path) -> No
         assert h.metrics(METRICS, pairs=PAIR).equals(expected)
         assert [s for s in statements if "MEDIAN(" in s], text
     assert not list(cache.glob("*/.*.tmp"))
+
+
+def test_a_harness_kept_open_sees_a_file_rewritten_in_place(backtest: Path, tmp_path: Path) -> None:
+    h = Harness(backtest, cache=tmp_path / "cache")
+    before = h.metrics(METRICS, pairs=PAIR)
+    victim = sorted(backtest.glob("*.parquet"))[3]
+    table = pq.read_table(victim)
+    pq.write_table(table.slice(0, table.num_rows // 3), victim)
+    after = h.metrics(METRICS, pairs=PAIR)
+    assert h.last_run is not None and h.last_run.cache_hits == 5
+    assert counts(after) == reference_count(backtest) < counts(before)
+
+
+def test_a_harness_kept_open_sees_a_day_added_to_the_folder(make_backtest, tmp_path: Path) -> None:
+    folder = make_backtest(days=6)
+    newest = sorted(folder.glob("*.parquet"))[-1]
+    held = tmp_path / newest.name
+    shutil.move(newest, held)
+    h = Harness(folder, cache=tmp_path / "cache")
+    h.metrics(METRICS, pairs=PAIR)
+    shutil.move(held, newest)
+    df = h.metrics(METRICS, pairs=PAIR)
+    assert h.last_run is not None and (h.last_run.batches, h.last_run.cache_hits) == (6, 5)
+    assert len(h.files) == 6 and counts(df) == reference_count(folder)
+
+
+def test_changed_columns_need_a_new_harness(backtest: Path) -> None:
+    h = Harness(backtest, cache=False)
+    h.metrics(METRICS, pairs=PAIR)
+    victim = sorted(backtest.glob("*.parquet"))[1]
+    table = pq.read_table(victim)
+    pq.write_table(table.append_column("extra", pa.array(np.zeros(table.num_rows))), victim)
+    with pytest.raises(SourceError, match=r"columns of the source changed .*new: extra.*create a new Harness"):
+        h.metrics(METRICS, pairs=PAIR)
+    assert counts(Harness(backtest, cache=False).metrics(METRICS, pairs=PAIR)) == reference_count(backtest)
+
+
+def test_entry_with_other_columns_is_recomputed(backtest: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    expected = Harness(backtest, cache=cache).metrics(METRICS, pairs=PAIR)
+    for entry in cache.glob("*/*.parquet"):
+        pq.write_table(pa.table({"x": [1, 2, 3]}), entry)  # valid Parquet, not partial statistics
+    h = Harness(backtest, cache=cache)
+    assert h.metrics(METRICS, pairs=PAIR).equals(expected)
+    assert h.last_run is not None and h.last_run.cache_hits == 0
+
+
+def test_clear_removes_the_entries_and_nothing_else(backtest: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    h = Harness(backtest, cache=cache)
+    h.metrics(METRICS, pairs=PAIR)
+    mine = cache / "notes.txt"
+    mine.write_text("mine")
+    assert h.cache is not None and len(h.cache) == 6
+    h.cache.clear()
+    assert len(h.cache) == 0 and not list(cache.glob("*/*.json"))
+    assert cache.is_dir() and mine.read_text() == "mine"
+
+
+@pytest.mark.parametrize("value", ["off", "OFF", "0", "false", "no", "none"])
+def test_cache_off_by_environment(backtest: Path, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DUCKHARNESS_CACHE", value)
+    assert Harness(backtest).cache is None

@@ -103,6 +103,26 @@ def test_metrics_csv_in_process_matches_python_api(demo: Path, api_r2: dict[str,
     assert got == pytest.approx(api_r2, rel=1e-12)
 
 
+def test_cache_options_choose_the_cache_folder(demo: Path, tmp_path: Path, api_r2: dict[str, float],
+                                               capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DUCKHARNESS_CACHE", str(tmp_path / "env-cache"))
+    args = ["metrics", str(demo), "--metric", "r2", "--pair", PAIR, "--format", "csv"]
+    assert main([*args, "--cache", str(tmp_path / "mine")]) == 0
+    first = capsys.readouterr().out
+    assert len(list((tmp_path / "mine").glob("*/*.parquet"))) == 3  # one entry per day
+    assert main([*args, "--cache", str(tmp_path / "mine"), "--trace"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == first and captured.err.count("-- from the cache") == 3
+    assert main([*args, "--no-cache"]) == 0
+    assert capsys.readouterr().out == first
+    assert not (tmp_path / "env-cache").exists()  # neither run used the default folder
+    got = {r["experiment"]: float(r["value"]) for r in rows_of(first) if r["metric"] == "r2"}
+    assert got["baseline"] == pytest.approx(api_r2["baseline"], rel=1e-12)
+    with pytest.raises(SystemExit):
+        main([*args, "--cache", str(tmp_path / "x"), "--no-cache"])
+
+
 def test_metrics_by_day_csv_has_a_day_column(demo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["metrics", str(demo), "--metric", "count", "--pair", PAIR, "--by", "day", "--format", "csv"])
     out = capsys.readouterr().out

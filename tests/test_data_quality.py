@@ -402,3 +402,25 @@ def test_list_of_some_files_scores_only_those_days(holes: tuple[Path, pd.DataFra
     expected = {("baseline", "pred_1s", m): v
                 for m, v in reference_metrics(ok["pred_1s"].to_numpy(), ok["target_1s"].to_numpy()).items()}
     assert {k: got[k] for k in expected} == pytest.approx(expected, rel=REL)
+
+
+def test_nan_in_the_first_rows_means_each_file_is_read_once(tmp_path: Path) -> None:
+    # Data that marks missing values with NaN shows it in the sampled first rows: every batch then
+    # carries its validity keys from the start, instead of being read, found to hold NaN, and
+    # read again.
+    rng = np.random.default_rng(9)
+    parts = []
+    for _ in range(3):
+        x = {"pred_x": rng.standard_normal(1000), "target_x": rng.standard_normal(1000)}
+        x["pred_x"][rng.random(1000) < 0.05] = np.nan
+        parts.append(x)
+    rows = _null_free_source(tmp_path, parts)
+    statements: list[str] = []
+    got = tidy(Harness(tmp_path, tracer=statements.append).metrics(["count", "mse"]))
+    scans = [s for s in statements if "GROUP BY ALL" in s and "READ_PARQUET" in s and "__s" in s]
+    assert len(scans) == 3 and all("ISFINITE" in s for s in scans)
+    p, t = rows["pred_x"].to_numpy(), rows["target_x"].to_numpy()
+    ok = ~np.isnan(p)
+    assert got == pytest.approx({("baseline", "pred_x", "count"): ok.sum(),
+                                 ("baseline", "pred_x", "n_excluded"): (~ok).sum(),
+                                 ("baseline", "pred_x", "mse"): mean_squared_error(t[ok], p[ok])}, rel=REL)
