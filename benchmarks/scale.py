@@ -10,7 +10,7 @@ Each measurement runs in a fresh subprocess (so peak RSS is that run's alone):
 - incremental: full runs on 19 days into a cache, then the 20th day added to a copy of that cache
   (medians of --runs each; goal: <= 15% of the full run).
 
-usage: scale.py [--data60 DIR] [--w1 DIR] [--runs N]
+usage: scale.py [--data60 DIR] [--w1 DIR] [--runs N] [--only scale,sink,grouping,incremental]
 """
 
 from __future__ import annotations
@@ -87,44 +87,51 @@ def main() -> None:
     ap.add_argument("--w1", default=str(REPO / "bench-data" / "w1"))
     ap.add_argument("--shared", default=str(REPO.parent / "shared"))
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--only", default="scale,sink,grouping,incremental",
+                    help="comma-separated measurements to run (default: all)")
     a = ap.parse_args()
     data60, w1, shared = Path(a.data60), Path(a.w1), Path(a.shared)
     ensure(w1, 20, shared)
     ensure(data60, 60, shared)
+    only = set(a.only.split(","))
     tmp = Path(tempfile.mkdtemp(prefix="dh-scale-"))
     try:
-        first20 = subset(data60, 20, tmp / "first20")
-        s20 = median_of({"source": str(first20), "job": "metrics"}, a.runs)
-        s60 = median_of({"source": str(data60), "job": "metrics"}, a.runs)
-        print(f"scale: 20 days {s20['wall']:.2f} s, 60 days {s60['wall']:.2f} s, ratio {s60['wall'] / s20['wall']:.2f} "
-              f"(linear = 3.00); peak RSS 60 days {s60['rss_mb']:.0f} MB (goal < 1536)")
-        sink = run({"source": str(data60), "job": "sink", "out": str(tmp / "sink")})
-        print(f"sink tight of 60 days by day: {sink['wall']:.2f} s, {sink['rows']:,} rows, "
-              f"peak RSS {sink['rss_mb']:.0f} MB (goal < 1536)")
-        pooled = median_of({"source": str(w1), "job": "metrics"}, a.runs)
-        for by in ("day", "symbol"):
-            g = median_of({"source": str(w1), "job": "metrics", "by": by}, a.runs)
-            print(f"by={by}: {g['wall']:.2f} s vs pooled {pooled['wall']:.2f} s: {g['wall'] / pooled['wall']:.2f}x "
-                  f"(goal <= 1.30)")
-        # Incremental: full runs on 19 days, each into a fresh cache; then the 20th day added, each
-        # time to a copy of the 19-day cache (medians of --runs of each).
-        nineteen = subset(w1, 19, tmp / "inc")
-        fulls = []
-        for k in range(a.runs):
-            fulls.append(run({"source": str(nineteen), "job": "metrics", "cache": str(tmp / f"cache{k}")}))
-        last = sorted(w1.glob("*.parquet"))[19]
-        (nineteen / last.name).symlink_to(last)
-        incs = []
-        for k in range(a.runs):
-            trial = tmp / f"trial{k}"
-            shutil.copytree(tmp / "cache0", trial)
-            incs.append(run({"source": str(nineteen), "job": "metrics", "cache": str(trial)}))
-        full = statistics.median(r["wall"] for r in fulls)
-        inc = statistics.median(r["wall"] for r in incs)
-        walls = ", ".join(f"{r['wall']:.3f}" for r in incs)
-        print(f"incremental: full 19 days {full:.2f} s; +1 day {inc:.3f} s "
-              f"({incs[0]['hits']} batches from the cache; runs {walls}): "
-              f"{inc / full:.1%} of the full run (goal <= 15%)")
+        if "scale" in only:
+            first20 = subset(data60, 20, tmp / "first20")
+            s20 = median_of({"source": str(first20), "job": "metrics"}, a.runs)
+            s60 = median_of({"source": str(data60), "job": "metrics"}, a.runs)
+            print(f"scale: 20 days {s20['wall']:.2f} s, 60 days {s60['wall']:.2f} s, "
+                  f"ratio {s60['wall'] / s20['wall']:.2f} (linear = 3.00); "
+                  f"peak RSS 60 days {s60['rss_mb']:.0f} MB (goal < 1536)")
+        if "sink" in only:
+            sink = run({"source": str(data60), "job": "sink", "out": str(tmp / "sink")})
+            print(f"sink tight of 60 days by day: {sink['wall']:.2f} s, {sink['rows']:,} rows, "
+                  f"peak RSS {sink['rss_mb']:.0f} MB (goal < 1536)")
+        if "grouping" in only:
+            pooled = median_of({"source": str(w1), "job": "metrics"}, a.runs)
+            for by in ("day", "symbol"):
+                g = median_of({"source": str(w1), "job": "metrics", "by": by}, a.runs)
+                print(f"by={by}: {g['wall']:.2f} s vs pooled {pooled['wall']:.2f} s: "
+                      f"{g['wall'] / pooled['wall']:.2f}x (goal <= 1.30)")
+        if "incremental" in only:
+            # Full runs on 19 days, each into a fresh cache; then the 20th day added, each time to
+            # a copy of the first 19-day cache (medians of --runs of each).
+            nineteen = subset(w1, 19, tmp / "inc")
+            fulls = [run({"source": str(nineteen), "job": "metrics", "cache": str(tmp / f"cache{k}")})
+                     for k in range(a.runs)]
+            last = sorted(w1.glob("*.parquet"))[19]
+            (nineteen / last.name).symlink_to(last)
+            incs = []
+            for k in range(a.runs):
+                trial = tmp / f"trial{k}"
+                shutil.copytree(tmp / "cache0", trial)
+                incs.append(run({"source": str(nineteen), "job": "metrics", "cache": str(trial)}))
+            full = statistics.median(r["wall"] for r in fulls)
+            inc = statistics.median(r["wall"] for r in incs)
+            walls = ", ".join(f"{r['wall']:.3f}" for r in incs)
+            print(f"incremental: full 19 days {full:.2f} s; +1 day {inc:.3f} s "
+                  f"({incs[0]['hits']} batches from the cache; runs {walls}): "
+                  f"{inc / full:.1%} of the full run (goal <= 15%)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

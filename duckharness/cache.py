@@ -26,6 +26,7 @@ ENV = "DUCKHARNESS_CACHE"
 
 
 OFF = ("0", "off", "false", "no", "none")
+_FILE = "__cache_entry"
 _SHARD = re.compile(r"[0-9a-f]{2}")
 _ENTRY = re.compile(r"\.?[0-9a-f]{64}\.(parquet|json)(\.[0-9a-f]{8}\.tmp)?")
 
@@ -68,6 +69,22 @@ class StatsCache:
 
     def put(self, key: str, frame: pl.DataFrame) -> None:
         self._write(self._path(key), frame.write_parquet)
+
+    def get_many(self, keys: Sequence[str]) -> list[pl.DataFrame | None]:
+        """``[self.get(k) for k in keys]``, reading the stored entries in one Parquet read (a
+        re-run reads a few tiny files per day of data); any trouble and each is read alone."""
+        paths = {k: self._path(k) for k in keys}
+        stored = [k for k in dict.fromkeys(keys) if paths[k].is_file()]
+        if len(stored) < 2:
+            return [self.get(k) if k in stored else None for k in keys]
+        try:
+            both = pl.read_parquet([str(paths[k]) for k in stored], include_file_paths=_FILE)
+            parts = both.partition_by(_FILE, as_dict=True, include_key=False)
+            empty = both.clear().drop(_FILE)
+            found = {k: parts.get((str(paths[k]),), empty) for k in stored}
+        except (OSError, pl.exceptions.PolarsError):
+            return [self.get(k) if k in stored else None for k in keys]
+        return [found.get(k) for k in keys]
 
     def get_values(self, key: str) -> list[float | None] | None:
         """A small list of numbers stored under ``key`` (the shifts of a run), or None."""

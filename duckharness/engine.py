@@ -225,7 +225,7 @@ def _map_partials(
         t1 = time.perf_counter()
         stats.timings["plan"] = t1 - t0  # resolving the chain, the shifts query, building every query
         keys = [cache.key(sql, b) for sql, b in zip(sqls, batches, strict=True)] if cache is not None else []
-        cached: list[pl.DataFrame | None] = [cache.get(k) for k in keys] if cache is not None else [None] * len(sqls)
+        cached: list[pl.DataFrame | None] = cache.get_many(keys) if cache is not None else [None] * len(sqls)
         needed = {DAY, *(n for n, _ in scan.by), *scan.keys, *scan.aggregates}
         cached = [f if f is not None and needed <= set(f.columns) else None for f in cached]  # not ours: recompute
         todo = [i for i, c in enumerate(cached) if c is None]

@@ -249,3 +249,20 @@ def test_clear_removes_the_entries_and_nothing_else(backtest: Path, tmp_path: Pa
 def test_cache_off_by_environment(backtest: Path, value: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DUCKHARNESS_CACHE", value)
     assert Harness(backtest).cache is None
+
+
+def test_entries_read_together_equal_entries_read_one_by_one(tmp_path: Path) -> None:
+    cache = StatsCache(tmp_path / "c")
+    frames = {f"{i:064x}": pl.DataFrame({"__rows": [float(i), 2.0 * i], "__s1": [0.5 * i, None]}) for i in range(4)}
+    frames[f"{9:064x}"] = pl.DataFrame(schema={"__rows": pl.Float64, "__s1": pl.Float64})  # a batch with no rows
+    for key, frame in frames.items():
+        cache.put(key, frame)
+    keys = [f"{3:064x}", f"{7:064x}", f"{0:064x}", f"{9:064x}", f"{3:064x}", f"{1:064x}"]
+    together = cache.get_many(keys)
+    assert [f is None for f in together] == [False, True, False, False, False, False]
+    for key, frame in zip(keys, together, strict=True):
+        if frame is not None:
+            assert frame.equals(frames[key]) and frame.schema == frames[key].schema
+    (tmp_path / "c" / "00" / f"{0:064x}.parquet").write_bytes(b"garbage")
+    again = cache.get_many(keys)
+    assert again[2] is None and again[0] is not None and again[0].equals(frames[keys[0]])
