@@ -123,5 +123,8 @@ class StatsCache:
             with contextlib.suppress(OSError):
                 shard.rmdir()  # only when empty
 
+    def __bool__(self) -> bool:  # a cache is on even while it is empty (``if h.cache:``)
+        return True
+
     def __len__(self) -> int:
         return sum(1 for _ in self.folder.glob("*/*.parquet")) if self.folder.exists() else 0

@@ -266,3 +266,8 @@ def test_entries_read_together_equal_entries_read_one_by_one(tmp_path: Path) -> 
     (tmp_path / "c" / "00" / f"{0:064x}.parquet").write_bytes(b"garbage")
     again = cache.get_many(keys)
     assert again[2] is None and again[0] is not None and again[0].equals(frames[keys[0]])
+
+
+def test_an_empty_cache_is_still_on(tmp_path: Path) -> None:
+    cache = StatsCache(tmp_path / "empty")
+    assert len(cache) == 0 and bool(cache)
