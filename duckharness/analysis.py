@@ -176,6 +176,7 @@ def compare(
             rows.append(_row(pair, days, va, vb, sa, sb_, ["sum", "sum"], mean_ic, lag, n_boot, seed, level))
     else:
         m = h.metric_library.get(metric)
+        h._refresh()  # (the rank-IC branch reads through h.rank_ic, which does this itself)
         with h._control() as control:
             stats = run_stats(
                 h.dataset,

@@ -374,7 +374,7 @@ def canonical(frame: pl.DataFrame, scan: FusedScan) -> pl.DataFrame:
     if PART not in frame.columns:
         frame = frame.with_columns(pl.lit(0, dtype=pl.Int32).alias(PART))
     frame = frame.select(cached_columns(frame, scan))
-    keys = [c for c in frame.columns if c not in scan.merges]
+    keys = [c for c in frame.columns if c not in scan.aggregates]
     return frame.sort(keys, nulls_last=True) if frame.height > 1 else frame
 
 
@@ -513,7 +513,7 @@ def merge_results(
         else:
             order, group, sorted_keys = np.arange(n), np.zeros(n, dtype=np.int64), None
         stat_cols = sorted({ROWS} | {c for t in targets for m in metrics for c in t.stats[m.name].values()})
-        scan_merges = {t.stats[m.name][s]: m.merge[s] for t in targets for m in metrics for s in m.stat_names}
+        merge_of = {t.stats[m.name][s]: m.merge[s] for t in targets for m in metrics for s in m.stat_names}
         key_cols = sorted({k for t in targets for k in (*t.conds, t.valid)})
         col = {c: j for j, c in enumerate(stat_cols)}
         flag = {k: j for j, k in enumerate(key_cols)}
@@ -533,7 +533,7 @@ def merge_results(
             valid = flags[rows, flag[t.valid]]
             # Every stat column of the target and the excluded rows, merged in one pass.
             used = list(dict.fromkeys(t.stats[m.name][s] for m in metrics for s in m.stat_names))
-            how = [scan_merges[c] for c in used]
+            how = [merge_of[c] for c in used]
             block = values[rows][:, [col[c] for c in [*used, ROWS]]]
             skip = missing[rows][:, [col[c] for c in used]] | ~valid[:, None]  # stats: valid cells only
             invalid = np.where(valid, 0.0, block[:, -1])[:, None]

@@ -548,7 +548,6 @@ class Harness:
         Example:
             >>> h.series("corr", "pred_10s", plot="ic.png")                        # doctest: +SKIP
         """
-        self._refresh()
         from duckharness.analysis import daily_series
 
         names = [metrics] if isinstance(metrics, str) else list(metrics)
@@ -587,7 +586,6 @@ class Harness:
         Example:
             >>> h.summary(["rank_ic", "corr"], "pred_10s:target_10s")               # doctest: +SKIP
         """
-        self._refresh()
         from duckharness.analysis import summarize
 
         if lag is not None and lag < 0:
@@ -630,7 +628,6 @@ class Harness:
             >>> c = h.compare("mse", "clipped", "baseline", "pred_10s:target_10s", seed=7)   # doctest: +SKIP
             >>> c.table.select("diff", "dm_stat", "p_value", "ci_low", "ci_high")  # doctest: +SKIP
         """
-        self._refresh()
         from duckharness.analysis import compare
 
         self._check_metric_names([metric])

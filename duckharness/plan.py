@@ -164,7 +164,6 @@ class FusedScan:
         self.metrics = list(metrics)
         self.keys: dict[str, exp.Expr] = {}
         self.aggregates: dict[str, exp.Expr] = {ROWS: exp.Count(this=exp.Star())}
-        self.merges: dict[str, str] = {ROWS: "sum"}  # aggregate column -> how partials merge
         self._agg_by_text: dict[str, str] = {sb.render(self.aggregates[ROWS]): ROWS}
         self._key_by_text: dict[str, str] = {}
         self._skeletons: dict[tuple[bool, bool], str] = {}
@@ -263,8 +262,6 @@ class FusedScan:
             target = Target(name, pair, conds, valid, checks=checks, inputs=inputs, fast=fast)
             for m in self.metrics:
                 target.stats[m.name] = {stat: bind(m.name, stat, agg) for stat, agg in m.stats}
-                self.merges.update({target.stats[m.name][stat]: m.merge[stat] for stat in m.stat_names})
-            self.merges.update(dict.fromkeys(checks, "sum"))
             targets.append(target)
         return targets
 
