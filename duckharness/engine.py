@@ -254,7 +254,9 @@ def _map_partials(
                 for q in flat:
                     tracer(q)
             bar.total += len(flat) - len(chosen)
-            done = iter(executor.map(_sql_task, flat, describe=lambda sql: files_of[sql], on_done=bar.advance))
+            done = iter(
+                executor.map(_sql_task, flat, describe=lambda sql: files_of[sql], on_done=bar.advance, home=control)
+            )
             return [pl.concat([next(done) for _ in qs], how="vertical_relaxed") for qs in runs]
 
         computed = compute(todo)

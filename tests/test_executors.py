@@ -156,9 +156,9 @@ def count_attempts(ex: Executor, monkeypatch: pytest.MonkeyPatch, path: str) -> 
     def touches(task: Any) -> bool:
         return path in task if isinstance(task, str) else any(f.path == path for f in task.files)
 
-    def counted(fn: Callable[..., Any], tasks: list[Any]) -> list[tuple[bool, Any]]:
+    def counted(fn: Callable[..., Any], tasks: list[Any], home: Any = None) -> list[tuple[bool, Any]]:
         attempts.append(sum(touches(t) for t in tasks))
-        return real(fn, tasks)
+        return real(fn, tasks, home)
 
     monkeypatch.setattr(ex, "_round", counted)
     return attempts
@@ -234,9 +234,9 @@ def count_rounds(ex: Executor | str, monkeypatch: pytest.MonkeyPatch) -> list[in
     if isinstance(ex, Executor):
         real = ex._round
 
-        def counted(fn: Callable[..., Any], tasks: list[Any]) -> list[tuple[bool, Any]]:
+        def counted(fn: Callable[..., Any], tasks: list[Any], home: Any = None) -> list[tuple[bool, Any]]:
             rounds.append(len(tasks))
-            return real(fn, tasks)
+            return real(fn, tasks, home)
 
         monkeypatch.setattr(ex, "_round", counted)
     return rounds
@@ -330,6 +330,58 @@ def test_retries_0_fails_at_the_first_error(
             h.metrics(["count"], executor=ex)
     assert info.value.files == [bad]
     assert attempts == [1]
+
+
+def test_thread_workers_run_on_cursors_of_the_home_database_and_retry_on_fresh_connections(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from duckharness.connection import ConnectionConfig
+
+    config = ConnectionConfig(threads=1)
+    home = config.open()
+    home.execute("CREATE TABLE marker AS SELECT 7 AS x").fetchall()  # only its database has it
+    opened: list[int] = []
+    real_open = ConnectionConfig.open
+    monkeypatch.setattr(ConnectionConfig, "open", lambda self: opened.append(1) or real_open(self))
+    failed: set[int] = set()
+
+    def task(con: Any, i: int) -> tuple[int, bool, str]:
+        has_marker = bool(con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'marker'").fetchone()[0])
+        if i == 5 and i not in failed:  # the last task, so no other runs after it on its thread
+            failed.add(i)
+            raise RuntimeError("transient")
+        zone = con.execute("SELECT current_setting('TimeZone')").fetchone()[0]
+        threads = con.execute("SELECT current_setting('threads')").fetchone()[0]
+        assert threads == 1
+        return i * i, has_marker, zone
+
+    ex = ThreadExecutor(2).with_config(config)
+    out = ex.map(task, list(range(6)), home=home)
+    assert [v for v, _, _ in out] == [i * i for i in range(6)]
+    assert all(zone == "UTC" for _, _, zone in out)  # cursors get the config's session settings
+    # The first round ran on the home database's cursors (no connection opened); the retried
+    # task ran on a fresh connection, which does not see the home database's table.
+    assert [m for _, m, _ in out[:5]] == [True] * 5
+    assert out[5][1] is False and opened == [1]
+    home.close()
+
+
+def test_metrics_on_home_cursors_equal_metrics_on_fresh_connections(
+        folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from duckharness.connection import ConnectionConfig
+
+    opened: list[int] = []
+    real_open = ConnectionConfig.open
+    monkeypatch.setattr(ConnectionConfig, "open", lambda self: opened.append(1) or real_open(self))
+    with with_experiments(Harness(folder, workers=2, cache=False)) as h:
+        del opened[:]
+        shared = h.metrics(METRICS, experiments=["baseline", "liquid"])
+        assert opened == []  # the fused scan ran on cursors of the harness's database
+        real_map = ThreadExecutor.map
+        monkeypatch.setattr(ThreadExecutor, "map", lambda self, *a, home=None, **k: real_map(self, *a, **k))
+        fresh = h.metrics(METRICS, experiments=["baseline", "liquid"])
+        assert len(opened) == 2  # one connection per worker
+    assert shared.filter(pl.col("metric") == "r2").height == 2 * 3 and shared.equals(fresh)  # bit for bit
 
 
 def test_harness_retries_argument_reaches_its_executor(copy: Path) -> None:
