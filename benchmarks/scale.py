@@ -9,8 +9,10 @@ Each measurement runs in a fresh subprocess (so peak RSS is that run's alone):
 - grouping: W1 pooled vs ``by="day"`` vs ``by="symbol"`` (goal: each <= 1.3x pooled);
 - incremental: full runs on 19 days into a cache, then the 20th day added to a copy of that cache
   (medians of --runs each; goal: <= 15% of the full run).
+- incremental_ic: the same for the per-day rank IC of pred_10s (baseline and liquid), whose
+  per-day scans are cached too (one run each: a full rank-IC run takes ~10 s).
 
-usage: scale.py [--data60 DIR] [--w1 DIR] [--runs N] [--only scale,sink,grouping,incremental]
+usage: scale.py [--data60 DIR] [--w1 DIR] [--runs N] [--only scale,sink,grouping,incremental,incremental_ic]
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ t = time.perf_counter()
 if spec["job"] == "sink":
     r = h.sink("tight", spec["out"], partition_by="day")
     rows = r.rows
+elif spec["job"] == "rank_ic":
+    rows = h.rank_ic(["pred_10s:target_10s"], ["baseline", "liquid"]).height
 else:
     df = h.metrics(["count", "r2", "mse", "mae", "corr", "hit_rate"], by=spec.get("by"))
     rows = df.height
@@ -87,7 +91,7 @@ def main() -> None:
     ap.add_argument("--w1", default=str(REPO / "bench-data" / "w1"))
     ap.add_argument("--shared", default=str(REPO.parent / "shared"))
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--only", default="scale,sink,grouping,incremental",
+    ap.add_argument("--only", default="scale,sink,grouping,incremental,incremental_ic",
                     help="comma-separated measurements to run (default: all)")
     a = ap.parse_args()
     data60, w1, shared = Path(a.data60), Path(a.w1), Path(a.shared)
@@ -132,6 +136,13 @@ def main() -> None:
             print(f"incremental: full 19 days {full:.2f} s; +1 day {inc:.3f} s "
                   f"({incs[0]['hits']} batches from the cache; runs {walls}): "
                   f"{inc / full:.1%} of the full run (goal <= 15%)")
+        if "incremental_ic" in only:
+            days = subset(w1, 19, tmp / "inc_ic")
+            full_ic = run({"source": str(days), "job": "rank_ic", "cache": str(tmp / "ic_cache")})
+            (days / sorted(w1.glob("*.parquet"))[19].name).symlink_to(sorted(w1.glob("*.parquet"))[19])
+            inc_ic = run({"source": str(days), "job": "rank_ic", "cache": str(tmp / "ic_cache")})
+            print(f"incremental rank IC: full 19 days {full_ic['wall']:.2f} s; +1 day {inc_ic['wall']:.3f} s: "
+                  f"{inc_ic['wall'] / full_ic['wall']:.1%} of the full run")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

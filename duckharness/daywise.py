@@ -25,6 +25,8 @@ import polars as pl
 from sqlglot import exp
 
 from duckharness import sqlbuild as sb
+from duckharness.cache import StatsCache
+from duckharness.chain import source_query
 from duckharness.engine import ChainTask, run_chain_task
 from duckharness.errors import InputError, UnknownColumnError
 from duckharness.executor import Executor
@@ -181,15 +183,25 @@ def _run(
     *,
     batch_size: int,
     tracer: Tracer | None,
+    outputs: frozenset[str],
     need_ts: bool = False,
+    cache: StatsCache | None = None,
 ) -> pl.DataFrame:
     """Run ``build(relation, day, types)`` over each day group of each experiment; one frame
-    with an ``experiment`` column."""
+    with an ``experiment`` column.
+
+    With a ``cache``, each day group's frame of an all-SQL experiment is stored under the SQL
+    that made it (the experiment's whole chain over those files, and the per-day query) and the
+    files' identities, so a re-run computes only new or changed days. A chain with a Python step
+    has no SQL to key it by, so it is always computed. ``outputs`` are the columns a frame has
+    (a stored entry without them is recomputed).
+    """
     tcol = dataset.time_column
     if need_ts and tcol is None:
         raise InputError("Cross-sectional rank IC needs a time column (set 'time_column' in metadata.json).")
     tasks: list[ChainTask] = []
     labels: list[str] = []
+    keys: list[str | None] = []
     groups = day_groups(dataset, window)
     for name in names:
         cols = experiments.columns(name)
@@ -209,16 +221,36 @@ def _run(
             )
         rel = exp.Table(this=sb.ident(name))
         per_group = groups if experiments.batchable(name) else [list(dataset.files)]
+        keyable = cache is not None and not experiments.has_python(name)
         for g in per_group:
             _, day = window_and_day(dataset, g, window, need_day=True)
             sql = sb.render(build(rel, day, cols))
-            if tracer is not None:
-                tracer(sql)
             tasks.append(ChainTask(dataset, experiments, name, list(g), window, batch_size, sql))
             labels.append(name)
+            if keyable:
+                assert cache is not None
+                rows = sb.render(experiments.query(name, source_query(dataset, g, window)))
+                keys.append(cache.key(f"{rows}\0{sql}", g))
+            else:
+                keys.append(None)
+    stored = iter(cache.get_many([k for k in keys if k is not None]) if cache is not None else [])
+    frames: list[pl.DataFrame | None] = [None if k is None else next(stored) for k in keys]
+    frames = [f if f is not None and outputs <= set(f.columns) else None for f in frames]  # not ours: recompute
+    todo = [i for i, f in enumerate(frames) if f is None]
+    if tracer is not None:
+        for i, f in enumerate(frames):
+            tracer(f"-- from the cache: {', '.join(x.path for x in tasks[i].files)}" if f is not None else tasks[i].sql)
     executor.with_config(dataset.connection(1))
-    frames = executor.map(run_chain_task, tasks, describe=lambda t: [f.path for f in t.files])
-    out = [f.with_columns(pl.lit(n).alias("experiment")) for n, f in zip(labels, frames, strict=True) if f.height]
+    computed = executor.map(run_chain_task, [tasks[i] for i in todo], describe=lambda t: [f.path for f in t.files])
+    for i, frame in zip(todo, computed, strict=True):
+        frames[i] = frame
+        if cache is not None and (key := keys[i]) is not None:
+            cache.put(key, frame)
+    out = [
+        f.with_columns(pl.lit(n).alias("experiment"))
+        for n, f in zip(labels, frames, strict=True)
+        if f is not None and f.height
+    ]
     if not out:
         return pl.DataFrame(schema={"experiment": pl.String, PAIR: pl.Int64, DAY: pl.Date})
     return pl.concat(out, how="diagonal_relaxed")
@@ -242,6 +274,7 @@ def rank_ic(
     cross_section: bool = False,
     batch_size: int = 1,
     tracer: Tracer | None = None,
+    cache: StatsCache | None = None,
 ) -> pl.DataFrame:
     """Per-day rank IC of every experiment and pair, tidy: ``experiment, pred, target, day,
     metric, value`` with metrics ``rank_ic``, ``n`` (rows used) and, cross-sectionally,
@@ -258,6 +291,8 @@ def rank_ic(
         batch_size=batch_size,
         tracer=tracer,
         need_ts=cross_section,
+        outputs=frozenset({PAIR, DAY, "__s_ic", "__s_n"} | ({"__s_sections"} if cross_section else set())),
+        cache=cache,
     )
     if raw.height == 0:
         return pl.DataFrame(
@@ -311,6 +346,7 @@ def quantile_buckets(
     by_day: bool = False,
     batch_size: int = 1,
     tracer: Tracer | None = None,
+    cache: StatsCache | None = None,
 ) -> pl.DataFrame:
     """Mean target (and pred) by per-day prediction-quantile bucket, pooled across days (or
     per day): ``experiment, pred, target, [day], bucket, n, mean_pred, mean_target``."""
@@ -326,6 +362,8 @@ def quantile_buckets(
         lambda rel, day, types: bucket_query(rel, day, pairs, types, buckets),
         batch_size=batch_size,
         tracer=tracer,
+        outputs=frozenset({PAIR, DAY, BUCKET, "__s_n", "__s_sp", "__s_st"}),
+        cache=cache,
     )
     keys = ["experiment", PAIR, *([DAY] if by_day else []), BUCKET]
     if raw.height == 0:

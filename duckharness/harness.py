@@ -524,6 +524,7 @@ class Harness:
             cross_section=cross_section,
             batch_size=self.batch_size,
             tracer=self.tracer,
+            cache=self.cache,
         )
         self._record_run(t)
         return out
@@ -703,6 +704,7 @@ class Harness:
             by_day=by == "day",
             batch_size=self.batch_size,
             tracer=self.tracer,
+            cache=self.cache,
         )
         self._record_run(t)
         if plot is not None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -49,14 +51,23 @@ def test_rerun_is_served_from_cache_with_identical_values(backtest: Path, tmp_pa
     assert counts(a) == reference_count(backtest)
 
 
-def test_adding_a_day_reads_only_the_new_file(make_backtest, tmp_path: Path) -> None:
-    folder = make_backtest(days=6)
-    cache = tmp_path / "cache"
+@contextlib.contextmanager
+def newest_day_held_back(folder: Path, tmp_path: Path) -> Iterator[Path]:
+    """The folder without its newest file inside the block; the file is back after it."""
     newest = sorted(folder.glob("*.parquet"))[-1]
     held = tmp_path / newest.name
     shutil.move(newest, held)
-    Harness(folder, cache=cache).metrics(METRICS, pairs=PAIR)
-    shutil.move(held, newest)
+    try:
+        yield newest
+    finally:
+        shutil.move(held, newest)
+
+
+def test_adding_a_day_reads_only_the_new_file(make_backtest, tmp_path: Path) -> None:
+    folder = make_backtest(days=6)
+    cache = tmp_path / "cache"
+    with newest_day_held_back(folder, tmp_path) as newest:
+        Harness(folder, cache=cache).metrics(METRICS, pairs=PAIR)
     statements: list[str] = []
     h = Harness(folder, cache=cache, tracer=statements.append)
     df = h.metrics(METRICS, pairs=PAIR)
@@ -271,3 +282,123 @@ def test_entries_read_together_equal_entries_read_one_by_one(tmp_path: Path) -> 
 def test_an_empty_cache_is_still_on(tmp_path: Path) -> None:
     cache = StatsCache(tmp_path / "empty")
     assert len(cache) == 0 and bool(cache)
+
+
+# --- per-day scans (rank IC, deciles) ------------------------------------------------------------
+
+def reference_rank_ic(folder: Path, experiment_filter: str | None = None) -> dict:
+    """scipy's Spearman rho of pred_10s and target_10s per US/Eastern day inside 09:30-16:00."""
+    from scipy.stats import spearmanr
+
+    df = pl.concat([pl.from_arrow(pq.read_table(f)) for f in sorted(folder.glob("*.parquet"))], how="diagonal_relaxed")
+    local = pl.col("ts").dt.convert_time_zone("US/Eastern")
+    secs = local.dt.hour().cast(pl.Int64) * 3600 + local.dt.minute().cast(pl.Int64) * 60 + local.dt.second()
+    df = df.with_columns(local.dt.date().alias("day"), (secs + local.dt.microsecond() / 1e6).alias("t"))
+    df = df.filter((pl.col("t") >= 9.5 * 3600) & (pl.col("t") <= 16 * 3600))
+    df = df.filter(pl.col("pred_10s").is_finite() & pl.col("target_10s").is_finite())
+    if experiment_filter == "liquid":
+        df = df.filter(pl.col("volume") > 1000)
+    return {
+        day: spearmanr(g["pred_10s"].to_numpy(), g["target_10s"].to_numpy()).statistic
+        for (day,), g in df.group_by("day")
+    }
+
+
+def ic_by_day(df: pl.DataFrame, experiment: str = "baseline") -> dict:
+    sel = df.filter((pl.col("experiment") == experiment) & (pl.col("metric") == "rank_ic"))
+    return dict(zip(sel["day"].to_list(), sel["value"].to_list(), strict=True))
+
+
+def scans_and_hits(statements: list[str]) -> tuple[int, int]:
+    hits = sum(s.startswith("-- from the cache") for s in statements)
+    scans = sum("READ_PARQUET" in s or "PARTITION BY" in s for s in statements if not s.startswith("--"))
+    return scans, hits
+
+
+def test_rank_ic_and_deciles_reruns_come_from_the_cache_bit_for_bit(backtest: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with Harness(backtest, cache=cache) as h:
+        h.add_experiment("liquid", "volume > 1000")
+        ic, dec = h.rank_ic("pred_10s:target_10s"), h.deciles("pred_10s:target_10s")
+    statements: list[str] = []
+    with Harness(backtest, cache=cache, tracer=statements.append) as h:
+        h.add_experiment("liquid", "volume > 1000")
+        del statements[:]
+        ic2, dec2 = h.rank_ic("pred_10s:target_10s"), h.deciles("pred_10s:target_10s")
+    assert scans_and_hits(statements) == (0, 2 * 2 * 6)  # 2 calls x 2 experiments x 6 days, none scanned
+    assert ic.equals(ic2) and dec.equals(dec2)
+    with Harness(backtest, cache=False) as h:
+        h.add_experiment("liquid", "volume > 1000")
+        assert ic.equals(h.rank_ic("pred_10s:target_10s")) and dec.equals(h.deciles("pred_10s:target_10s"))
+    for name in ("baseline", "liquid"):
+        got, ref = ic_by_day(ic, name), reference_rank_ic(backtest, name)
+        assert got.keys() == ref.keys()
+        assert all(got[d] == pytest.approx(ref[d], rel=1e-12, abs=1e-15) for d in ref)
+
+
+def test_adding_a_day_scans_only_that_day_for_rank_ic(make_backtest, tmp_path: Path) -> None:
+    folder = make_backtest(days=6)
+    cache = tmp_path / "cache"
+    with newest_day_held_back(folder, tmp_path) as newest:
+        Harness(folder, cache=cache).rank_ic("pred_10s:target_10s")
+    statements: list[str] = []
+    h = Harness(folder, cache=cache, tracer=statements.append)
+    del statements[:]
+    df = h.rank_ic("pred_10s:target_10s")
+    assert scans_and_hits(statements) == (1, 5)
+    assert newest.stem in next(s for s in statements if not s.startswith("--"))  # its day label
+    ref = reference_rank_ic(folder)
+    assert len(ref) == 6 and all(ic_by_day(df)[d] == pytest.approx(ref[d], rel=1e-12) for d in ref)
+    assert df.equals(Harness(folder, cache=False).rank_ic("pred_10s:target_10s"))
+
+
+def test_rank_ic_of_a_rewritten_file_or_changed_experiment_is_recomputed(backtest: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with Harness(backtest, cache=cache) as h:
+        h.add_experiment("liquid", "volume > 1000")
+        h.rank_ic("pred_10s:target_10s", ["baseline", "liquid"])
+    victim = sorted(backtest.glob("*.parquet"))[2]
+    table = pq.read_table(victim)
+    rng = np.random.default_rng(5)
+    table = table.set_column(table.schema.get_field_index("pred_10s"), "pred_10s",
+                             pa.array(rng.normal(size=table.num_rows)))
+    pq.write_table(table, victim)
+    stat = os.stat(victim)
+    os.utime(victim, (stat.st_atime, stat.st_mtime + 5))
+    statements: list[str] = []
+    with Harness(backtest, cache=cache, tracer=statements.append) as h:
+        h.add_experiment("liquid", "volume > 5000")  # same name, other SQL
+        del statements[:]
+        df = h.rank_ic("pred_10s:target_10s", ["baseline", "liquid"])
+    assert scans_and_hits(statements) == (1 + 6, 5)  # baseline: the rewritten day; liquid: every day
+    ref = reference_rank_ic(backtest)
+    assert all(ic_by_day(df)[d] == pytest.approx(ref[d], rel=1e-12) for d in ref)
+    with Harness(backtest, cache=False) as fresh:
+        fresh.add_experiment("liquid", "volume > 5000")
+        assert df.equals(fresh.rank_ic("pred_10s:target_10s", ["baseline", "liquid"]))
+
+
+def test_python_experiments_per_day_scans_are_not_cached(backtest: Path, tmp_path: Path) -> None:
+    def flip(frame: pl.LazyFrame) -> pl.LazyFrame:
+        return frame.with_columns(-pl.col("pred_10s"))
+
+    cache = tmp_path / "cache"
+    for _ in range(2):
+        statements: list[str] = []
+        with Harness(backtest, cache=cache, tracer=statements.append) as h:
+            h.add_experiment("flipped", flip)
+            del statements[:]
+            df = h.rank_ic("pred_10s:target_10s", ["flipped"])
+        assert scans_and_hits(statements) == (6, 0)
+    ref = reference_rank_ic(backtest)
+    assert all(ic_by_day(df, "flipped")[d] == pytest.approx(-ref[d], rel=1e-12) for d in ref)
+
+
+def test_per_day_entry_without_its_columns_is_recomputed(backtest: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    first = Harness(backtest, cache=cache).rank_ic("pred_10s:target_10s")
+    for entry in (tmp_path / "cache").glob("*/*.parquet"):
+        pl.DataFrame({"something": [1.0]}).write_parquet(entry)  # valid Parquet, not ours
+    statements: list[str] = []
+    again = Harness(backtest, cache=cache, tracer=statements.append).rank_ic("pred_10s:target_10s")
+    assert scans_and_hits(statements)[1] == 0 and again.equals(first)
