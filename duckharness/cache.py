@@ -15,11 +15,13 @@ import json
 import os
 import re
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import polars as pl
 
+from duckharness.errors import InputError
 from duckharness.source import FileInfo
 
 ENV = "DUCKHARNESS_CACHE"
@@ -49,6 +51,8 @@ class StatsCache:
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise InputError(f"The cache folder {str(self.folder)!r} is a file; give a folder (or cache=False).")
 
     @staticmethod
     def key(sql: str, files: Sequence[FileInfo]) -> str:
@@ -100,15 +104,24 @@ class StatsCache:
         self._write(self._path(key).with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(list(values))))
 
     def _write(self, path: Path, write: Callable[[Path], object]) -> None:
-        """Write to a temporary name, then rename into place: readers see all or nothing."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write to a temporary name, then rename into place: readers see all or nothing. A
+        cache that cannot be written (read-only, full disk) only warns: the run's results do not
+        depend on it, and nothing half-written is left."""
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             write(tmp)
             os.replace(tmp, path)
+        except OSError as e:
+            warnings.warn(
+                f"Cannot write to the cache folder {str(self.folder)!r} ({e.strerror or e}); this run's "
+                f"results are not cached.",
+                stacklevel=4,
+            )
         finally:
-            if tmp.exists():
-                tmp.unlink()
+            with contextlib.suppress(OSError):
+                if tmp.exists():
+                    tmp.unlink()
 
     def clear(self) -> None:
         """Remove every entry this cache wrote (the folder itself, and anything else in it, stay)."""

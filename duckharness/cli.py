@@ -246,6 +246,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _at_least_2(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
+    return value
+
+
 def _source_options(p: argparse.ArgumentParser, *, experiments: bool = True, window: bool = True) -> None:
     p.add_argument("source", help="directory, glob or Parquet file of backtest results")
     p.add_argument("--metadata", metavar="FILE", help="metadata JSON file (default: metadata.json beside the data)")
@@ -441,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     _source_options(dc)
     dc.add_argument("--experiment", action="append", metavar="NAME", help="only these experiments (repeatable)")
     dc.add_argument("--pair", action="append", metavar="PRED:TARGET", help=pair_help)
-    dc.add_argument("--buckets", type=_positive, default=10, help="number of buckets (default 10)")
+    dc.add_argument("--buckets", type=_at_least_2, default=10, help="number of buckets (default 10)")
     dc.add_argument("--plot", metavar="FILE.png", help="save the bucket chart (PNG; .pdf or .svg by the extension)")
     dc.add_argument("--format", choices=formats, default="table", help="output format")
     dc.set_defaults(func=cmd_deciles)

@@ -11,10 +11,11 @@ connection of its own, in parallel, like any batch. Rows whose pred or target is
   correlation of the average ranks of pred and target (ties get the mean of the ranks they
   span), which is Spearman's rho; a cross-sectional day's value is the mean of its timestamps'
   ICs (cross-sections whose IC is undefined, e.g. a single symbol, are skipped).
-- **Quantile buckets**: each day's prediction quantiles ``quantile_cont(pred, k/q)`` (linear
-  interpolation, as numpy and pandas) cut the day's rows into ``q`` buckets ``(e_{k−1}, e_k]``,
-  the lowest including the minimum, which is ``pandas.qcut(pred, q, labels=False) + 1`` per day;
-  counts and sums of pred and target per bucket merge exactly across days.
+- **Quantile buckets**: each day's prediction quantiles (pandas' levels and numpy's linear
+  interpolation, computed in SQL to the same bits: :func:`bucket_query`) cut the day's rows into
+  ``q`` buckets ``(e_{k−1}, e_k]``, the lowest including the minimum, which is
+  ``pandas.qcut(pred, q, labels=False) + 1`` per day; counts and sums of pred and target per
+  bucket merge exactly across days.
 """
 
 from __future__ import annotations
@@ -137,18 +138,86 @@ def rank_ic_query(
     return sb.union_all(parts)
 
 
+def qcut_levels(buckets: int) -> list[float]:
+    """The interior quantile levels ``pandas.qcut(x, buckets)`` uses: ``linspace(0, 1, q + 1)``,
+    each rounded up to the next double when ``q * level`` is not the whole number it stands for."""
+    import numpy as np
+
+    levels = np.linspace(0, 1, buckets + 1)
+    np.putmask(levels, buckets * levels != np.arange(buckets + 1), np.nextafter(levels, 1))
+    return [float(v) for v in levels[1:-1]]
+
+
+def _double(value: float) -> exp.Expr:
+    return sb.cast(sb.string(repr(value)), "DOUBLE")  # parsed from its shortest repr: the same double
+
+
+def _edge_columns(n: exp.Expr, xs: exp.Expr, index: exp.Expr, k: int) -> list[exp.Expr]:
+    """numpy's neighbours of virtual index ``index`` (0-based; the end value past either end) in
+    the sorted list ``xs`` of ``n`` values, and its fraction: columns ``__a{k}, __b{k}, __t{k}``."""
+    last = exp.GTE(this=index.copy(), expression=exp.Sub(this=n.copy(), expression=sb.number(1)))
+    below = exp.LT(this=index.copy(), expression=sb.number(0))
+    floor = sb.func("floor", index.copy())
+
+    def at(offset: int) -> exp.Expr:
+        pos = (
+            exp.case()
+            .when(last.copy(), n.copy())
+            .when(below.copy(), sb.number(1))
+            .else_(exp.Add(this=sb.cast(floor.copy(), "BIGINT"), expression=sb.number(offset)))
+        )
+        return sb.func("list_extract", xs.copy(), pos)
+
+    t = exp.Sub(this=index.copy(), expression=floor.copy())
+    return [sb.alias(at(1), f"__a{k}"), sb.alias(at(2), f"__b{k}"), sb.alias(t, f"__t{k}")]
+
+
+def _lerp(k: int) -> exp.Expr:
+    """numpy's ``_lerp``: ``a + (b - a) * t``, or ``b - (b - a) * (1 - t)`` when ``t >= 0.5``."""
+    a, b, t = sb.column(f"__a{k}"), sb.column(f"__b{k}"), sb.column(f"__t{k}")
+    diff = exp.paren(exp.Sub(this=b.copy(), expression=a.copy()))
+    one_minus_t = exp.paren(exp.Sub(this=_double(1.0), expression=t.copy()))
+    up = exp.Sub(this=b, expression=exp.Mul(this=diff.copy(), expression=one_minus_t))
+    down = exp.Add(this=a, expression=exp.Mul(this=diff, expression=t.copy()))
+    return exp.case().when(exp.GTE(this=t, expression=_double(0.5)), up).else_(down)
+
+
 def bucket_query(
     relation: exp.Expr, day: exp.Expr, pairs: Sequence[Pair], types: dict[str, str], buckets: int
 ) -> exp.Expr:
-    """Per (pair, day, bucket): rows, sum of pred and sum of target."""
+    """Per (pair, day, bucket): rows, sum of pred and sum of target.
+
+    The edges are ``pandas.qcut``'s, bit for bit: its quantile levels (:func:`qcut_levels`) and
+    ``numpy.quantile``'s linear method (virtual index ``(n - 1) * q``, then its ``_lerp``) on
+    each day's sorted preds. (DuckDB's ``quantile_cont`` rounds
+    differently, so a row lying exactly on an edge could land one bucket up.)
+    """
     parts = []
-    qs = exp.Array(expressions=[sb.number(k / buckets) for k in range(1, buckets)])
+    levels = qcut_levels(buckets)
     for i, pair in enumerate(pairs):
         rows = _valid_rows(relation, day, pair, types, None)
-        edges = sb.select(
-            [sb.column(DAY), sb.alias(sb.func("quantile_cont", sb.column(_P), qs.copy()), "__edges")],
+        n, xs = sb.column("__n"), sb.column("__xs")
+        sorted_ = sb.select(
+            [
+                sb.column(DAY),
+                sb.alias(exp.Count(this=exp.Star()), "__n"),
+                sb.alias(sb.func("list_sort", sb.func("list", sb.column(_P))), "__xs"),
+            ],
             exp.Table(this=sb.ident("v")),
             group_by_all=True,
+        )
+        # numpy's virtual index for its linear method: (n - 1) * q.
+        index = [
+            exp.Mul(this=sb.cast(exp.Sub(this=n.copy(), expression=sb.number(1)), "DOUBLE"), expression=_double(q))
+            for q in levels
+        ]
+        neighbours = sb.select(
+            [sb.column(DAY), *[c for k, ix in enumerate(index, 1) for c in _edge_columns(n, xs, ix, k)]],
+            exp.Table(this=sb.ident("s")),
+        )
+        edges = sb.select(
+            [sb.column(DAY), sb.alias(exp.Array(expressions=[_lerp(k) for k in range(1, buckets)]), "__edges")],
+            exp.Table(this=sb.ident("x")),
         )
         above: exp.Expr = sb.number(1)
         for k in range(1, buckets):
@@ -168,7 +237,7 @@ def bucket_query(
             .join(exp.Table(this=sb.ident("e")), on=on)
         )
         q.set("group", exp.Group(all=True))
-        parts.append(sb.with_ctes(q, [("v", rows), ("e", edges)]))
+        parts.append(sb.with_ctes(q, [("v", rows), ("s", sorted_), ("x", neighbours), ("e", edges)]))
     return sb.union_all([exp.paren(p) if len(parts) > 1 else p for p in parts])
 
 
@@ -239,7 +308,8 @@ def _run(
     todo = [i for i, f in enumerate(frames) if f is None]
     if tracer is not None:
         for i, f in enumerate(frames):
-            tracer(f"-- from the cache: {', '.join(x.path for x in tasks[i].files)}" if f is not None else tasks[i].sql)
+            hit = f"-- from the cache: {labels[i]}, {', '.join(x.path for x in tasks[i].files)}"
+            tracer(hit if f is not None else tasks[i].sql)
     executor.with_config(dataset.connection(1))
     computed = executor.map(run_chain_task, [tasks[i] for i in todo], describe=lambda t: [f.path for f in t.files])
     for i, frame in zip(todo, computed, strict=True):

@@ -72,7 +72,8 @@ def write_demo_dataset(
     start: dt.date = dt.date(2026, 3, 4),
     seed: int = 0,
 ) -> list[str]:
-    """Write ``days`` daily files (crossing the 2026-03-08 DST switch) and ``metadata.json``.
+    """Write ``days`` daily files (crossing the 2026-03-08 DST switch), ``metadata.json`` and
+    ``experiments.sql``.
 
     Returns the paths of the Parquet files written.
     """

@@ -451,7 +451,7 @@ class Harness:
         Returns:
             A tidy DataFrame: ``experiment, pred, target, [by...], metric, value``; each
             (experiment, pair, group) also has an ``n_excluded`` row counting rows dropped
-            because pred or target was NULL or NaN.
+            because pred or target was NULL, NaN or infinite.
         """
         self._refresh()
         if metrics == "rank_ic" or (not isinstance(metrics, str) and metrics is not None and "rank_ic" in metrics):
@@ -720,9 +720,13 @@ class Harness:
         self.last_run.timings["total"] = time.perf_counter() - started
 
     def _check_metric_names(self, names: Sequence[str]) -> None:
+        """Per-day statistics take ``rank_ic`` or a metric of the library; an error lists both."""
         for n in names:
-            if n != "rank_ic":
-                self.metric_library.get(n)  # raises UnknownMetricError naming it
+            if n != "rank_ic" and n not in self.metric_library.names:
+                raise UnknownMetricError(
+                    f"Unknown metric {n!r}. Available: {', '.join(['rank_ic', *self.metric_library.names])}.",
+                    metric=n,
+                )
 
     def _executor(self, executor: str | Executor | None, workers: int | None) -> Executor:
         """The executor for a run: a given instance, or one made from a name and kept (clusters

@@ -402,3 +402,24 @@ def test_per_day_entry_without_its_columns_is_recomputed(backtest: Path, tmp_pat
     statements: list[str] = []
     again = Harness(backtest, cache=cache, tracer=statements.append).rank_ic("pred_10s:target_10s")
     assert scans_and_hits(statements)[1] == 0 and again.equals(first)
+
+
+def test_a_cache_path_that_is_a_file_is_refused_up_front(backtest: Path, tmp_path: Path) -> None:
+    from duckharness.errors import InputError
+
+    afile = tmp_path / "not-a-folder"
+    afile.write_text("x")
+    with pytest.raises(InputError, match="is a file"):
+        Harness(backtest, cache=afile)
+
+
+def test_a_cache_that_cannot_be_written_warns_and_the_results_stand(backtest: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "blocked"
+    cache.mkdir()
+    for i in range(256):  # every shard name taken by a file: no entry can be written
+        (cache / f"{i:02x}").write_text("")
+    with pytest.warns(UserWarning, match="Cannot write to the cache folder"):
+        got = Harness(backtest, cache=cache).metrics(METRICS, pairs=PAIR)
+    assert got.equals(Harness(backtest, cache=False).metrics(METRICS, pairs=PAIR))
+    assert counts(got) == reference_count(backtest)
+    assert sorted(p.name for p in cache.iterdir()) == [f"{i:02x}" for i in range(256)]  # nothing left behind

@@ -71,7 +71,7 @@ def test_compare_daily_prints_the_per_day_differences(demo: Path, capsys: pytest
     ("args", "message"),
     [
         (["--a", "nosuch", "--b", "baseline", "--metric", "mse"], "Unknown experiment 'nosuch'"),
-        (["--a", "clipped", "--b", "baseline", "--metric", "msx"], "Unknown metric 'msx'"),
+        (["--a", "clipped", "--b", "baseline", "--metric", "msx"], "Unknown metric 'msx'. Available: rank_ic, "),
     ],
 )
 def test_compare_errors_name_the_culprit(demo: Path, capsys: pytest.CaptureFixture[str], args: list[str],
@@ -79,6 +79,19 @@ def test_compare_errors_name_the_culprit(demo: Path, capsys: pytest.CaptureFixtu
     assert main(["compare", *source(demo), *args, "--pair", PAIR]) == 1
     err = capsys.readouterr().err
     assert err.startswith("Error: ") and message in err and "Traceback" not in err
+
+
+def test_summary_of_an_unknown_metric_lists_rank_ic_too(demo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["summary", *source(demo), "--metric", "nosuch", "--pair", PAIR]) == 1
+    err = capsys.readouterr().err
+    assert "Unknown metric 'nosuch'. Available: rank_ic, bias, corr" in err and "Traceback" not in err
+
+
+def test_deciles_needs_at_least_two_buckets_on_the_command_line(
+        demo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["deciles", *source(demo), "--pair", PAIR, "--buckets", "1"])
+    assert info.value.code == 2 and "must be at least 2, got 1" in capsys.readouterr().err
 
 
 def test_summary_command_matches_the_facade(demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

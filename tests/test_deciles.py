@@ -78,3 +78,34 @@ def test_every_experiment_and_pair_gets_its_table(make_panel: Callable[..., Path
     keys = got.select("experiment", "pred").unique(maintain_order=True).rows()
     assert keys == [("baseline", "pred_10s"), ("baseline", "pred_1s"), ("liquid", "pred_10s"), ("liquid", "pred_1s")]
     assert got.group_by("experiment", "pred").agg(pl.len())["len"].to_list() == [2, 2, 2, 2]
+
+
+def test_rows_on_an_edge_land_in_the_bucket_pandas_qcut_gives(tmp_path: Path) -> None:
+    # Day sizes where (n - 1) * k / q is a whole number put a row exactly on an edge; the edge's
+    # last bits then decide its bucket (5691 rows and q = 10 once put a row one bucket up).
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sizes = [2, 3, 11, 21, 41, 101, 1001, 5691, 2 * 3 * 5 * 7 * 11 + 1]
+    rng = np.random.default_rng(11)
+    days = [dt.date(2026, 3, 2) + dt.timedelta(days=i) for i in range(len(sizes))]
+    tmp_path.mkdir(exist_ok=True)
+    preds = {}
+    for day, n in zip(days, sizes, strict=True):
+        x = rng.normal(0, 0.1, n)
+        if n > 100:
+            x[: n // 10] = np.round(x[: n // 10], 2)  # ties too
+        preds[day] = x
+        start = dt.datetime.combine(day, dt.time(15), tzinfo=dt.UTC)
+        ts = pa.array([start + dt.timedelta(seconds=i) for i in range(n)], pa.timestamp("us", tz="UTC"))
+        pq.write_table(pa.table({"ts": ts, "pred_a": x, "target_a": rng.normal(size=n)}), tmp_path / f"{day}.parquet")
+    (tmp_path / "metadata.json").write_text("{}")
+    with Harness(tmp_path, cache=False) as h:
+        for q in (2, 3, 4, 5, 7, 10, 20):
+            got = h.deciles("pred_a:target_a", buckets=q, by="day", window=False)
+            for day, x in preds.items():
+                codes = pd.qcut(x, q, labels=False, duplicates="drop") + 1
+                want = np.bincount(codes, minlength=q + 1)[1:]
+                mine = got.filter(pl.col("day") == day)
+                counts = dict(zip(mine["bucket"].to_list(), mine["n"].to_list(), strict=True))
+                assert [counts.get(b, 0) for b in range(1, q + 1)] == want.tolist(), (day, q)
