@@ -21,7 +21,7 @@ from pathlib import Path
 
 import polars as pl
 
-from duckharness.errors import InputError
+from duckharness.errors import DuckHarnessWarning, InputError
 from duckharness.source import FileInfo
 
 ENV = "DUCKHARNESS_CACHE"
@@ -51,8 +51,15 @@ class StatsCache:
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
-        if self.folder.exists() and not self.folder.is_dir():
-            raise InputError(f"The cache folder {str(self.folder)!r} is a file; give a folder (or cache=False).")
+        self._warned = False
+        for p in (self.folder, *self.folder.parents):  # the nearest existing one must be a folder
+            if p.exists():
+                if not p.is_dir():
+                    raise InputError(
+                        f"The cache folder {str(self.folder)!r} cannot be made: {str(p)!r} is a file; "
+                        f"give a folder (or cache=False)."
+                    )
+                break
 
     @staticmethod
     def key(sql: str, files: Sequence[FileInfo]) -> str:
@@ -113,11 +120,14 @@ class StatsCache:
             write(tmp)
             os.replace(tmp, path)
         except OSError as e:
-            warnings.warn(
-                f"Cannot write to the cache folder {str(self.folder)!r} ({e.strerror or e}); this run's "
-                f"results are not cached.",
-                stacklevel=4,
-            )
+            if not self._warned:  # once per cache, not once per entry
+                self._warned = True
+                warnings.warn(
+                    f"Cannot write to the cache folder {str(self.folder)!r} ({e.strerror or e}); results "
+                    f"are not cached.",
+                    DuckHarnessWarning,
+                    stacklevel=4,
+                )
         finally:
             with contextlib.suppress(OSError):
                 if tmp.exists():

@@ -239,15 +239,22 @@ def cmd_deciles(args: argparse.Namespace) -> int:
     return 0
 
 
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+
+
 def _positive(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
 def _at_least_2(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if value < 2:
         raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
     return value
@@ -471,8 +478,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from duckharness.errors import DuckHarnessError
+    import warnings
 
+    from duckharness.errors import DuckHarnessError, DuckHarnessWarning
+
+    def show(message: Warning | str, category: type[Warning], *rest: object, **kw: object) -> None:
+        if issubclass(category, DuckHarnessWarning):
+            print(f"Warning: {message}", file=sys.stderr)
+        else:
+            default_show(message, category, *rest, **kw)  # type: ignore[arg-type]
+
+    default_show = warnings.showwarning
+    warnings.showwarning = show
     try:
         return int(args.func(args))
     except DuckHarnessError as e:
@@ -492,6 +509,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = default_show
 
 
 if __name__ == "__main__":

@@ -420,8 +420,8 @@ def quantile_buckets(
 ) -> pl.DataFrame:
     """Mean target (and pred) by per-day prediction-quantile bucket, pooled across days (or
     per day): ``experiment, pred, target, [day], bucket, n, mean_pred, mean_target``."""
-    if buckets < 2:
-        raise InputError(f"buckets must be at least 2, got {buckets}.")
+    if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 2:
+        raise InputError(f"buckets must be a whole number of at least 2, got {buckets!r}.")
     raw = _run(
         dataset,
         experiments,

@@ -12,6 +12,10 @@ class DuckHarnessError(Exception):
     """Root of every error raised by duckharness."""
 
 
+class DuckHarnessWarning(UserWarning):
+    """Root of every warning duckharness gives (a run that went on, e.g. without caching)."""
+
+
 class InputError(DuckHarnessError, ValueError):
     """Bad input from the user: a source, a metadata file, an experiment, a metric."""
 

@@ -411,6 +411,8 @@ def test_a_cache_path_that_is_a_file_is_refused_up_front(backtest: Path, tmp_pat
     afile.write_text("x")
     with pytest.raises(InputError, match="is a file"):
         Harness(backtest, cache=afile)
+    with pytest.raises(InputError, match=r"cannot be made: .* is a file"):
+        Harness(backtest, cache=afile / "sub")
 
 
 def test_a_cache_that_cannot_be_written_warns_and_the_results_stand(backtest: Path, tmp_path: Path) -> None:
@@ -418,8 +420,24 @@ def test_a_cache_that_cannot_be_written_warns_and_the_results_stand(backtest: Pa
     cache.mkdir()
     for i in range(256):  # every shard name taken by a file: no entry can be written
         (cache / f"{i:02x}").write_text("")
-    with pytest.warns(UserWarning, match="Cannot write to the cache folder"):
+    from duckharness.errors import DuckHarnessWarning
+
+    with pytest.warns(DuckHarnessWarning, match="Cannot write to the cache folder") as caught:
         got = Harness(backtest, cache=cache).metrics(METRICS, pairs=PAIR)
+    assert len(caught) == 1  # once per run's cache, not once per entry
     assert got.equals(Harness(backtest, cache=False).metrics(METRICS, pairs=PAIR))
     assert counts(got) == reference_count(backtest)
     assert sorted(p.name for p in cache.iterdir()) == [f"{i:02x}" for i in range(256)]  # nothing left behind
+
+
+def test_the_command_line_shows_a_cache_warning_as_one_line(
+        backtest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from duckharness.cli import main
+
+    cache = tmp_path / "blocked"
+    cache.mkdir()
+    for i in range(256):
+        (cache / f"{i:02x}").write_text("")
+    assert main(["metrics", str(backtest), "--metric", "mse", "--pair", PAIR[0], "--cache", str(cache), "-q"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"Warning: Cannot write to the cache folder {str(cache)!r} (File exists); results are not cached."]

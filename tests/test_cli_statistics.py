@@ -92,6 +92,9 @@ def test_deciles_needs_at_least_two_buckets_on_the_command_line(
     with pytest.raises(SystemExit) as info:
         main(["deciles", *source(demo), "--pair", PAIR, "--buckets", "1"])
     assert info.value.code == 2 and "must be at least 2, got 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["deciles", *source(demo), "--pair", PAIR, "--buckets", "x"])
+    assert "--buckets: must be a whole number, got 'x'" in capsys.readouterr().err
 
 
 def test_summary_command_matches_the_facade(demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -73,6 +73,8 @@ def test_every_experiment_and_pair_gets_its_table(make_panel: Callable[..., Path
         got = h.deciles(["pred_10s", "pred_1s"], buckets=2)
         with pytest.raises(InputError, match="at least 2"):
             h.deciles("pred_10s", buckets=1)
+        with pytest.raises(InputError, match=r"whole number of at least 2, got 2\.5"):
+            h.deciles("pred_10s", buckets=2.5)  # type: ignore[arg-type]
         with pytest.raises(InputError, match="by must be"):
             h.deciles("pred_10s", by="symbol")
     keys = got.select("experiment", "pred").unique(maintain_order=True).rows()
@@ -109,3 +111,23 @@ def test_rows_on_an_edge_land_in_the_bucket_pandas_qcut_gives(tmp_path: Path) ->
                 mine = got.filter(pl.col("day") == day)
                 counts = dict(zip(mine["bucket"].to_list(), mine["n"].to_list(), strict=True))
                 assert [counts.get(b, 0) for b in range(1, q + 1)] == want.tolist(), (day, q)
+
+
+def test_repeated_edges_leave_their_buckets_empty_and_keep_bucket_positions(tmp_path: Path) -> None:
+    # 13 zeros then 0.1 ... 0.9 (22 rows), 7 buckets: the edges sit at sorted positions 3, 6, ...,
+    # 18, i.e. 0, 0, 0, 0, 0.3, 0.6 (worked by hand); pandas.qcut raises on such repeated edges.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = np.array([0.0] * 13 + [i / 10 for i in range(1, 10)])
+    start = dt.datetime(2026, 3, 4, 15, tzinfo=dt.UTC)
+    ts = pa.array([start + dt.timedelta(seconds=i) for i in range(len(p))], pa.timestamp("us", tz="UTC"))
+    pq.write_table(pa.table({"ts": ts, "pred_a": p, "target_a": p * 2}), tmp_path / "2026-03-04.parquet")
+    (tmp_path / "metadata.json").write_text("{}")
+    with Harness(tmp_path, cache=False) as h:
+        got = h.deciles("pred_a:target_a", buckets=7, window=False)
+    assert got["bucket"].to_list() == [1, 5, 6, 7]
+    assert got["n"].to_list() == [13, 3, 3, 3]
+    assert got["mean_pred"].to_list() == pytest.approx([0.0, 0.2, 0.5, 0.8], rel=1e-15)
+    with pytest.raises(ValueError, match="Bin edges must be unique"):
+        pd.qcut(p, 7, labels=False)
