@@ -68,6 +68,22 @@ def source_query(dataset: Dataset, files: Sequence[FileInfo], window: SessionWin
     return sb.select([exp.Star()], batch_relation(dataset, files), where=where)
 
 
+def chain_statements(
+    dataset: Dataset, experiments: Experiments, name: str, files: Sequence[FileInfo], window: SessionWindow | None
+) -> list[str]:
+    """What :func:`build_chain` shows a tracer for ``name`` over ``files``: the views it creates
+    and a comment for each Python step (for runs whose chains are built on workers, untraced)."""
+    out = [sb.render(sb.create_view(BASELINE, source_query(dataset, files, window), temp=True))]
+    if name == BASELINE:
+        return out
+    for step in experiments.chain(name):
+        if step.query is not None:
+            out.append(sb.render(sb.create_view(step.name, step.query, temp=True)))
+        else:
+            out.append(f"-- Python step {step.sql} over: {relation_sql(step.base)}")
+    return out
+
+
 def build_chain(
     con: duckdb.DuckDBPyConnection,
     dataset: Dataset,

@@ -27,7 +27,7 @@ from sqlglot import exp
 
 from duckharness import sqlbuild as sb
 from duckharness.cache import StatsCache
-from duckharness.chain import source_query
+from duckharness.chain import chain_statements, source_query
 from duckharness.engine import ChainTask, run_chain_task
 from duckharness.errors import InputError, UnknownColumnError
 from duckharness.executor import Executor
@@ -307,9 +307,16 @@ def _run(
     frames = [f if f is not None and outputs <= set(f.columns) else None for f in frames]  # not ours: recompute
     todo = [i for i, f in enumerate(frames) if f is None]
     if tracer is not None:
+        shown: set[str] = set()
         for i, f in enumerate(frames):
-            hit = f"-- from the cache: {labels[i]}, {', '.join(x.path for x in tasks[i].files)}"
-            tracer(hit if f is not None else tasks[i].sql)
+            if f is not None:
+                tracer(f"-- from the cache: {labels[i]}, {', '.join(x.path for x in tasks[i].files)}")
+                continue
+            if labels[i] not in shown:  # each experiment's chain, as built for its first group
+                shown.add(labels[i])
+                for statement in chain_statements(dataset, experiments, labels[i], tasks[i].files, window):
+                    tracer(statement)
+            tracer(tasks[i].sql)
     executor.with_config(dataset.connection(1))
     computed = executor.map(run_chain_task, [tasks[i] for i in todo], describe=lambda t: [f.path for f in t.files])
     for i, frame in zip(todo, computed, strict=True):

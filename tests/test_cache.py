@@ -310,8 +310,9 @@ def ic_by_day(df: pl.DataFrame, experiment: str = "baseline") -> dict:
 
 
 def scans_and_hits(statements: list[str]) -> tuple[int, int]:
+    """Per-day queries run (each day group's rank-IC or bucket query) and day groups from the cache."""
     hits = sum(s.startswith("-- from the cache") for s in statements)
-    scans = sum("READ_PARQUET" in s or "PARTITION BY" in s for s in statements if not s.startswith("--"))
+    scans = sum("__s_n" in s for s in statements if not s.startswith("--"))
     return scans, hits
 
 
@@ -346,7 +347,9 @@ def test_adding_a_day_scans_only_that_day_for_rank_ic(make_backtest, tmp_path: P
     del statements[:]
     df = h.rank_ic("pred_10s:target_10s")
     assert scans_and_hits(statements) == (1, 5)
-    assert newest.stem in next(s for s in statements if not s.startswith("--"))  # its day label
+    assert newest.stem in next(s for s in statements if "__s_n" in s)  # its day label
+    views = [s for s in statements if s.startswith("CREATE OR REPLACE TEMPORARY VIEW baseline")]
+    assert len(views) == 1 and newest.name in views[0]  # the chain, as built for the day it scans
     ref = reference_rank_ic(folder)
     assert len(ref) == 6 and all(ic_by_day(df)[d] == pytest.approx(ref[d], rel=1e-12) for d in ref)
     assert df.equals(Harness(folder, cache=False).rank_ic("pred_10s:target_10s"))
@@ -390,6 +393,7 @@ def test_python_experiments_per_day_scans_are_not_cached(backtest: Path, tmp_pat
             del statements[:]
             df = h.rank_ic("pred_10s:target_10s", ["flipped"])
         assert scans_and_hits(statements) == (6, 0)
+        assert sum(s.startswith("-- Python step") for s in statements) == 1  # the chain is shown once
     ref = reference_rank_ic(backtest)
     assert all(ic_by_day(df, "flipped")[d] == pytest.approx(-ref[d], rel=1e-12) for d in ref)
 
