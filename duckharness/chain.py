@@ -102,16 +102,17 @@ def build_chain(
     stacked. If its base cannot be built per batch (a step before it needs all rows), its input is
     split by local day instead.
     """
-    fetch_all(con, sb.render(sb.create_view(BASELINE, source_query(dataset, files, window), temp=True)), tracer)
+    baseline, *statements = chain_statements(dataset, experiments, name, files, window)
+    fetch_all(con, baseline, tracer)
     if name == BASELINE:
         return name
-    for step in experiments.chain(name):
+    for step, statement in zip(experiments.chain(name), statements, strict=True):
         if step.query is not None:
-            fetch_all(con, sb.render(sb.create_view(step.name, step.query, temp=True)), tracer)
+            fetch_all(con, statement, tracer)
             continue
         base_sql = relation_sql(step.base)
         if tracer is not None:
-            tracer(f"-- Python step {step.sql} over: {base_sql}")
+            tracer(statement)
         if not step.per_batch or len(files) <= batch_size:
             frame = con.sql(base_sql).pl(lazy=True)  # streams from DuckDB, with projection pushdown
             out = collect_step(step, apply_python_step(step, frame))

@@ -189,8 +189,8 @@ def bucket_query(
 
     The edges are ``pandas.qcut``'s, bit for bit: its quantile levels (:func:`qcut_levels`) and
     ``numpy.quantile``'s linear method (virtual index ``(n - 1) * q``, then its ``_lerp``) on
-    each day's sorted preds. (DuckDB's ``quantile_cont`` rounds
-    differently, so a row lying exactly on an edge could land one bucket up.)
+    each day's sorted preds. (DuckDB's ``quantile_cont`` rounds differently, so a row lying
+    exactly on an edge could land one bucket up.)
     """
     parts = []
     levels = qcut_levels(buckets)
@@ -290,14 +290,13 @@ def _run(
             )
         rel = exp.Table(this=sb.ident(name))
         per_group = groups if experiments.batchable(name) else [list(dataset.files)]
-        keyable = cache is not None and not experiments.has_python(name)
+        keyable = not experiments.has_python(name)  # a Python step has no SQL to key it by
         for g in per_group:
             _, day = window_and_day(dataset, g, window, need_day=True)
             sql = sb.render(build(rel, day, cols))
             tasks.append(ChainTask(dataset, experiments, name, list(g), window, batch_size, sql))
             labels.append(name)
-            if keyable:
-                assert cache is not None
+            if cache is not None and keyable:
                 rows = sb.render(experiments.query(name, source_query(dataset, g, window)))
                 keys.append(cache.key(f"{rows}\0{sql}", g))
             else:

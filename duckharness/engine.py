@@ -44,7 +44,6 @@ from duckharness.source import Dataset, FileInfo
 from duckharness.stats import reduce_runs
 
 Tracer = Callable[[str], None]
-EXCLUDED = "__excluded"
 
 
 @dataclass

@@ -104,10 +104,9 @@ class Executor:
         results: list[Any] = [None] * len(tasks)
         attempts = [0] * len(tasks)
         pending = list(range(len(tasks)))
-        first = True
         while pending:
-            outcomes = self._round(fn, [tasks[i] for i in pending], home if first else None)
-            first = False
+            outcomes = self._round(fn, [tasks[i] for i in pending], home)
+            home = None  # retries start from fresh connections
             retry = []
             for i, (ok, value) in zip(pending, outcomes, strict=True):
                 if ok:
