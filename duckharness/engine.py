@@ -414,7 +414,13 @@ def _shifts(
     row: list[float | None] | None = cache.get_values(key) if cache is not None and key is not None else None
     exprs = scan.shift_expressions()
     if row is None or len(row) != 2 * len(exprs):
-        row = [None if v is None else float(v) for v in fetch_all(con, sql, tracer)[0]]
+        try:
+            row = [None if v is None else float(v) for v in fetch_all(con, sql, tracer)[0]]
+        except duckdb.Error as e:
+            paths = [f.path for f in files]
+            where = f" ({', '.join(paths)})" if paths else ""
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExecutionError(f"The query of the first rows{where} failed: {first}", files=paths, sql=sql) from e
         if cache is not None and key is not None:
             cache.put_values(key, row)
     elif tracer is not None:

@@ -5,9 +5,10 @@ Every executor runs ``fn(con, task)`` with a DuckDB connection opened on the wor
 faster than one multi-threaded query), and returns results in task order, so the same batches give
 the same bits on any executor and any number of workers. Functions and tasks are shipped with
 cloudpickle; only small partial statistics travel back. A task that fails is retried up to
-``retries`` times (a corrupt file, a lost worker); then the run fails with an
-:class:`ExecutionError` naming the batch's files, and no partial result is returned. Input errors
-(a Python step that raises, say) are not retried: they would fail again.
+``retries`` times (a file being rewritten, a lost worker); then the run fails with an
+:class:`ExecutionError` naming the batch's files, and no partial result is returned. Errors that
+would fail again are not retried: input errors (a Python step that raises, say) are raised as they
+are, and DuckDB's errors about the query itself (a type mismatch, an overflow) fail the run at once.
 """
 
 from __future__ import annotations
@@ -55,8 +56,12 @@ def run_payload(payload: bytes) -> Any:
 
 
 def _retryable(e: BaseException) -> bool:
-    # Input errors and a worker that cannot import a module fail the same way every time.
-    return not isinstance(e, (InputError, ImportError))
+    # A worker that cannot import a module, and DuckDB's errors about the query itself (binding,
+    # types, conversions, overflow), fail the same way every time. An unreadable file or a lost
+    # connection may not (a file being rewritten, a network hiccup).
+    if isinstance(e, ImportError | duckdb.DataError):
+        return False
+    return not isinstance(e, duckdb.ProgrammingError) or isinstance(e, duckdb.InvalidInputException)
 
 
 def _message(e: BaseException) -> str:
@@ -121,9 +126,9 @@ class Executor:
                         f"the workers (or define Python steps in a module they can import).",
                         files=describe(tasks[i]),
                     ) from value
-                if not _retryable(value):
+                if isinstance(value, InputError):
                     raise value
-                if attempts[i] > self.retries:
+                if attempts[i] > self.retries or not _retryable(value):
                     files = describe(tasks[i])
                     where = f" ({', '.join(files)})" if files else ""
                     raise ExecutionError(

@@ -29,7 +29,8 @@ def experiment_lazyframe(h: Harness, name: str, window: SessionWindow | None) ->
     def source(
         with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, batch_size: int | None
     ) -> Iterator[pl.DataFrame]:
-        cols = [sb.column(c) for c in with_columns] if with_columns else [exp.Star()]
+        # Columns by name in the schema's order: files may hold them in another order.
+        cols = [sb.column(c) for c in (with_columns or schema.names())]
         remaining = n_rows
         con = h.dataset.connection(1 if batchable else h.workers).open()
         try:

@@ -134,6 +134,10 @@ def _numeric(type_sql: str) -> bool:
     )
 
 
+def _as_double(node: exp.Expr, type_sql: str) -> exp.Expr:
+    return node if type_sql.upper() == "DOUBLE" else sb.cast(node, "DOUBLE")
+
+
 def default_pairs(columns: Mapping[str, str]) -> list[Pair]:
     """Every ``pred_X`` with a matching ``target_X``."""
     return [Pair(c, "target_" + c[5:]) for c in columns if c.startswith("pred_") and "target_" + c[5:] in columns]
@@ -238,6 +242,10 @@ class FusedScan:
             role_text = (sb.render(p), sb.render(t))
             conds = tuple(self._key(c) for c in inl.conditions)
             valid = self._key(exp.and_(sb.is_valid_number(p, ptype), sb.is_valid_number(t, ttype)))
+            # Metric SQL computes in DOUBLE whatever the columns' type: integers would overflow in
+            # their own type (an INT16 target squared) and FLOAT arithmetic would round to single
+            # precision. The cast is exact for FLOAT and for integers up to 2**53.
+            p, t = _as_double(p, ptype), _as_double(t, ttype)
             roles = {
                 "pred": p,
                 "target": t,

@@ -31,8 +31,9 @@ STRATEGIES = ("random_days", "head", "gather_every")
 
 
 def days_of_files(files: Sequence[FileInfo], tz: str, window: SessionWindow | None) -> dict[dt.date, list[FileInfo]]:
-    """Local days and the files that hold rows of each (files without statistics count as one
-    'day' each, keyed by their position)."""
+    """Local days and the files that may hold rows of each inside the window (a file's time range
+    must reach into that day's window); files without statistics count as one 'day' each, keyed
+    by their position."""
     out: dict[dt.date, list[FileInfo]] = {}
     for i, f in enumerate(files):
         if f.time_min is None or f.time_max is None:
@@ -41,9 +42,18 @@ def days_of_files(files: Sequence[FileInfo], tz: str, window: SessionWindow | No
         days = local_dates(f.time_min, f.time_max, tz)
         if window is not None and window.overnight:
             days = [days[0] - dt.timedelta(days=1), *days]
+        lo, hi = _utc(f.time_min), _utc(f.time_max)
         for d in days:
+            if window is not None:
+                start, end, _ = window.bounds(d)
+                if hi < start or lo > end:
+                    continue
             out.setdefault(d, []).append(f)
     return out
+
+
+def _utc(x: dt.datetime) -> dt.datetime:
+    return x.astimezone(dt.UTC) if x.tzinfo else x.replace(tzinfo=dt.UTC)  # naive times are UTC
 
 
 def take_sample(

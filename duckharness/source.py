@@ -24,7 +24,9 @@ from duckharness.connection import ConnectionConfig, fetch_all
 from duckharness.errors import MetadataError, SourceError
 from duckharness.metadata import Metadata, parse_metadata, parse_metadata_text
 
-TIMESTAMP_TYPES = ("TIMESTAMP WITH TIME ZONE", "TIMESTAMP", "TIMESTAMP_NS", "TIMESTAMP_MS", "TIMESTAMP_S")
+# Time columns that hold instants (DuckDB reads Parquet timestamps adjusted to UTC as these);
+# every other TIMESTAMP* type holds wall-clock times, read as UTC.
+AWARE_TIMESTAMP_TYPES = ("TIMESTAMP WITH TIME ZONE", "TIMESTAMPTZ", "TIMESTAMPTZ_NS", "TIMESTAMP_NS WITH TIME ZONE")
 _GLOB_CHARS = set("*?[")
 
 
@@ -69,7 +71,7 @@ class Dataset:
 
     @property
     def time_is_aware(self) -> bool:
-        return self.time_column is not None and self.columns[self.time_column] == "TIMESTAMP WITH TIME ZONE"
+        return self.time_column is not None and self.columns[self.time_column] in AWARE_TIMESTAMP_TYPES
 
 
 def _has_glob(path: str) -> bool:
@@ -250,7 +252,7 @@ def read_time_ranges(
     tracer: Callable[[str], None] | None = None,
 ) -> dict[str, tuple[Any, Any]]:
     """Min and max of the time column per file from row-group statistics (no data read)."""
-    target = "TIMESTAMPTZ" if type_sql == "TIMESTAMP WITH TIME ZONE" else "TIMESTAMP"
+    target = "TIMESTAMPTZ" if type_sql in AWARE_TIMESTAMP_TYPES else "TIMESTAMP"
     sql = sb.render(
         sb.select(
             [

@@ -1,0 +1,166 @@
+"""Columns of other types than DOUBLE and TIMESTAMP: integer and float32 pairs, nanosecond
+timestamps with a time zone, files holding the same columns in another order. References are
+numpy in extended precision and pandas."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import polars as pl
+import pyarrow as pa
+import pytest
+from conftest import write_dataset
+
+from duckharness import ExecutionError, Harness
+
+START = dt.datetime(2024, 6, 3, 13, 30, tzinfo=dt.UTC)  # 09:30 US/Eastern
+
+
+def stamps(n: int, *, start: dt.datetime = START, step_s: int = 1, unit: str = "us") -> pa.Array:
+    base = int(start.timestamp()) * 10**9
+    ns = base + np.arange(n, dtype=np.int64) * step_s * 10**9
+    return pa.array(ns // (1 if unit == "ns" else 1000), pa.timestamp(unit, tz="UTC"))
+
+
+def exact(p: np.ndarray, t: np.ndarray) -> dict[str, float]:
+    """mse, mae, bias, r2 and corr of the stored values, in extended precision."""
+    p, t = p.astype(np.longdouble), t.astype(np.longdouble)
+    e = t - p
+    tc, pc = t - t.mean(), p - p.mean()
+    return {
+        "mse": float(np.mean(e * e)),
+        "mae": float(np.mean(np.abs(e))),
+        "bias": float(np.mean(p - t)),
+        "r2": float(1 - np.sum(e * e) / np.sum(tc * tc)),
+        "corr": float(np.sum(pc * tc) / np.sqrt(np.sum(pc * pc) * np.sum(tc * tc))),
+    }
+
+
+def pooled(h: Harness, pair: str) -> dict[str, float]:
+    got = h.metrics(["mse", "mae", "bias", "r2", "corr"], pairs=pair, experiments="baseline")
+    return dict(got.select("metric", "value").rows())
+
+
+@pytest.mark.parametrize("dtype", [pa.int16(), pa.int32(), pa.int64()], ids=["int16", "int32", "int64"])
+def test_integer_pairs_are_scored_in_double_without_overflow(tmp_path: Path, dtype: pa.DataType) -> None:
+    rng = np.random.default_rng(3)
+    hi = {pa.int16(): 30_000, pa.int32(): 2_000_000_000, pa.int64(): 3_000_000_000_000}[dtype]
+    t = rng.integers(-hi, hi, 2000)
+    p = np.clip(t + rng.integers(-hi // 2, hi // 2, 2000), -hi, hi)  # errors of about the range
+    table = pa.table({"ts": stamps(2000), "pred_a": pa.array(p, dtype), "target_a": pa.array(t, dtype)})
+    write_dataset(tmp_path, {"2024-06-03": table}, {})
+    with Harness(tmp_path, cache=False) as h:
+        got = pooled(h, "pred_a:target_a")
+    want = exact(p, t)
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, rel=1e-12), name
+
+
+def test_float32_pairs_are_scored_in_double_precision_of_the_stored_values(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    t = rng.normal(size=5000).astype(np.float32)
+    p = (0.3 * t + rng.normal(size=5000)).astype(np.float32)
+    table = pa.table({"ts": stamps(5000), "pred_a": pa.array(p), "target_a": pa.array(t)})
+    write_dataset(tmp_path, {"2024-06-03": table}, {})
+    with Harness(tmp_path, cache=False) as h:
+        got = pooled(h, "pred_a:target_a")
+    want = exact(p, t)
+    for name, value in want.items():  # float32 arithmetic would be off by ~1e-7
+        assert got[name] == pytest.approx(value, rel=1e-12), name
+
+
+def _tagged(tmp_path: Path, tags: dict[str, str]) -> Path:
+    tables = {}
+    for day, tag in tags.items():
+        start = dt.datetime.fromisoformat(f"{day}T14:00:00+00:00")
+        tables[day] = pa.table(
+            {"ts": stamps(10, start=start), "pred_a": np.zeros(10), "target_a": np.ones(10), "tag": [tag] * 10}
+        )
+    write_dataset(tmp_path, tables, {})
+    return tmp_path
+
+
+BAD = "SELECT * REPLACE (CAST(tag AS INTEGER) AS pred_a) FROM baseline"
+
+
+def test_a_query_error_that_would_recur_fails_the_run_at_once_naming_the_file(tmp_path: Path) -> None:
+    folder = _tagged(tmp_path, {"2024-06-03": "1", "2024-06-04": "x"})  # the second day cannot be cast
+    with Harness(folder, cache=False) as h:
+        h.add_experiment("bad", BAD)
+        with pytest.raises(ExecutionError, match=r"2024-06-04\.parquet.*failed after 1 attempt.*Conversion Error"):
+            h.metrics(["mse"], pairs="pred_a:target_a", experiments="bad")
+
+
+def test_an_error_in_the_first_rows_query_is_an_execution_error_naming_the_file(tmp_path: Path) -> None:
+    folder = _tagged(tmp_path, {"2024-06-03": "x"})
+    with Harness(folder, cache=False) as h:
+        h.add_experiment("bad", BAD)
+        with pytest.raises(ExecutionError, match=r"first rows \(.*2024-06-03\.parquet\) failed: Conversion Error") as e:
+            h.metrics(["mse", "r2"], pairs="pred_a:target_a", experiments="bad")
+    assert e.value.files[0].endswith("2024-06-03.parquet")
+
+
+def test_time_of_day_buckets_of_nanosecond_instants_are_local_wall_clock(tmp_path: Path) -> None:
+    # Local 09:30:00, 10:15:00 and 16:00:00 US/Eastern (in the window), and 1 ns outside each end.
+    local = ["09:30:00", "10:15:00", "16:00:00"]
+    at = [dt.datetime.fromisoformat(f"2024-06-03T{x}-04:00") for x in local]
+    ns = [int(a.timestamp()) * 10**9 for a in at] + [
+        int(at[0].timestamp()) * 10**9 - 1,
+        int(at[2].timestamp()) * 10**9 + 1,
+    ]
+    table = pa.table(
+        {"ts": pa.array(ns, pa.timestamp("ns", tz="UTC")), "pred_a": np.arange(5.0), "target_a": np.ones(5)}
+    )
+    write_dataset(
+        tmp_path, {"2024-06-03": table}, {"start_time": "09:30", "end_time": "16:00", "timezone": "US/Eastern"}
+    )
+    with Harness(tmp_path, cache=False) as h:
+        got = h.metrics(["count"], pairs="pred_a:target_a", experiments="baseline", by=["day", "tod:1h"])
+    rows = sorted(got.filter(pl.col("metric") == "count").select("day", "tod", "value").rows())
+    assert rows == [
+        (dt.date(2024, 6, 3), dt.time(9), 1.0),
+        (dt.date(2024, 6, 3), dt.time(10), 1.0),
+        (dt.date(2024, 6, 3), dt.time(16), 1.0),
+    ]
+
+
+def test_lazyframe_of_files_with_columns_in_another_order_matches_pandas(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    days = [dt.date(2024, 6, 3), dt.date(2024, 6, 4)]
+    tables = {}
+    for i, d in enumerate(days):
+        start = dt.datetime.combine(d, dt.time(14), tzinfo=dt.UTC)
+        t = pa.table({"ts": stamps(4, start=start), "pred_a": rng.normal(size=4), "target_a": rng.normal(size=4)})
+        tables[d.isoformat()] = t if i == 0 else t.select(["target_a", "pred_a", "ts"])
+    write_dataset(tmp_path, tables, {})
+    want = pd.concat([tables[d.isoformat()].to_pandas()[["ts", "pred_a", "target_a"]] for d in days], ignore_index=True)
+    with Harness(tmp_path, cache=False) as h:
+        got = h.lazyframe().collect()
+    assert got.columns == ["ts", "pred_a", "target_a"]
+    got_pd = got.to_pandas().sort_values("ts", ignore_index=True)
+    pd.testing.assert_frame_equal(got_pd, want.sort_values("ts", ignore_index=True), check_dtype=False)
+
+
+def test_random_days_draws_only_days_with_rows_in_the_window(tmp_path: Path) -> None:
+    window = {"start_time": "09:30", "end_time": "16:00", "timezone": "US/Eastern"}
+    tables = {}
+    for d in [dt.date(2024, 6, 3), dt.date(2024, 6, 4), dt.date(2024, 6, 5)]:
+        tables[d.isoformat()] = pa.table(
+            {
+                "ts": stamps(10, start=dt.datetime.combine(d, dt.time(15), tzinfo=dt.UTC)),
+                "pred_a": np.ones(10),
+                "target_a": np.ones(10),
+            }
+        )
+    # 2024-06-06: rows only before the window opens (06:00-06:09 US/Eastern).
+    early = dt.datetime(2024, 6, 6, 10, tzinfo=dt.UTC)
+    tables["2024-06-06"] = pa.table({"ts": stamps(10, start=early), "pred_a": np.ones(10), "target_a": np.ones(10)})
+    write_dataset(tmp_path, tables, window)
+    with Harness(tmp_path, cache=False) as h:
+        for seed in range(8):
+            got = h.sample("baseline", "random_days", n_days=3, seed=seed)
+            days = set(got["ts"].dt.convert_time_zone("US/Eastern").dt.date().to_list())
+            assert days == {dt.date(2024, 6, 3), dt.date(2024, 6, 4), dt.date(2024, 6, 5)}
