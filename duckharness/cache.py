@@ -119,12 +119,12 @@ class StatsCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             write(tmp)
             os.replace(tmp, path)
-        except OSError as e:
+        except (OSError, pl.exceptions.PolarsError) as e:  # Polars reports a full disk as its own error
             if not self._warned:  # once per cache, not once per entry
                 self._warned = True
+                reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[-1]
                 warnings.warn(
-                    f"Cannot write to the cache folder {str(self.folder)!r} ({e.strerror or e}); results "
-                    f"are not cached.",
+                    f"Cannot write to the cache folder {str(self.folder)!r} ({reason}); results are not cached.",
                     DuckHarnessWarning,
                     stacklevel=4,
                 )

@@ -138,6 +138,11 @@ def rank_ic_query(
     return sb.union_all(parts)
 
 
+# Each bucket edge is one interpolation in the per-day query (and one CASE branch): beyond a few
+# hundred, DuckDB's expression depth limit and the query's size are reached before any use.
+MAX_BUCKETS = 200
+
+
 def qcut_levels(buckets: int) -> list[float]:
     """The interior quantile levels ``pandas.qcut(x, buckets)`` uses: ``linspace(0, 1, q + 1)``,
     each rounded up to the next double when ``q * level`` is not the whole number it stands for."""
@@ -426,8 +431,8 @@ def quantile_buckets(
 ) -> pl.DataFrame:
     """Mean target (and pred) by per-day prediction-quantile bucket, pooled across days (or
     per day): ``experiment, pred, target, [day], bucket, n, mean_pred, mean_target``."""
-    if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 2:
-        raise InputError(f"buckets must be a whole number of at least 2, got {buckets!r}.")
+    if isinstance(buckets, bool) or not isinstance(buckets, int) or not 2 <= buckets <= MAX_BUCKETS:
+        raise InputError(f"buckets must be a whole number from 2 to {MAX_BUCKETS}, got {buckets!r}.")
     raw = _run(
         dataset,
         experiments,

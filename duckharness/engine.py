@@ -21,8 +21,8 @@ from duckharness import sqlbuild as sb
 from duckharness.cache import StatsCache
 from duckharness.chain import build_chain
 from duckharness.connection import ConnectionConfig, fetch_all
-from duckharness.errors import ExecutionError, InputError, UnknownColumnError
-from duckharness.executor import Executor
+from duckharness.errors import ExecutionError, InputError, MetricError, UnknownColumnError
+from duckharness.executor import Executor, brief, retryable
 from duckharness.experiments import Experiments, Inlined
 from duckharness.metadata import SessionWindow
 from duckharness.metricfile import Metric
@@ -31,8 +31,10 @@ from duckharness.plan import (
     MAX_VIEW_WINDOW_DAYS,
     PART,
     ROWS,
+    TOD,
     FusedScan,
     Pair,
+    ShiftTable,
     Target,
     batch_relation,
     group_key,
@@ -54,6 +56,7 @@ class RunStats:
     batches: int = 0
     files: int = 0
     cache_hits: int = 0
+    recentred: int = 0  # passes run again around groups' own means (see recentre)
     queries: list[str] = field(default_factory=list)
 
 
@@ -204,98 +207,265 @@ def _map_partials(
     out_keys = ([DAY] if "day" in by else []) + [group_key(b) for b in by if b != "day"]
     if "day" in by and dataset.time_column is None:
         raise InputError("Cannot group by day: the source has no time column (set 'time_column' in metadata.json).")
-    results: list[tuple[list[Target], pl.DataFrame]] = []
-    batches = make_batches(dataset.files, batch_size)
+    batches = all_batches = make_batches(dataset.files, batch_size)
     stats.batches, stats.files = len(batches), len(dataset.files)
+    tz = window.timezone if window is not None else dataset.metadata.timezone
     stats.timings["plan"] = time.perf_counter() - t0
 
     executor.with_config(dataset.connection(1))
+    centre = centre_metric(metrics)
+    scan_metrics = [*metrics, centre] if centre is not None else list(metrics)
     bar = Progress(len(batches) * ((1 if fused else 0) + len(whole)), "metrics", enabled=progress)
     if fused:
-        scan = FusedScan(dataset, fused, pairs, metrics, by)
-        shifts, sampled_nan = _shifts(scan, batch_relation(dataset, batches[0]), tracer, control, cache, batches[0])
-        targets = scan.build(shifts)
-        sqls = [scan.batch_query(b, window) for b in batches]
-        # Batches whose inputs the footers show NULL-free run without validity keys; their check
-        # sums then prove there was no NaN or infinity, or the batch is run again with the keys.
-        # (When the sampled first rows already hold a NaN, every batch carries its keys at once.)
-        fast = [not sampled_nan and scan.fast_eligible(targets, b) for b in batches]
-        stats.queries.extend(sqls[:1])
-        t1 = time.perf_counter()
-        stats.timings["plan"] = t1 - t0  # resolving the chain, the shifts query, building every query
-        keys = [cache.key(sql, b) for sql, b in zip(sqls, batches, strict=True)] if cache is not None else []
-        cached: list[pl.DataFrame | None] = cache.get_many(keys) if cache is not None else [None] * len(sqls)
-        needed = {DAY, *(n for n, _ in scan.by), *scan.keys, *scan.aggregates}
-        cached = [f if f is not None and needed <= set(f.columns) else None for f in cached]  # not ours: recompute
-        todo = [i for i, c in enumerate(cached) if c is None]
-        stats.cache_hits = len(sqls) - len(todo)
-        if tracer is not None:
-            for i, b in enumerate(batches):
-                if cached[i] is not None:
-                    tracer(f"-- from the cache: {', '.join(f.path for f in b)}")
-        bar.advance(stats.cache_hits)
-
-        def compute(chosen: Sequence[int], *, full: bool = False) -> list[pl.DataFrame]:
-            """The partials of the chosen batches. With fewer batches than workers (say, the new
-            day of an incremental run), a batch of several parts runs as one query per part, so
-            idle workers help; the parts' rows are the same either way."""
-            split = len(chosen) < executor.workers
-            runs = []
-            for i in chosen:
-                b = batches[i]
-                n = len(scan.parts(b)) if split else 1
-                use_fast = fast[i] and not full
-                queries = [scan.batch_query(b, window, fast=use_fast, part=j if n > 1 else None) for j in range(n)]
-                runs.append(queries)
-            flat = [q for qs in runs for q in qs]
-            files_of = {q: [f.path for f in batches[i]] for i, qs in zip(chosen, runs, strict=True) for q in qs}
-            if tracer is not None:
-                for q in flat:
-                    tracer(q)
-            bar.total += len(flat) - len(chosen)
-            done = iter(
-                executor.map(_sql_task, flat, describe=lambda sql: files_of[sql], on_done=bar.advance, home=control)
-            )
-            return [pl.concat([next(done) for _ in qs], how="vertical_relaxed") for qs in runs]
-
-        computed = compute(todo)
-        checks = sorted({c for t in targets for c in t.checks})
-        redo = [
-            k
-            for k, (i, frame) in enumerate(zip(todo, computed, strict=True))
-            if fast[i]
-            and frame.height
-            and not frame.select(pl.all_horizontal([pl.col(c).is_finite() for c in checks]).all()).item()
-        ]
-        if redo:  # a NaN or infinity somewhere: those batches need their validity keys after all
-            bar.total += len(redo)
-            for k, frame in zip(redo, compute([todo[k] for k in redo], full=True), strict=True):
-                computed[k] = frame
-        redone = {todo[k] for k in redo}
-        for i, frame in zip(todo, computed, strict=True):
-            if fast[i] and i not in redone:
-                frame = frame.with_columns([pl.lit(True).alias(v) for v in sorted(scan.valid_keys)])
-            frame = canonical(frame, scan)
-            cached[i] = frame
-            if cache is not None:
-                cache.put(keys[i], frame)
-        # Entries are stored canonical; ones cached by a version without part keys get theirs here.
-        frames = [f if PART in f.columns else canonical(f, scan) for f in cached if f is not None]
-        stats.timings["map"] = time.perf_counter() - t1
-        results.append((targets, pl.concat(frames, how="vertical_relaxed")))
-
-    t2 = time.perf_counter()
-    for n in whole:
-        results.append(
-            _run_chain(
-                dataset, experiments, n, pairs, metrics, by, window, batches, executor, tracer, stats, batch_size
-            )
+        first_scan = FusedScan(dataset, fused, pairs, scan_metrics, by)
+        shifts, sampled_nan = _shifts(
+            first_scan, batch_relation(dataset, batches[0]), tracer, control, cache, batches[0]
         )
-        bar.advance(len(batches))
+
+        def fused_pass(table: ShiftTable | None) -> tuple[list[Target], pl.DataFrame] | None:
+            # A scan renders its aggregates once: a pass with other shifts needs a scan of its own.
+            scan = first_scan if table is None else FusedScan(dataset, fused, pairs, scan_metrics, by)
+            targets = scan.build(shifts, table)
+            # A pass over some days' groups reads only the batches that can hold those days.
+            batches = all_batches if table is None else [b for b in all_batches if table.may_hold(b, tz, window)]
+            if not batches:
+                return None
+            sqls = [scan.batch_query(b, window) for b in batches]
+            # Batches whose inputs the footers show NULL-free run without validity keys; their check
+            # sums then prove there was no NaN or infinity, or the batch is run again with the keys.
+            # (When the sampled first rows already hold a NaN, every batch carries its keys at once.)
+            fast = [not sampled_nan and scan.fast_eligible(targets, b) for b in batches]
+            if table is None:
+                stats.queries.extend(sqls[:1])
+            t1 = time.perf_counter()
+            stats.timings["plan"] = t1 - t0  # resolving the chain, the shifts query, building every query
+            keys = [cache.key(sql, b) for sql, b in zip(sqls, batches, strict=True)] if cache is not None else []
+            cached: list[pl.DataFrame | None] = cache.get_many(keys) if cache is not None else [None] * len(sqls)
+            needed = {DAY, *(n for n, _ in scan.by), *scan.keys, *scan.aggregates}
+            cached = [f if f is not None and needed <= set(f.columns) else None for f in cached]  # not ours: recompute
+            todo = [i for i, c in enumerate(cached) if c is None]
+            hits = len(sqls) - len(todo)
+            stats.cache_hits += hits
+            if tracer is not None:
+                for i, b in enumerate(batches):
+                    if cached[i] is not None:
+                        tracer(f"-- from the cache: {', '.join(f.path for f in b)}")
+            bar.advance(hits)
+
+            def compute(chosen: Sequence[int], *, full: bool = False) -> list[pl.DataFrame]:
+                """The partials of the chosen batches. With fewer batches than workers (say, the new
+                day of an incremental run), a batch of several parts runs as one query per part, so
+                idle workers help; the parts' rows are the same either way."""
+                split = len(chosen) < executor.workers
+                runs = []
+                for i in chosen:
+                    b = batches[i]
+                    n = len(scan.parts(b)) if split else 1
+                    use_fast = fast[i] and not full
+                    queries = [scan.batch_query(b, window, fast=use_fast, part=j if n > 1 else None) for j in range(n)]
+                    runs.append(queries)
+                flat = [q for qs in runs for q in qs]
+                files_of = {q: [f.path for f in batches[i]] for i, qs in zip(chosen, runs, strict=True) for q in qs}
+                if tracer is not None:
+                    for q in flat:
+                        tracer(q)
+                bar.total += len(flat) - len(chosen)
+                done = iter(
+                    executor.map(_sql_task, flat, describe=lambda sql: files_of[sql], on_done=bar.advance, home=control)
+                )
+                return [pl.concat([next(done) for _ in qs], how="vertical_relaxed") for qs in runs]
+
+            try:
+                computed = compute(todo)
+            except ExecutionError as e:
+                raise _blame(scan, e, window, control) from e.__cause__
+            checks = sorted({c for t in targets for c in t.checks})
+            redo = [
+                k
+                for k, (i, frame) in enumerate(zip(todo, computed, strict=True))
+                if fast[i]
+                and frame.height
+                and not frame.select(pl.all_horizontal([pl.col(c).is_finite() for c in checks]).all()).item()
+            ]
+            if redo:  # a NaN or infinity somewhere: those batches need their validity keys after all
+                bar.total += len(redo)
+                for k, frame in zip(redo, compute([todo[k] for k in redo], full=True), strict=True):
+                    computed[k] = frame
+            redone = {todo[k] for k in redo}
+            for i, frame in zip(todo, computed, strict=True):
+                if fast[i] and i not in redone:
+                    frame = frame.with_columns([pl.lit(True).alias(v) for v in sorted(scan.valid_keys)])
+                frame = canonical(frame, scan)
+                cached[i] = frame
+                if cache is not None:
+                    cache.put(keys[i], frame)
+            # Entries are stored canonical; ones cached by a version without part keys get theirs here.
+            frames = [f if PART in f.columns else canonical(f, scan) for f in cached if f is not None]
+            stats.timings["map"] = time.perf_counter() - t1
+            return targets, pl.concat(frames, how="vertical_relaxed")
+
+    def run_passes(table: ShiftTable | None) -> list[tuple[list[Target], pl.DataFrame]]:
+        first = fused_pass(table) if fused else None
+        out = [first] if first is not None else []
+        t2 = time.perf_counter()
+        for n in whole:
+            out.append(
+                _run_chain(
+                    dataset,
+                    experiments,
+                    n,
+                    pairs,
+                    scan_metrics,
+                    by,
+                    window,
+                    batches,
+                    executor,
+                    tracer,
+                    stats,
+                    batch_size,
+                    table,
+                )
+            )
+            bar.advance(len(batches))
+        if whole:
+            stats.timings["whole"] = stats.timings.get("whole", 0.0) + time.perf_counter() - t2
+        return out
+
+    base = results = run_passes(None)
+    table: ShiftTable | None = None
+    for _ in range(RECENTRE_PASSES if centre is not None else 0):
+        assert centre is not None
+        types = _group_types(dataset, experiments, names, by)
+        wider = recentre(merge_results(results, [centre], out_keys), out_keys, types, table)
+        if wider is None:
+            break
+        table = wider
+        stats.recentred += 1
+        if tracer is not None:
+            tracer(f"-- groups far from the shift, scanned again around their own means: {len(table.rows)}")
+        bar.total += len(batches) * ((1 if fused else 0) + len(whole))
+        # Those groups' rows come from the new pass alone; every other group's from the first.
+        results = [(t, _without_groups(f, table)) for t, f in base] + run_passes(table)
     bar.close()
-    if whole:
-        stats.timings["whole"] = time.perf_counter() - t2
     return results, out_keys
+
+
+# Sums of squares are taken around one shift per expression (the median of its first rows). A
+# group whose centred sum of squares is below this fraction of the sum it comes from lies so far
+# from that shift that cancellation has cost it 3 or more of its ~16 digits: the run scans again
+# with that group's rows shifted by the group's own mean (at most RECENTRE_PASSES times).
+RECENTRE_BELOW = 1e-3
+RECENTRE_PASSES = 2
+CENTRE = "__centre"
+
+
+def centre_metric(metrics: Sequence[Metric]) -> Metric | None:
+    """The count and the shifted sums and sums of squares of the shifted roles the metrics use
+    (identical aggregates of the metrics are shared), or None when no metric uses a shift."""
+    used = sorted({c for m in metrics for _, agg in m.stats for c in sb.column_names(agg)} & {"pred_c", "target_c"})
+    if not used:
+        return None
+    stats: list[tuple[str, exp.Expr]] = [("n", exp.Count(this=exp.Star()))]
+    for r in used:
+        stats.append((f"s1_{r}", exp.Sum(this=sb.column(r))))
+        stats.append((f"s2_{r}", exp.Sum(this=exp.Mul(this=sb.column(r), expression=sb.column(r)))))
+    return Metric(CENTRE, "centring checks", tuple(stats), {n: "sum" for n, _ in stats}, exp.Null(), "", "")
+
+
+def recentre(
+    merged: Merged, out_keys: Sequence[str], types: Mapping[str, str], table: ShiftTable | None
+) -> ShiftTable | None:
+    """The shifts of a further pass when some group's sums of squares lost their precision to its
+    distance from the shift (see ``RECENTRE_BELOW``): each such group and expression is shifted by
+    the group's mean (from the merged ``centre_metric`` stats; when several experiments disagree,
+    the one with the most rows). None when no group needs it (or none would change)."""
+    st = merged.stats[CENTRE]
+    n = st.get_column("n").to_numpy()
+    keys = merged.labels.select(out_keys).rows() if out_keys else [()] * len(n)
+    current: dict[tuple[str, tuple], float] = {}
+    if table is not None:
+        for group, values in table.rows:
+            current |= {(r, group): v for r, v in zip(table.roles, values, strict=True) if v is not None}
+    best: dict[tuple[str, tuple], tuple[float, float]] = {}
+    for side, role in enumerate(("pred_c", "target_c")):
+        if f"s1_{role}" not in st.columns:
+            continue
+        s1, s2 = st.get_column(f"s1_{role}").to_numpy(), st.get_column(f"s2_{role}").to_numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            centred = s2 - s1 * s1 / n
+            bad = (n > 0) & (s2 > 0) & np.isfinite(s2) & np.isfinite(s1) & (centred < RECENTRE_BELOW * s2)
+        for i in np.flatnonzero(bad):
+            t = merged.targets[i]
+            key = (t.roles[side], tuple(keys[i]))
+            if key in current:  # already shifted by its own mean: what is left is its own spread
+                continue
+            new = t.shifts[side] + float(s1[i]) / float(n[i])
+            if new != t.shifts[side] and (key not in best or n[i] > best[key][0]):
+                best[key] = (float(n[i]), new)
+    if not best:
+        return None
+    shifts = current | {k: v for k, (_, v) in best.items()}
+    roles = tuple(dict.fromkeys(r for r, _ in shifts))
+    groups = list(dict.fromkeys(g for _, g in shifts))
+    rows = tuple((g, tuple(shifts.get((r, g)) for r in roles)) for g in groups)
+    return ShiftTable(tuple(out_keys), tuple(types[k] for k in out_keys), roles, rows)
+
+
+def _blame(
+    scan: FusedScan, error: ExecutionError, window: SessionWindow | None, con: duckdb.DuckDBPyConnection
+) -> ExecutionError:
+    """The experiment whose SQL makes a fused batch query fail (a cast that fails on some rows,
+    say), found by running each experiment's conditions and pair expressions alone over the failing
+    batch; the error itself when none fails alone (or when the failure was not DuckDB's)."""
+    cause = error.__cause__
+    batch = [f for f in scan.dataset.files if f.path in set(error.files)]
+    if not isinstance(cause, duckdb.Error) or retryable(cause) or not batch:
+        return error  # an unreadable file, say: not an experiment's doing
+    where, _ = window_and_day(scan.dataset, batch, window, need_day=False)
+    try:
+        rows = sb.select([exp.Count(this=exp.Star())], batch_relation(scan.dataset, batch), where=where)
+        fetch_all(con, sb.render(rows))
+    except duckdb.Error:
+        return error
+    exprs: dict[str, tuple[Inlined, list[exp.Expr]]] = {}
+    for name, _, inl, p, t, _, _ in scan.bound:
+        exprs.setdefault(name, (inl, []))[1].extend([p, t])
+    for name, (inl, used) in exprs.items():
+        checks = [sb.func("count", e.copy()) for e in used] or [exp.Count(this=exp.Star())]
+        conds = [where] if where is not None else []
+        probe = sb.select(checks, batch_relation(scan.dataset, batch), where=sb.and_all([*conds, *inl.conditions]))
+        try:
+            fetch_all(con, sb.render(probe))
+        except duckdb.Error as e:
+            return ExecutionError(
+                f"Experiment {name!r} failed on {', '.join(f.path for f in batch)}: {brief(e)}",
+                files=error.files,
+                sql=error.sql,
+                experiment=name,
+            )
+    return error
+
+
+def _without_groups(frame: pl.DataFrame, table: ShiftTable) -> pl.DataFrame:
+    """The partials of ``frame`` outside the table's groups."""
+    if not frame.height:
+        return frame
+    if not table.keys:
+        return frame.head(0)
+    groups = pl.DataFrame({k: [g[j] for g, _ in table.rows] for j, k in enumerate(table.keys)}, strict=False).cast(
+        {k: frame.schema[k] for k in table.keys}
+    )
+    return frame.join(groups, on=list(table.keys), how="anti", nulls_equal=True, maintain_order="left")
+
+
+def _group_types(dataset: Dataset, experiments: Experiments, names: Sequence[str], by: Sequence[str]) -> dict[str, str]:
+    """The SQL type of each group key of the partials."""
+    types = {DAY: "DATE", TOD: "TIME"}
+    for b in by:
+        if b != "day" and not b.startswith("tod:"):
+            found = [experiments.columns(n)[b] for n in names if b in experiments.columns(n)]
+            types[b] = found[0] if found else dataset.columns.get(b, "VARCHAR")
+    return types
 
 
 def _run_chain(
@@ -311,6 +481,7 @@ def _run_chain(
     tracer: Tracer | None,
     stats: RunStats,
     batch_size: int,
+    table: ShiftTable | None = None,
 ) -> tuple[list[Target], pl.DataFrame]:
     """Metrics of an experiment that the fused scan cannot answer: its chain is built as views
     (and Python steps) on a connection, per batch when that gives the same rows as running it on
@@ -341,13 +512,11 @@ def _run_chain(
     try:
         build_chain(first, dataset, experiments, name, groups[0], window, tracer, batch_size)
         shifts, _ = _shifts(scan, rel, tracer, con=first)
-        targets = scan.build(shifts)
+        targets = scan.build(shifts, table)
         try:
             frames = [_frame(first, aggregate(groups[0]), tracer)]
         except duckdb.Error as e:
-            raise ExecutionError(
-                f"Experiment {name!r} failed: {str(e).strip().splitlines()[0]}", files=[f.path for f in groups[0]]
-            ) from e
+            raise ExecutionError(f"Experiment {name!r} failed: {brief(e)}", files=[f.path for f in groups[0]]) from e
     finally:
         first.close()
 
@@ -419,8 +588,7 @@ def _shifts(
         except duckdb.Error as e:
             paths = [f.path for f in files]
             where = f" ({', '.join(paths)})" if paths else ""
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ExecutionError(f"The query of the first rows{where} failed: {first}", files=paths, sql=sql) from e
+            raise ExecutionError(f"The query of the first rows{where} failed: {brief(e)}", files=paths, sql=sql) from e
         if cache is not None and key is not None:
             cache.put_values(key, row)
     elif tracer is not None:
@@ -488,6 +656,7 @@ class Merged:
     labels: pl.DataFrame
     stats: dict[str, pl.DataFrame]
     excluded: np.ndarray
+    targets: list[Target] = field(default_factory=list)  # the target of each row
 
     def per_metric(self) -> dict[str, pl.DataFrame]:
         return {name: pl.concat([self.labels, frame], how="horizontal") for name, frame in self.stats.items()}
@@ -510,6 +679,7 @@ def merge_results(
     stat_parts: dict[str, list[np.ndarray]] = {m.name: [] for m in metrics}
     seen_parts: dict[str, list[np.ndarray]] = {m.name: [] for m in metrics}
     excluded_parts: list[np.ndarray] = []
+    owners: list[Target] = []
     for targets, partials in results:
         n = partials.height
         if out_keys:
@@ -552,6 +722,7 @@ def merge_results(
             )
             excluded_parts.append(merged[:, -1])
             groups = len(starts)
+            owners.extend([t] * groups)
             label = pl.DataFrame(
                 {
                     "experiment": [t.experiment] * groups,
@@ -584,7 +755,7 @@ def merge_results(
             columns.append(series)
         stats[m.name] = pl.DataFrame(columns)
     excluded = np.concatenate(excluded_parts) if excluded_parts else np.zeros(0)
-    return Merged(labels, stats, excluded)
+    return Merged(labels, stats, excluded, owners)
 
 
 def _matrix(frame: pl.DataFrame, exprs: Sequence[pl.Expr], dtype: type) -> np.ndarray:
@@ -607,11 +778,19 @@ def evaluate_finals(
         return []
     columns = {f"{m.name}.{s}": stats[m.name].get_column(s).cast(pl.Float64) for m in metrics for s in m.stat_names}
     height = stats[metrics[0].name].height
+    # Each final is cast to DOUBLE: a formula that gives text or a list fails here, by name.
     finals = [
-        sb.alias(sb.substitute_columns(m.final, {s: sb.column(f"{m.name}.{s}") for s in m.stat_names}), m.name)
+        sb.alias(
+            sb.cast(sb.substitute_columns(m.final, {s: sb.column(f"{m.name}.{s}") for s in m.stat_names}), "DOUBLE"),
+            m.name,
+        )
         for m in metrics
     ]
-    sql = sb.render(sb.select([sb.column("__i"), *finals], "merged").order_by("__i", copy=False), copy=False)
+
+    def query(chosen: Sequence[exp.Expr]) -> str:
+        return sb.render(sb.select([sb.column("__i"), *chosen], "merged").order_by("__i", copy=False), copy=False)
+
+    sql = query(finals)
     if tracer is not None:
         tracer(sql)
     # NULL-free stats go in as numpy arrays (no Arrow conversion); a NULL (a min or max over no
@@ -626,7 +805,20 @@ def evaluate_finals(
     try:
         con.register("merged", table)
         try:
-            rows = con.execute(sql).fetchall()
+            try:
+                rows = con.execute(sql).fetchall()
+            except duckdb.Error as e:
+                for m, final in zip(metrics, finals, strict=True):  # which metric's formula it is
+                    try:
+                        con.execute(query([final])).fetchall()
+                    except duckdb.Error as alone:
+                        raise MetricError(
+                            f"Metric {m.name!r} ({m.path or 'built in'}): its final query failed on the merged "
+                            f"stats: {brief(alone)}",
+                            metric=m.name,
+                            path=m.path or None,
+                        ) from alone
+                raise ExecutionError(f"The final query of the metrics failed: {brief(e)}", sql=sql) from e
         finally:
             con.unregister("merged")
     finally:

@@ -97,10 +97,13 @@ class UnknownMetricError(MetricError):
 class ExecutionError(DuckHarnessError):
     """A query failed while it ran over the data; names the files of the failing batch."""
 
-    def __init__(self, message: str, *, files: list[str] | None = None, sql: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, files: list[str] | None = None, sql: str | None = None, experiment: str | None = None
+    ) -> None:
         super().__init__(message)
         self.files = files or []
         self.sql = sql
+        self.experiment = experiment
 
 
 class MissingDependencyError(DuckHarnessError, ImportError):

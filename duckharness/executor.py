@@ -55,7 +55,7 @@ def run_payload(payload: bytes) -> Any:
     return fn(_connection(config), task)
 
 
-def _retryable(e: BaseException) -> bool:
+def retryable(e: BaseException) -> bool:
     # A worker that cannot import a module, and DuckDB's errors about the query itself (binding,
     # types, conversions, overflow), fail the same way every time. An unreadable file or a lost
     # connection may not (a file being rewritten, a network hiccup).
@@ -64,9 +64,14 @@ def _retryable(e: BaseException) -> bool:
     return not isinstance(e, duckdb.ProgrammingError) or isinstance(e, duckdb.InvalidInputException)
 
 
-def _message(e: BaseException) -> str:
+MESSAGE_CHARS = 300  # a driver message can quote a whole column of values
+
+
+def brief(e: BaseException) -> str:
+    """The first line of an error's message, cut to ``MESSAGE_CHARS`` characters."""
     text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line if len(line) <= MESSAGE_CHARS else line[: MESSAGE_CHARS - 1] + "…"
 
 
 class Executor:
@@ -128,12 +133,12 @@ class Executor:
                     ) from value
                 if isinstance(value, InputError):
                     raise value
-                if attempts[i] > self.retries or not _retryable(value):
+                if attempts[i] > self.retries or not retryable(value):
                     files = describe(tasks[i])
                     where = f" ({', '.join(files)})" if files else ""
                     raise ExecutionError(
                         f"Batch {i + 1} of {len(tasks)}{where} failed after {attempts[i]} attempt(s) on {self.name}: "
-                        f"{_message(value)}",
+                        f"{brief(value)}",
                         files=files,
                     ) from value
                 retry.append(i)

@@ -167,7 +167,10 @@ def parse_experiments_file(text: str, *, path: str = "<experiments>", known: Ite
         if name in seen:
             raise DuplicateExperimentError(f"{path}: experiment {name!r} is defined twice.", experiment=name)
         seen.add(name)
-        steps.append(parse_step(name, "\n".join(lines), None))
+        try:
+            steps.append(parse_step(name, "\n".join(lines), None))
+        except ExperimentSQLError as e:
+            raise ExperimentSQLError(f"{path}: {e}", experiment=e.experiment) from None
     return order_steps(steps, known=set(known))
 
 

@@ -196,6 +196,11 @@ class Harness:
             return None
         if isinstance(window, SessionWindow):
             return window
+        if isinstance(window, str) or not isinstance(window, tuple | list) or len(window) != 2:
+            raise InputError(
+                f"window must be True, False, a SessionWindow or a (start, end) pair such as "
+                f"('09:30', '16:00') (None for an open end), got {window!r}."
+            )
         start, end = window
         tz = self.dataset.metadata.timezone
         return SessionWindow(
@@ -733,6 +738,8 @@ class Harness:
         are started once per harness and closed with it)."""
         if isinstance(executor, Executor):
             return executor
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise InputError(f"workers must be a whole number of at least 1, got {workers!r}.")
         if executor is None and self.executor_name == "custom":
             return next(iter(self._executors.values()))
         kind = executor or self.executor_name

@@ -16,6 +16,7 @@ import functools
 import zoneinfo
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlglot import exp
 
@@ -84,6 +85,8 @@ class Target:
     checks: tuple[str, ...] = ()
     inputs: frozenset[str] = frozenset()
     fast: bool = False
+    roles: tuple[str, str] = ("", "")  # the SQL of its pred and target expressions
+    shifts: tuple[float, float] = (0.0, 0.0)  # their shifts (where a ShiftTable has none)
 
 
 # Functions that give NULL only for a NULL input and a non-finite value only for a non-finite
@@ -152,6 +155,96 @@ def round_shift(value: float | None) -> float:
     return float(f"{value:.8g}")
 
 
+SHIFT_ROWS, SHIFT_TABLE = "__dh_rows", "__dh_shift"
+
+
+@dataclass(frozen=True)
+class ShiftTable:
+    """Shifts of the pred/target expressions of some groups, for a pass over data whose groups lie
+    far from the run's shift (say, symbols at very different price levels): each such group's
+    sums of squares are taken around its own mean, so they keep their precision.
+
+    ``keys`` are the group keys (``__day``, ``tod`` or columns) with their SQL types, ``roles``
+    the expressions (their SQL) that have a shift here, and each row is a group's key values and
+    its shift of each role (None: the run's shift). The table joins the batch's rows on the keys,
+    so a pass with it sees only the rows of its groups.
+    """
+
+    keys: tuple[str, ...]
+    key_types: tuple[str, ...]
+    roles: tuple[str, ...]
+    rows: tuple[tuple[tuple[Any, ...], tuple[float | None, ...]], ...]
+
+    def column(self, role: str) -> exp.Expr | None:
+        """The shift column of ``role`` in the joined rows (None if it has no shift here)."""
+        return sb.column(f"{SHIFT_TABLE}_{self.roles.index(role)}") if role in self.roles else None
+
+    def join(self, relation: exp.Expr, key_exprs: Sequence[exp.Expr]) -> exp.Expr:
+        """``(SELECT r.*, shift columns FROM relation r LEFT JOIN (VALUES ...) ON keys) AS rows``."""
+        names = [f"{SHIFT_TABLE}_k{i}" for i in range(len(self.keys))]
+        shift_names = [f"{SHIFT_TABLE}_{i}" for i in range(len(self.roles))]
+        values = exp.Values(
+            expressions=[
+                exp.Tuple(
+                    expressions=[_literal(v, t) for v, t in zip(key, self.key_types, strict=True)]
+                    + [_literal(x, "DOUBLE") for x in shifts]
+                )
+                for key, shifts in self.rows
+            ],
+            alias=exp.TableAlias(this=sb.ident(SHIFT_TABLE), columns=[sb.ident(c) for c in names + shift_names]),
+        )
+        on = sb.and_all(
+            exp.NullSafeEQ(this=e.copy(), expression=sb.column(n, SHIFT_TABLE))
+            for e, n in zip(key_exprs, names, strict=True)
+        )
+        inner = (
+            exp.select(
+                exp.Column(this=exp.Star(), table=sb.ident(SHIFT_ROWS)),
+                *[sb.column(c, SHIFT_TABLE) for c in shift_names],
+            )
+            .from_(_aliased(relation, SHIFT_ROWS))
+            .join(values, on=on if on is not None else exp.true(), join_type="INNER")
+        )
+        return inner.subquery(SHIFT_ROWS)
+
+    def may_hold(self, files: Sequence[FileInfo], tz: str, window: SessionWindow | None) -> bool:
+        """Whether a batch can hold rows of the table's groups (by its files' days, when the
+        groups are days)."""
+        if DAY not in self.keys:
+            return True
+        at = self.keys.index(DAY)
+        days = {key[at] for key, _ in self.rows}
+        for f in files:
+            if f.time_min is None or f.time_max is None:
+                return True
+            local = local_dates(f.time_min, f.time_max, tz)
+            if window is not None and window.overnight:
+                local.insert(0, local[0] - dt.timedelta(days=1))
+            if days.intersection(local):
+                return True
+        return False
+
+
+def _aliased(relation: exp.Expr, name: str) -> exp.Expr:
+    """``relation AS name`` in a FROM clause (a table, a table function or a query)."""
+    alias = exp.TableAlias(this=sb.ident(name))
+    if isinstance(relation, exp.Select | exp.Union):
+        return relation.subquery(name)
+    if isinstance(relation, exp.Table | exp.Subquery):
+        out = relation.copy()
+        out.set("alias", alias)
+        return out
+    return exp.Table(this=relation.copy(), alias=alias)
+
+
+def _literal(value: Any, type_sql: str) -> exp.Expr:
+    if value is None:
+        return sb.cast(exp.Null(), type_sql)
+    if isinstance(value, bool | int | float):
+        return sb.cast(sb.number(value), type_sql)
+    return sb.cast(sb.string(str(value)), type_sql)
+
+
 class FusedScan:
     """The aggregate query shared by all inlinable experiments of one call."""
 
@@ -174,7 +267,9 @@ class FusedScan:
         self.valid_keys: set[str] = set()
         self._fragments: dict[tuple[tuple[str, ...], SessionWindow | None, int | None], sb.RenderedSlots] = {}
         self.need_day = "day" in by
+        self.shift_table: ShiftTable | None = None
         self.by: list[tuple[str, exp.Expr]] = []
+        self._by_types: dict[str, str] = {}
         source_columns = columns if columns is not None else dataset.columns
         if sum(1 for b in by if b.startswith("tod:")) > 1:
             raise InputError("Group by at most one time-of-day bucket (e.g. by=['day', 'tod:30min']).")
@@ -195,13 +290,16 @@ class FusedScan:
                     column=b,
                 )
             self.by.append((b, sb.column(b)))
+            self._by_types[b] = source_columns[b]
         self.bound: list[tuple[str, Pair, Inlined, exp.Expr, exp.Expr, str, str]] = []
         for name, (inl, cols) in experiments.items():
             for pair in pairs:
                 for c in (pair.pred, pair.target):
                     if c not in inl.mapping:
                         raise UnknownColumnError(
-                            f"Experiment {name!r} has no column {c!r} (pair {pair.pred}:{pair.target}).",
+                            f"Experiment {name!r} has no column {c!r} (pair {pair.pred}:{pair.target}). Pairs "
+                            f"are scored in every experiment asked for: choose the experiments that have it "
+                            f"(experiments=[...], --experiment).",
                             column=c,
                             experiment=name,
                         )
@@ -231,9 +329,19 @@ class FusedScan:
             seen.setdefault(sb.render(t), t)
         return list(seen.values())
 
-    def build(self, shifts: Mapping[str, float]) -> list[Target]:
-        """Bind every metric to every (experiment, pair); returns the targets."""
+    def build(self, shifts: Mapping[str, float], table: ShiftTable | None = None) -> list[Target]:
+        """Bind every metric to every (experiment, pair); returns the targets. With a ``table``,
+        its groups' rows are shifted by its values instead (see :class:`ShiftTable`)."""
+        self.shift_table = table
         targets = []
+
+        def centred(node: exp.Expr, text: str) -> exp.Expr:
+            shift: exp.Expr = sb.number(shifts.get(text, 0.0))
+            column = table.column(text) if table is not None else None
+            if column is not None:
+                shift = exp.Coalesce(this=column, expressions=[shift])
+            return exp.Sub(this=exp.paren(node.copy()), expression=shift)
+
         # A bound aggregate is fixed by the SQL of its statistic and of its roles, so it is built
         # and rendered once per distinct pair of those (metrics sharing a statistic share it).
         bound_agg: dict[tuple[str, str, str], str] = {}
@@ -249,8 +357,8 @@ class FusedScan:
             roles = {
                 "pred": p,
                 "target": t,
-                "pred_c": exp.Sub(this=exp.paren(p.copy()), expression=sb.number(shifts.get(role_text[0], 0.0))),
-                "target_c": exp.Sub(this=exp.paren(t.copy()), expression=sb.number(shifts.get(role_text[1], 0.0))),
+                "pred_c": centred(p, role_text[0]),
+                "target_c": centred(t, role_text[1]),
             }
 
             def bind(
@@ -267,7 +375,17 @@ class FusedScan:
             checks = tuple(bind("", role, exp.Sum(this=sb.column(role))) for role in ("pred_c", "target_c"))
             inputs = frozenset(sb.column_names(p)) | frozenset(sb.column_names(t))
             fast = null_preserving(p) and null_preserving(t)
-            target = Target(name, pair, conds, valid, checks=checks, inputs=inputs, fast=fast)
+            target = Target(
+                name,
+                pair,
+                conds,
+                valid,
+                checks=checks,
+                inputs=inputs,
+                fast=fast,
+                roles=role_text,
+                shifts=(shifts.get(role_text[0], 0.0), shifts.get(role_text[1], 0.0)),
+            )
             for m in self.metrics:
                 target.stats[m.name] = {stat: bind(m.name, stat, agg) for stat, agg in m.stats}
             targets.append(target)
@@ -318,7 +436,10 @@ class FusedScan:
         key = (tuple(f.path for f in files), window, part)
         if key not in self._fragments:  # the fast and the full query of a batch share these
             where, day = window_and_day(self.dataset, files, window, need_day=self.need_day)
-            slots = {_SLOT_DAY: day, _SLOT_FROM: batch_relation(self.dataset, files, row_numbers=split)}
+            relation = batch_relation(self.dataset, files, row_numbers=split)
+            if self.shift_table is not None:
+                relation = self.shift_table.join(relation, self._group_exprs(day))
+            slots = {_SLOT_DAY: day, _SLOT_FROM: relation}
             if split:
                 rows = sb.column(ROW_NUMBER)
                 starts = [exp.Literal.number(lo) for lo, _ in ranges[1:]]
@@ -356,7 +477,18 @@ class FusedScan:
 
     def whole_query(self, relation: exp.Expr, day: exp.Expr) -> exp.Expr:
         """The same aggregates over one relation (an experiment that must see all rows at once)."""
+        if self.shift_table is not None:
+            relation = self.shift_table.join(relation, self._group_exprs(day))
         return sb.select(self._projections(day), relation, group_by_all=True)
+
+    def group_types(self) -> dict[str, str]:
+        """The SQL type of each group key of the partials (``__day``, ``tod``, columns)."""
+        return {DAY: "DATE"} | {name: "TIME" if name == TOD else self._by_types[name] for name, _ in self.by}
+
+    def _group_exprs(self, day: exp.Expr) -> list[exp.Expr]:
+        assert self.shift_table is not None
+        by = dict(self.by)
+        return [day if k == DAY else by[k] for k in self.shift_table.keys]
 
     def shift_query(self, relation: exp.Expr, sample_rows: int = 10_000) -> exp.Expr | None:
         """Medians of each pred/target expression over the first rows of ``relation``, then the
@@ -398,8 +530,8 @@ def parse_bucket(spec: str) -> int:
     """
     text = spec.split(":", 1)[1].strip().lower() if spec.lower().startswith("tod:") else spec.strip().lower()
     num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = text[len(num) :] or "s"
-    if not num.isdigit() or unit not in _UNITS or int(num) == 0:
+    unit = text[len(num) :]
+    if not num.isdigit() or unit not in _UNITS or int(num) == 0:  # a bare number has no unit: refused
         raise InputError(f"Time-of-day bucket {spec!r} must look like 'tod:30min', 'tod:1h' or 'tod:300s'.")
     seconds = int(num) * _UNITS[unit]
     if 86_400 % seconds:

@@ -199,8 +199,10 @@ def diebold_mariano(d: ArrayLike, lag: int | None = None) -> DieboldMariano:
     if not s > 0:
         return DieboldMariano(n, mean, math.nan, math.nan, lag)
     h = lag + 1
-    hln = math.sqrt(max(n + 1 - 2 * h + h * (h - 1) / n, 0.0) / n)
-    stat = hln * mean / math.sqrt(s / n)
+    correction = (n + 1 - 2 * h + h * (h - 1) / n) / n
+    if not correction > 0:  # too few days for this lag (T = 2, lag 1, say): no test
+        return DieboldMariano(n, mean, math.nan, math.nan, lag)
+    stat = math.sqrt(correction) * mean / math.sqrt(s / n)
     return DieboldMariano(n, mean, stat, two_sided_p(stat, n - 1), lag)
 
 

@@ -288,8 +288,8 @@ def detect_time_column(columns: Mapping[str, str], metadata: Metadata) -> str | 
             )
         if not columns[metadata.time_column].startswith("TIMESTAMP"):
             raise MetadataError(
-                f"Key 'time_column' names {metadata.time_column!r} of type {columns[metadata.time_column]}, "
-                f"not a timestamp.",
+                f"Key 'time_column' in {metadata.path or 'metadata'} names {metadata.time_column!r} of type "
+                f"{columns[metadata.time_column]}, not a timestamp.",
                 path=metadata.path,
                 key="time_column",
             )

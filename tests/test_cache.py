@@ -445,3 +445,22 @@ def test_the_command_line_shows_a_cache_warning_as_one_line(
     assert main(["metrics", str(backtest), "--metric", "mse", "--pair", PAIR[0], "--cache", str(cache), "-q"]) == 0
     err = capsys.readouterr().err.splitlines()
     assert err == [f"Warning: Cannot write to the cache folder {str(cache)!r} (File exists); results are not cached."]
+
+
+def test_a_full_disk_under_the_cache_warns_and_leaves_no_partial_entry(
+        backtest: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import polars as pl
+
+    from duckharness.errors import DuckHarnessWarning
+
+    def full(self: pl.DataFrame, file: object, *args: object, **kwargs: object) -> None:
+        Path(str(file)).write_bytes(b"PAR1 half an entry")  # what a full disk leaves
+        raise pl.exceptions.ComputeError(
+            "parquet: File out of specification: underlying IO error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", full)
+    cache = tmp_path / "full"
+    with pytest.warns(DuckHarnessWarning, match=r"Cannot write to the cache folder .*No space left on device"):
+        got = Harness(backtest, cache=cache).metrics(METRICS, pairs=PAIR)
+    assert counts(got) == reference_count(backtest)
+    assert not list(cache.glob("*/*.parquet")) and not list(cache.glob("*/.*.tmp"))

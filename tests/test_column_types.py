@@ -86,12 +86,20 @@ def _tagged(tmp_path: Path, tags: dict[str, str]) -> Path:
 BAD = "SELECT * REPLACE (CAST(tag AS INTEGER) AS pred_a) FROM baseline"
 
 
-def test_a_query_error_that_would_recur_fails_the_run_at_once_naming_the_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "sql", [BAD, "SELECT * FROM baseline WHERE CAST(tag AS INTEGER) > 0"], ids=["column_change", "filter"]
+)
+def test_an_experiment_whose_sql_fails_on_some_rows_is_named_with_the_file_and_not_retried(
+    tmp_path: Path, sql: str
+) -> None:
     folder = _tagged(tmp_path, {"2024-06-03": "1", "2024-06-04": "x"})  # the second day cannot be cast
     with Harness(folder, cache=False) as h:
-        h.add_experiment("bad", BAD)
-        with pytest.raises(ExecutionError, match=r"2024-06-04\.parquet.*failed after 1 attempt.*Conversion Error"):
-            h.metrics(["mse"], pairs="pred_a:target_a", experiments="bad")
+        h.add_experiment("liquid", "pred_a >= 0")
+        h.add_experiment("bad", sql)
+        with pytest.raises(ExecutionError, match=r"Experiment 'bad' failed on .*2024-06-04\.parquet: Conversion") as e:
+            h.metrics(["mse"], pairs="pred_a:target_a")
+    assert e.value.experiment == "bad" and e.value.files[0].endswith("2024-06-04.parquet")
+    assert "attempt" not in str(e.value.__cause__)  # raised at the first failure: no retries
 
 
 def test_an_error_in_the_first_rows_query_is_an_execution_error_naming_the_file(tmp_path: Path) -> None:

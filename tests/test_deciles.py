@@ -71,10 +71,12 @@ def test_every_experiment_and_pair_gets_its_table(make_panel: Callable[..., Path
     with Harness(make_panel(days=2), cache=False) as h:
         h.add_experiment("liquid", "volume > 1000")
         got = h.deciles(["pred_10s", "pred_1s"], buckets=2)
-        with pytest.raises(InputError, match="at least 2"):
+        with pytest.raises(InputError, match="from 2 to 200, got 1"):
             h.deciles("pred_10s", buckets=1)
-        with pytest.raises(InputError, match=r"whole number of at least 2, got 2\.5"):
+        with pytest.raises(InputError, match=r"whole number from 2 to 200, got 2\.5"):
             h.deciles("pred_10s", buckets=2.5)  # type: ignore[arg-type]
+        with pytest.raises(InputError, match=r"from 2 to 200, got 1000"):
+            h.deciles("pred_10s", buckets=1000)
         with pytest.raises(InputError, match="by must be"):
             h.deciles("pred_10s", by="symbol")
     keys = got.select("experiment", "pred").unique(maintain_order=True).rows()

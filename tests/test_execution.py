@@ -219,3 +219,11 @@ def test_repeated_calls_on_one_harness_give_bit_identical_results(folder: Path) 
     b = h.metrics(METRICS, by="day")
     assert a.drop("value").equals(b.drop("value"))
     assert a["value"].to_list() == b["value"].to_list()
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True])
+def test_workers_must_be_a_whole_number_of_at_least_one(folder: Path, workers: object) -> None:
+    from duckharness import InputError
+
+    with Harness(folder, cache=False) as h, pytest.raises(InputError, match="workers must be a whole number"):
+        h.metrics(["count"], workers=workers)  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
@@ -531,3 +532,25 @@ def test_chain_tasks_pickle_with_their_python_steps(folder: Path) -> None:
     assert back.experiments.step("z").fn is add_z
     assert [f.path for f in back.files] == [h.dataset.files[0].path]
 
+
+
+@pytest.mark.parametrize(
+    ("error", "calls"),
+    [
+        (duckdb.ConversionException("Conversion Error: Could not convert string 'x' to INT32"), 1),
+        (duckdb.BinderException("Binder Error: column not found"), 1),
+        (duckdb.IOException("IO Error: could not read file"), 3),
+        (duckdb.InvalidInputException("Invalid Input Error: No magic bytes found"), 3),
+    ],
+    ids=["conversion", "binder", "io", "bad_file"],
+)
+def test_only_errors_that_may_pass_on_a_second_try_are_retried(error: Exception, calls: int) -> None:
+    seen: list[int] = []
+
+    def fail(con: object, task: int) -> None:
+        seen.append(task)
+        raise error
+
+    with pytest.raises(ExecutionError, match=rf"after {calls} attempt\(s\) on threads"):
+        ThreadExecutor(workers=1, retries=2).map(fail, [7], describe=lambda t: ["day.parquet"])
+    assert len(seen) == calls

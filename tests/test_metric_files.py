@@ -311,3 +311,27 @@ def test_unknown_metric_lists_available_ones(data: Path, user_metrics: Path) -> 
 def test_unknown_metric_from_library_get() -> None:
     with pytest.raises(UnknownMetricError, match=r"Available: bias, corr, count"):
         MetricLibrary().get("nope")
+
+
+@pytest.mark.parametrize("final", ["'abc'", "[n]", "CAST('x' || n AS DOUBLE)"], ids=["text", "list", "bad_cast"])
+def test_a_final_query_that_gives_no_number_is_a_metric_error_naming_the_file(
+        data: Path, tmp_path: Path, final: str) -> None:
+    path = tmp_path / "odd.sql"
+    path.write_text(f"-- stats\nSELECT count(*) AS n FROM input;\n-- final\nSELECT {final} AS value FROM merged;\n")
+    with (
+        Harness(data, metric_dirs=[tmp_path]) as h,
+        pytest.raises(MetricError, match=r"Metric 'odd' \(.*odd\.sql\): its final query failed") as info,
+    ):
+        h.metrics(["count", "odd"], pairs=[PAIR])
+    assert info.value.metric == "odd" and info.value.path == str(path)
+
+
+def test_a_long_driver_message_is_cut_to_one_short_line(data: Path, tmp_path: Path) -> None:
+    (tmp_path / "agg.sql").write_text(
+        "-- stats\nSELECT CAST(string_agg(CAST(pred AS VARCHAR), ',') AS DOUBLE) AS s FROM input;\n"
+        "-- final\nSELECT s AS value FROM merged;\n")
+    from duckharness import ExecutionError
+
+    with Harness(data, metric_dirs=[tmp_path]) as h, pytest.raises(ExecutionError, match="Conversion Error") as info:
+        h.metrics(["agg"], pairs=[PAIR])
+    assert len(str(info.value)) < 600 and "\n" not in str(info.value)

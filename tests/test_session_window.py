@@ -148,6 +148,14 @@ def test_window_override_1000_to_1100_keeps_exactly_that_hour_each_day(eastern: 
     assert counts_by_day(Harness(eastern), window=("10:00", "11:00")) == expected
 
 
+@pytest.mark.parametrize("window", [("10:00",), "10:00-11:00", ("10:00", "11:00", "12:00"), 5])
+def test_a_window_that_is_not_a_start_end_pair_is_an_input_error(eastern: Path, window: object) -> None:
+    from duckharness import InputError
+
+    with Harness(eastern, cache=False) as h, pytest.raises(InputError, match=r"window must be .* \(start, end\) pair"):
+        h.metrics(["count"], pairs="pred_10s:target_10s", window=window)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("batch_size", [2, 5])
 def test_day_labels_are_right_when_one_batch_holds_several_days(eastern: Path, batch_size: int) -> None:
     h = Harness(eastern, batch_size=batch_size)

@@ -162,3 +162,9 @@ def test_resampled_merge_equals_merging_the_drawn_days(days: list[tuple[int, flo
         drawn = pl.DataFrame(stats[np.repeat(np.arange(len(days)), counts[b])], schema=["n", "s", "lo"], orient="row")
         want = merge_partials(drawn, [], {"n": "sum", "s": "sum", "lo": "min"}).row(0)
         assert got[b].tolist() == pytest.approx(list(want), rel=1e-12, abs=1e-9)
+
+
+def test_diebold_mariano_with_too_few_days_for_its_lag_gives_no_test() -> None:
+    got = diebold_mariano([0.1, 0.4], lag=1)  # HLN: (T + 1 - 2h + h(h - 1)/T) / T = 0 at T = 2, h = 2
+    assert got.n_days == 2 and got.mean_diff == pytest.approx(0.25)
+    assert math.isnan(got.statistic) and math.isnan(got.p_value)

@@ -74,7 +74,12 @@ def test_tod_works_for_experiments_that_need_all_rows(make_backtest: Callable[..
 
 @pytest.mark.parametrize(
     ("spec", "match"),
-    [("tod:7min", "divide 24 hours"), ("tod:half", "must look like"), ("tod:0min", "must look like")],
+    [
+        ("tod:7min", "divide 24 hours"),
+        ("tod:half", "must look like"),
+        ("tod:0min", "must look like"),
+        ("tod:30", "must look like"),  # no unit: not silently seconds
+    ],
 )
 def test_bad_bucket_specs_are_refused(backtest: Path, spec: str, match: str) -> None:
     with Harness(backtest, cache=False) as h, pytest.raises(InputError, match=match):
