@@ -194,7 +194,8 @@ def _map_partials(
     cache: StatsCache | None,
     control: duckdb.DuckDBPyConnection,
 ) -> tuple[list[tuple[list[Target], pl.DataFrame]], list[str]]:
-    """The map phase: partial stats of every batch, for each group of targets."""
+    """The map phase: partial stats of every batch, for each group of targets (a further pass
+    for groups far from the shift, see :func:`recentre`)."""
     t0 = time.perf_counter()
     fused: dict[str, tuple[Inlined, Mapping[str, str]]] = {}
     whole: list[str] = []
@@ -207,131 +208,31 @@ def _map_partials(
     out_keys = ([DAY] if "day" in by else []) + [group_key(b) for b in by if b != "day"]
     if "day" in by and dataset.time_column is None:
         raise InputError("Cannot group by day: the source has no time column (set 'time_column' in metadata.json).")
-    batches = all_batches = make_batches(dataset.files, batch_size)
+    batches = make_batches(dataset.files, batch_size)
     stats.batches, stats.files = len(batches), len(dataset.files)
-    tz = window.timezone if window is not None else dataset.metadata.timezone
     stats.timings["plan"] = time.perf_counter() - t0
 
     executor.with_config(dataset.connection(1))
     centre = centre_metric(metrics)
-    scan_metrics = [*metrics, centre] if centre is not None else list(metrics)
-    bar = Progress(len(batches) * ((1 if fused else 0) + len(whole)), "metrics", enabled=progress)
-    if fused:
-        first_scan = FusedScan(dataset, fused, pairs, scan_metrics, by)
-        shifts, sampled_nan = _shifts(
-            first_scan, batch_relation(dataset, batches[0]), tracer, control, cache, batches[0]
-        )
-
-        def fused_pass(table: ShiftTable | None) -> tuple[list[Target], pl.DataFrame] | None:
-            # A scan renders its aggregates once: a pass with other shifts needs a scan of its own.
-            scan = first_scan if table is None else FusedScan(dataset, fused, pairs, scan_metrics, by)
-            targets = scan.build(shifts, table)
-            # A pass over some days' groups reads only the batches that can hold those days.
-            batches = all_batches if table is None else [b for b in all_batches if table.may_hold(b, tz, window)]
-            if not batches:
-                return None
-            sqls = [scan.batch_query(b, window) for b in batches]
-            # Batches whose inputs the footers show NULL-free run without validity keys; their check
-            # sums then prove there was no NaN or infinity, or the batch is run again with the keys.
-            # (When the sampled first rows already hold a NaN, every batch carries its keys at once.)
-            fast = [not sampled_nan and scan.fast_eligible(targets, b) for b in batches]
-            if table is None:
-                stats.queries.extend(sqls[:1])
-            t1 = time.perf_counter()
-            stats.timings["plan"] = t1 - t0  # resolving the chain, the shifts query, building every query
-            keys = [cache.key(sql, b) for sql, b in zip(sqls, batches, strict=True)] if cache is not None else []
-            cached: list[pl.DataFrame | None] = cache.get_many(keys) if cache is not None else [None] * len(sqls)
-            needed = {DAY, *(n for n, _ in scan.by), *scan.keys, *scan.aggregates}
-            cached = [f if f is not None and needed <= set(f.columns) else None for f in cached]  # not ours: recompute
-            todo = [i for i, c in enumerate(cached) if c is None]
-            hits = len(sqls) - len(todo)
-            stats.cache_hits += hits
-            if tracer is not None:
-                for i, b in enumerate(batches):
-                    if cached[i] is not None:
-                        tracer(f"-- from the cache: {', '.join(f.path for f in b)}")
-            bar.advance(hits)
-
-            def compute(chosen: Sequence[int], *, full: bool = False) -> list[pl.DataFrame]:
-                """The partials of the chosen batches. With fewer batches than workers (say, the new
-                day of an incremental run), a batch of several parts runs as one query per part, so
-                idle workers help; the parts' rows are the same either way."""
-                split = len(chosen) < executor.workers
-                runs = []
-                for i in chosen:
-                    b = batches[i]
-                    n = len(scan.parts(b)) if split else 1
-                    use_fast = fast[i] and not full
-                    queries = [scan.batch_query(b, window, fast=use_fast, part=j if n > 1 else None) for j in range(n)]
-                    runs.append(queries)
-                flat = [q for qs in runs for q in qs]
-                files_of = {q: [f.path for f in batches[i]] for i, qs in zip(chosen, runs, strict=True) for q in qs}
-                if tracer is not None:
-                    for q in flat:
-                        tracer(q)
-                bar.total += len(flat) - len(chosen)
-                done = iter(
-                    executor.map(_sql_task, flat, describe=lambda sql: files_of[sql], on_done=bar.advance, home=control)
-                )
-                return [pl.concat([next(done) for _ in qs], how="vertical_relaxed") for qs in runs]
-
-            try:
-                computed = compute(todo)
-            except ExecutionError as e:
-                raise _blame(scan, e, window, control) from e.__cause__
-            checks = sorted({c for t in targets for c in t.checks})
-            redo = [
-                k
-                for k, (i, frame) in enumerate(zip(todo, computed, strict=True))
-                if fast[i]
-                and frame.height
-                and not frame.select(pl.all_horizontal([pl.col(c).is_finite() for c in checks]).all()).item()
-            ]
-            if redo:  # a NaN or infinity somewhere: those batches need their validity keys after all
-                bar.total += len(redo)
-                for k, frame in zip(redo, compute([todo[k] for k in redo], full=True), strict=True):
-                    computed[k] = frame
-            redone = {todo[k] for k in redo}
-            for i, frame in zip(todo, computed, strict=True):
-                if fast[i] and i not in redone:
-                    frame = frame.with_columns([pl.lit(True).alias(v) for v in sorted(scan.valid_keys)])
-                frame = canonical(frame, scan)
-                cached[i] = frame
-                if cache is not None:
-                    cache.put(keys[i], frame)
-            # Entries are stored canonical; ones cached by a version without part keys get theirs here.
-            frames = [f if PART in f.columns else canonical(f, scan) for f in cached if f is not None]
-            stats.timings["map"] = time.perf_counter() - t1
-            return targets, pl.concat(frames, how="vertical_relaxed")
-
-    def run_passes(table: ShiftTable | None) -> list[tuple[list[Target], pl.DataFrame]]:
-        first = fused_pass(table) if fused else None
-        out = [first] if first is not None else []
-        t2 = time.perf_counter()
-        for n in whole:
-            out.append(
-                _run_chain(
-                    dataset,
-                    experiments,
-                    n,
-                    pairs,
-                    scan_metrics,
-                    by,
-                    window,
-                    batches,
-                    executor,
-                    tracer,
-                    stats,
-                    batch_size,
-                    table,
-                )
-            )
-            bar.advance(len(batches))
-        if whole:
-            stats.timings["whole"] = stats.timings.get("whole", 0.0) + time.perf_counter() - t2
-        return out
-
-    base = results = run_passes(None)
+    run = _Map(
+        dataset,
+        experiments,
+        pairs,
+        [*metrics, centre] if centre is not None else list(metrics),
+        by,
+        window,
+        executor,
+        batch_size,
+        tracer,
+        stats,
+        cache,
+        control,
+        batches,
+        Progress(len(batches) * ((1 if fused else 0) + len(whole)), "metrics", enabled=progress),
+        t0,
+    )
+    shifts = run.shifts(fused) if fused else ({}, False)
+    base = results = run.passes(fused, whole, shifts, None)
     table: ShiftTable | None = None
     for _ in range(RECENTRE_PASSES if centre is not None else 0):
         assert centre is not None
@@ -343,11 +244,173 @@ def _map_partials(
         stats.recentred += 1
         if tracer is not None:
             tracer(f"-- groups far from the shift, scanned again around their own means: {len(table.rows)}")
-        bar.total += len(batches) * ((1 if fused else 0) + len(whole))
         # Those groups' rows come from the new pass alone; every other group's from the first.
-        results = [(t, _without_groups(f, table)) for t, f in base] + run_passes(table)
-    bar.close()
+        results = [(t, _without_groups(f, table)) for t, f in base] + run.passes(fused, whole, shifts, table)
+    run.bar.close()
     return results, out_keys
+
+
+@dataclass
+class _Map:
+    """What the passes of one map phase share: the data, the question, where to run, and the
+    run's record (stats, progress bar)."""
+
+    dataset: Dataset
+    experiments: Experiments
+    pairs: Sequence[Pair]
+    metrics: Sequence[Metric]  # with the centring checks
+    by: Sequence[str]
+    window: SessionWindow | None
+    executor: Executor
+    batch_size: int
+    tracer: Tracer | None
+    stats: RunStats
+    cache: StatsCache | None
+    control: duckdb.DuckDBPyConnection
+    batches: list[list[FileInfo]]
+    bar: Progress
+    started: float
+    _first_scan: FusedScan | None = None
+
+    def scan(self, fused: Mapping[str, tuple[Inlined, Mapping[str, str]]]) -> FusedScan:
+        return FusedScan(self.dataset, fused, self.pairs, self.metrics, self.by)
+
+    def shifts(self, fused: Mapping[str, tuple[Inlined, Mapping[str, str]]]) -> tuple[dict[str, float], bool]:
+        """The fused experiments' shifts and whether the sampled first rows hold a NaN."""
+        self._first_scan = self.scan(fused)
+        first = self.batches[0]
+        return _shifts(
+            self._first_scan, batch_relation(self.dataset, first), self.tracer, self.control, self.cache, first
+        )
+
+    def passes(
+        self,
+        fused: Mapping[str, tuple[Inlined, Mapping[str, str]]],
+        whole: Sequence[str],
+        shifts: tuple[dict[str, float], bool],
+        table: ShiftTable | None,
+    ) -> list[tuple[list[Target], pl.DataFrame]]:
+        """One pass over the data: the fused scan, then each experiment that needs its chain."""
+        out = []
+        if fused:
+            # A scan renders its aggregates once: a pass with other shifts needs a scan of its own.
+            scan = self._first_scan if table is None and self._first_scan is not None else self.scan(fused)
+            done = self.fused_pass(scan, *shifts, table)
+            if done is not None:
+                out.append(done)
+        t0 = time.perf_counter()
+        for n in whole:
+            if table is not None:
+                self.bar.total += len(self.batches)
+            out.append(
+                _run_chain(
+                    self.dataset,
+                    self.experiments,
+                    n,
+                    self.pairs,
+                    self.metrics,
+                    self.by,
+                    self.window,
+                    self.batches,
+                    self.executor,
+                    self.tracer,
+                    self.stats,
+                    self.batch_size,
+                    table,
+                )
+            )
+            self.bar.advance(len(self.batches))
+        if whole:
+            self.stats.timings["whole"] = self.stats.timings.get("whole", 0.0) + time.perf_counter() - t0
+        return out
+
+    def fused_pass(
+        self, scan: FusedScan, shifts: Mapping[str, float], sampled_nan: bool, table: ShiftTable | None
+    ) -> tuple[list[Target], pl.DataFrame] | None:
+        """The fused scan's partials of every batch (with a ``table``: of the batches that can hold
+        its groups), from the cache where it has them."""
+        stats, cache, tracer = self.stats, self.cache, self.tracer
+        targets = scan.build(shifts, table)
+        tz = self.window.timezone if self.window is not None else self.dataset.metadata.timezone
+        batches = self.batches if table is None else [b for b in self.batches if table.may_hold(b, tz, self.window)]
+        if not batches:
+            return None
+        if table is not None:
+            self.bar.total += len(batches)
+        sqls = [scan.batch_query(b, self.window) for b in batches]
+        # Batches whose inputs the footers show NULL-free run without validity keys; their check
+        # sums then prove there was no NaN or infinity, or the batch is run again with the keys.
+        # (When the sampled first rows already hold a NaN, every batch carries its keys at once.)
+        fast = [not sampled_nan and scan.fast_eligible(targets, b) for b in batches]
+        if table is None:
+            stats.queries.extend(sqls[:1])
+        t1 = time.perf_counter()
+        stats.timings["plan"] = t1 - self.started  # resolving the chain, the shifts query, building every query
+        keys = [cache.key(sql, b) for sql, b in zip(sqls, batches, strict=True)] if cache is not None else []
+        cached: list[pl.DataFrame | None] = cache.get_many(keys) if cache is not None else [None] * len(sqls)
+        needed = {DAY, *(n for n, _ in scan.by), *scan.keys, *scan.aggregates}
+        cached = [f if f is not None and needed <= set(f.columns) else None for f in cached]  # not ours: recompute
+        todo = [i for i, c in enumerate(cached) if c is None]
+        hits = len(sqls) - len(todo)
+        stats.cache_hits += hits
+        if tracer is not None:
+            for i, b in enumerate(batches):
+                if cached[i] is not None:
+                    tracer(f"-- from the cache: {', '.join(f.path for f in b)}")
+        self.bar.advance(hits)
+        try:
+            computed = self._compute(scan, batches, [(i, fast[i]) for i in todo])
+        except ExecutionError as e:
+            raise _blame(scan, e, self.window, self.control) from e.__cause__
+        checks = sorted({c for t in targets for c in t.checks})
+        redo = [
+            k
+            for k, (i, frame) in enumerate(zip(todo, computed, strict=True))
+            if fast[i]
+            and frame.height
+            and not frame.select(pl.all_horizontal([pl.col(c).is_finite() for c in checks]).all()).item()
+        ]
+        if redo:  # a NaN or infinity somewhere: those batches need their validity keys after all
+            self.bar.total += len(redo)
+            for k, frame in zip(redo, self._compute(scan, batches, [(todo[k], False) for k in redo]), strict=True):
+                computed[k] = frame
+        redone = {todo[k] for k in redo}
+        for i, frame in zip(todo, computed, strict=True):
+            if fast[i] and i not in redone:
+                frame = frame.with_columns([pl.lit(True).alias(v) for v in sorted(scan.valid_keys)])
+            frame = canonical(frame, scan)
+            cached[i] = frame
+            if cache is not None:
+                cache.put(keys[i], frame)
+        # Entries are stored canonical; ones cached by a version without part keys get theirs here.
+        frames = [f if PART in f.columns else canonical(f, scan) for f in cached if f is not None]
+        stats.timings["map"] = stats.timings.get("map", 0.0) + time.perf_counter() - t1
+        return targets, pl.concat(frames, how="vertical_relaxed")
+
+    def _compute(
+        self, scan: FusedScan, batches: Sequence[list[FileInfo]], chosen: Sequence[tuple[int, bool]]
+    ) -> list[pl.DataFrame]:
+        """The partials of the chosen batches (index, fast). With fewer batches than workers (say,
+        the new day of an incremental run), a batch of several parts runs as one query per part, so
+        idle workers help; the parts' rows are the same either way."""
+        split = len(chosen) < self.executor.workers
+        runs = []
+        for i, fast in chosen:
+            b = batches[i]
+            n = len(scan.parts(b)) if split else 1
+            runs.append([scan.batch_query(b, self.window, fast=fast, part=j if n > 1 else None) for j in range(n)])
+        flat = [q for qs in runs for q in qs]
+        files_of = {q: [f.path for f in batches[i]] for (i, _), qs in zip(chosen, runs, strict=True) for q in qs}
+        if self.tracer is not None:
+            for q in flat:
+                self.tracer(q)
+        self.bar.total += len(flat) - len(chosen)
+        done = iter(
+            self.executor.map(
+                _sql_task, flat, describe=lambda sql: files_of[sql], on_done=self.bar.advance, home=self.control
+            )
+        )
+        return [pl.concat([next(done) for _ in qs], how="vertical_relaxed") for qs in runs]
 
 
 # Sums of squares are taken around one shift per expression (the median of its first rows). A
