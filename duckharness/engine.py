@@ -215,21 +215,21 @@ def _map_partials(
     executor.with_config(dataset.connection(1))
     centre = centre_metric(metrics)
     run = _Map(
-        dataset,
-        experiments,
-        pairs,
-        [*metrics, centre] if centre is not None else list(metrics),
-        by,
-        window,
-        executor,
-        batch_size,
-        tracer,
-        stats,
-        cache,
-        control,
-        batches,
-        Progress(len(batches) * ((1 if fused else 0) + len(whole)), "metrics", enabled=progress),
-        t0,
+        dataset=dataset,
+        experiments=experiments,
+        pairs=pairs,
+        metrics=[*metrics, centre] if centre is not None else list(metrics),
+        by=by,
+        window=window,
+        executor=executor,
+        batch_size=batch_size,
+        tracer=tracer,
+        stats=stats,
+        cache=cache,
+        control=control,
+        batches=batches,
+        bar=Progress(len(batches) * ((1 if fused else 0) + len(whole)), "metrics", enabled=progress),
+        started=t0,
     )
     shifts = run.shifts(fused) if fused else ({}, False)
     base = results = run.passes(fused, whole, shifts, None)
