@@ -100,3 +100,30 @@ def test_signal_handlers_are_restored_after_an_in_process_run(src: Path, tmp_pat
     assert main(["sink", str(src), "--experiment", "baseline", "-o", str(tmp_path / "out"), "-q"]) == 0
     assert {s: signal.getsignal(s) for s in before} == before
 
+
+def test_an_interrupted_query_is_not_retried(tmp_path: Path) -> None:
+    """A signal during a batch's query on the calling thread (one worker) stops the map: before,
+    DuckDB's RuntimeError('Query interrupted') was retried and the run went on as if nothing had
+    happened."""
+    import threading
+
+    from duckharness.executor import ThreadExecutor
+
+    calls = []
+
+    def long_query(con: object, task: int) -> object:  # a few seconds on one thread
+        calls.append(task)
+        return con.execute(  # type: ignore[attr-defined]
+            "SELECT count(*) FROM range(1000000000) t(x) WHERE x % 1000000007 = 1").fetchall()
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(Exception, match="interrupted"):
+            ThreadExecutor(1, retries=2).map(long_query, [0])
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
+    assert calls == [0] and time.monotonic() - started < 10  # stopped in the first attempt
