@@ -1,13 +1,19 @@
 """The command line: each command opens a :class:`~duckharness.Harness`, calls one method, prints.
 
-Library errors print ``Error: ...`` and exit 1 (``--debug`` shows the traceback instead).
+Library errors print ``Error: ...`` and exit 1 (``--debug`` shows the traceback instead). Ctrl-C
+(SIGINT) prints ``Interrupted.`` and exits 130, SIGTERM prints ``Terminated.`` and exits 143; both
+stop the command by raising KeyboardInterrupt in the main thread, so the clean-up of a sink, sample
+or export in progress runs and nothing half-written is left behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -106,6 +112,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from duckharness.outputs import check_output
+    from duckharness.sample import write_parquet
+
+    target = check_output(args.output, kind="file", overwrite=args.overwrite)  # before the work
     with _harness(args) as h:
         df = h.sample(
             args.experiment,
@@ -116,21 +126,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             seed=args.seed,
             window=_window(args),
         )
-    import os
-
-    from duckharness.errors import InputError
-
-    if os.path.isdir(args.output):
-        raise InputError(f"Output {args.output} is a folder; give a .parquet file path.")
-    if os.path.exists(args.output) and not args.overwrite:
-        raise InputError(f"Output {args.output} already exists. Use --overwrite to replace it.")
-    tmp = f"{args.output}.tmp-{os.getpid()}"
-    try:
-        df.write_parquet(tmp)
-        os.replace(tmp, args.output)  # no half-written file if writing fails
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_parquet(df, target, overwrite=args.overwrite)
     print(f"Wrote {df.height:,} rows x {df.width} columns of {args.experiment!r} ({args.strategy}) to {args.output}")
     return 0
 
@@ -301,7 +297,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         raise InputError("--sql and --db must be different files.")
     with _harness(args) as h:
-        result = h.export(args.sql, args.db, window=_window(args), materialize=args.materialize)
+        result = _export(h, args)
     for path in (result.sql_path, result.db_path):
         if path:
             print(f"Wrote {path}")
@@ -315,6 +311,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     ]
     print("Open with:  " + "   or   ".join(o for o in opens if o))
     return 0
+
+
+def _export(h: Any, args: argparse.Namespace) -> Any:
+    import inspect
+
+    options = {"window": _window(args), "materialize": args.materialize}
+    if "overwrite" in inspect.signature(h.export).parameters:
+        return h.export(args.sql, args.db, **options, overwrite=args.overwrite)
+    # Until Harness.export takes overwrite= (harness.py is changed separately): the same call it makes.
+    from duckharness.export import export
+
+    h._refresh()
+    return export(
+        h,
+        args.sql,
+        args.db,
+        window=h._window(options["window"]),
+        materialize=args.materialize,
+        overwrite=args.overwrite,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -471,8 +487,69 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sql", metavar="OUT.sql", help="SQL script to write")
     e.add_argument("--db", metavar="OUT.duckdb", help="DuckDB database file to write")
     e.add_argument("--materialize", metavar="DIR", help="write Python-step experiments here and export views on them")
+    e.add_argument(
+        "--overwrite", action="store_true", help="replace output files (and materialized folders) that exist"
+    )
     e.set_defaults(func=cmd_export)
     return p
+
+
+_TRACEBACK_OF_INTERRUPT = re.compile(r"^(KeyboardInterrupt|SystemExit)\b", re.MULTILINE)
+
+
+def _is_interruption(e: BaseException) -> bool:
+    """Whether ``e`` is, or was caused by, an interruption: KeyboardInterrupt; DuckDB's
+    ``InterruptException``; the ``RuntimeError('Query interrupted')`` DuckDB raises when a signal
+    arrives during a query; or a DuckDB error whose text is the traceback of a KeyboardInterrupt
+    raised inside a Python filesystem (fsspec) that DuckDB was reading through."""
+    import duckdb
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, KeyboardInterrupt | duckdb.InterruptException):
+            return True
+        if isinstance(x, RuntimeError) and str(x).strip() == "Query interrupted":
+            return True
+        if isinstance(x, duckdb.Error | OSError) and _TRACEBACK_OF_INTERRUPT.search(str(x)):
+            return True
+        todo += [x.__cause__, x.__context__]
+    return False
+
+
+def _interrupt_on_signals(received: list[int]) -> Callable[[], None]:
+    """Make SIGINT and SIGTERM raise KeyboardInterrupt in the main thread (recording which came, as
+    DuckDB turns the exception into its own), so ``finally`` blocks clean up; returns the undo.
+    A signal that is ignored (a background job's SIGINT) stays ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, interrupt)
+
+    def undo() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return undo
+
+
+def _record_only(received: list[int]) -> None:
+    """From here on a signal is only recorded: the message and exit status are not interrupted."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) not in (signal.SIG_IGN, signal.SIG_DFL, signal.default_int_handler):
+                signal.signal(sig, lambda signum, frame: received.append(signum))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -490,26 +567,35 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     default_show = warnings.showwarning
     warnings.showwarning = show
+    received: list[int] = []
+    restore_signals = _interrupt_on_signals(received)
     try:
-        return int(args.func(args))
-    except DuckHarnessError as e:
-        if args.debug:
-            raise
-        print(f"Error: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:  # driver, file-system and Polars errors we did not translate: no traceback
+        code = int(args.func(args))
+        if received:  # a signal whose exception something swallowed: still an interruption
+            raise KeyboardInterrupt
+        return code
+    except BaseException as e:
+        _record_only(received)
+        if received or _is_interruption(e):
+            if args.debug:
+                raise
+            terminated = signal.SIGTERM in received
+            print("Terminated." if terminated else "Interrupted.", file=sys.stderr)
+            return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+        if isinstance(e, DuckHarnessError) and not args.debug:
+            print(f"Error: {e}", file=sys.stderr)
+            return 1
+        # driver, file-system and Polars errors we did not translate: no traceback
         import duckdb
         import polars as pl
 
-        if args.debug or not isinstance(e, (duckdb.Error, OSError, pl.exceptions.PolarsError)):
+        if args.debug or not isinstance(e, duckdb.Error | OSError | pl.exceptions.PolarsError):
             raise
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"Error: {type(e).__name__}: {text}" if isinstance(e, OSError) else f"Error: {text}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("Interrupted.", file=sys.stderr)
-        return 130
     finally:
+        restore_signals()
         warnings.showwarning = default_show
 
 

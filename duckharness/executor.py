@@ -61,6 +61,10 @@ def retryable(e: BaseException) -> bool:
     # connection may not (a file being rewritten, a network hiccup).
     if isinstance(e, ImportError | duckdb.DataError):
         return False
+    # An interruption (Ctrl-C, SIGTERM) arrives as DuckDB's InterruptException or, when a signal
+    # stops a query, RuntimeError('Query interrupted'): retrying would swallow it.
+    if isinstance(e, duckdb.InterruptException) or (isinstance(e, RuntimeError) and "interrupted" in str(e)):
+        return False
     return not isinstance(e, duckdb.ProgrammingError) or isinstance(e, duckdb.InvalidInputException)
 
 

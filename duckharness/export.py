@@ -11,10 +11,10 @@ one derived from the chain's hash.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import struct
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -29,6 +29,7 @@ from duckharness.errors import InputError
 from duckharness.experiments import BASELINE
 from duckharness.metadata import SessionWindow
 from duckharness.metricfile import Metric
+from duckharness.outputs import check_output, write_error, written_atomically
 from duckharness.plan import per_row_window
 
 if TYPE_CHECKING:
@@ -119,19 +120,39 @@ def export(
     *,
     window: SessionWindow | None,
     materialize: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
 ) -> ExportResult:
+    """Write the script and/or the database (see :meth:`Harness.export`).
+
+    Every output path is checked before anything is written (its folder exists, it is not a
+    folder, an existing file is replaced only with ``overwrite``); both files are written under
+    temporary names and moved into place only once both are complete. ``materialize=DIR`` (created
+    if missing; its parent must exist) gets one sink folder per Python step, replacing an earlier
+    one only with ``overwrite``.
+    """
     from duckharness import __version__
 
     if sql_path is None and db_path is None:
         raise InputError("Nothing to export: give a SQL script path, a database path, or both.")
+    sql_target = check_output(sql_path, kind="file", overwrite=overwrite) if sql_path is not None else None
+    db_target = check_output(db_path, kind="file", overwrite=overwrite) if db_path is not None else None
+    if sql_target is not None and sql_target == db_target:
+        raise InputError(f"The SQL script and the database must be different files, got {sql_target} for both.")
     materialized: dict[str, str] = {}
     if materialize is not None:
-        root = os.path.abspath(os.fspath(materialize))
-        for name in h.experiments.names[1:]:
-            if h.experiments.step(name).is_python:
-                folder = os.path.join(root, name)
-                h.sink(name, folder, overwrite=True, window=window if window is not None else False)
-                materialized[name] = folder
+        root = check_output(materialize, kind="folder", overwrite=True)
+        python_steps = [n for n in h.experiments.names[1:] if h.experiments.step(n).is_python]
+        for name in python_steps if os.path.isdir(root) else []:
+            check_output(os.path.join(root, name), kind="folder", overwrite=overwrite)
+        if python_steps and not os.path.isdir(root):
+            try:
+                os.mkdir(root)
+            except OSError as e:
+                raise write_error(e, root) from e
+        for name in python_steps:
+            folder = os.path.join(root, name)
+            h.sink(name, folder, overwrite=overwrite, window=window if window is not None else False)
+            materialized[name] = folder
     statements, skipped = build_statements(h, window, materialized)
     rendered = [sb.render(s) for _, s in statements]
     chain_hash = hashlib.sha256("\n".join(rendered).encode()).hexdigest()
@@ -149,20 +170,28 @@ def export(
     )
     views = [n for n, _ in statements if not n.startswith(MACRO_PREFIX) or n in h.experiments.names]
     macros = [n for n, _ in statements if n not in views]
-    result = ExportResult(None, None, views, macros, skipped, chain_hash)
-    if sql_path is not None:
-        result.sql_path = _write_script(os.fspath(sql_path), h, info, skipped, [*rendered, sb.render(info_view)])
-    if db_path is not None:
-        result.db_path = _write_database(
-            os.fspath(db_path), [*rendered, sb.render(info_view)], chain_hash, h.dataset.connection(1)
-        )
+    result = ExportResult(sql_target, db_target, views, macros, skipped, chain_hash)
+    statements_out = [*rendered, sb.render(info_view)]
+    # Both files are written under temporary names first; they are moved into place together at
+    # the end of the block, so a failure in either leaves neither written.
+    with contextlib.ExitStack() as stack:
+        if sql_target is not None:
+            tmp = stack.enter_context(written_atomically(sql_target, overwrite=overwrite))
+            _write_script(tmp, h, info, skipped, statements_out)
+        if db_target is not None:
+            tmp = stack.enter_context(written_atomically(db_target, overwrite=overwrite))
+            try:
+                _write_database(tmp, statements_out, chain_hash, h.dataset.connection(1))
+            except duckdb.IOException as e:
+                if tmp not in str(e):
+                    raise
+                raise write_error(e, db_target, tmp) from e
     return result
 
 
 def _write_script(
     path: str, h: Harness, info: Mapping[str, str], skipped: Mapping[str, str], statements: list[str]
-) -> str:
-    path = os.path.abspath(path)
+) -> None:
     lines = [
         "-- duckharness export: open with  duckdb -init THIS_FILE.sql",
         *(f"-- {k}: {v}" for k, v in info.items()),
@@ -183,32 +212,24 @@ def _write_script(
     lines += ["", "SET TimeZone = 'UTC';", ""]
     lines += [s + ";" for s in statements]
     text = "\n".join(lines) + "\n"
-    _atomic_write(path, text.encode("utf-8"))
-    return path
+    with open(path, "wb") as f:
+        f.write(text.encode("utf-8"))
 
 
-def _write_database(path: str, statements: list[str], chain_hash: str, config: ConnectionConfig) -> str:
-    path = os.path.abspath(path)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+def _write_database(path: str, statements: list[str], chain_hash: str, config: ConnectionConfig) -> None:
+    """A new database file at ``path`` (a temporary name: the caller moves it into place)."""
     con = config.open()  # no extension downloads; the source's filesystem registered for remote views
     try:
-        con.execute(sb.render(sb.attach(tmp, "dh_export", STORAGE_VERSION))).fetchall()
+        con.execute(sb.render(sb.attach(path, "dh_export", STORAGE_VERSION))).fetchall()
         con.execute("USE dh_export").fetchall()
         for s in statements:
             con.execute(s).fetchall()
         con.execute("CHECKPOINT").fetchall()
         con.execute("USE memory").fetchall()
         con.execute("DETACH dh_export").fetchall()
+    finally:
         con.close()
-        _pin_database_identifier(tmp, hashlib.sha256(chain_hash.encode()).digest()[:16])
-        os.replace(tmp, path)
-    except BaseException:
-        con.close()
-        for f in (tmp, tmp + ".wal"):
-            if os.path.exists(f):
-                os.remove(f)
-        raise
-    return path
+    _pin_database_identifier(path, hashlib.sha256(chain_hash.encode()).digest()[:16])
 
 
 # DuckDB's main header: an 8-byte checksum, then the header; a random 16-byte database identifier
@@ -235,14 +256,3 @@ def _pin_database_identifier(path: str, identifier: bytes) -> None:
         header[:8] = struct.pack("<Q", _checksum(bytes(header[8:])))
         f.seek(0)
         f.write(header)
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

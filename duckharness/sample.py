@@ -21,6 +21,7 @@ from duckharness import sqlbuild as sb
 from duckharness.chain import build_chain
 from duckharness.errors import InputError
 from duckharness.metadata import SessionWindow
+from duckharness.outputs import write_error, written_atomically
 from duckharness.plan import local_dates
 from duckharness.source import FileInfo
 
@@ -148,3 +149,13 @@ def _frames(
             yield con.sql(sql).pl()
     finally:
         con.close()
+
+
+def write_parquet(df: pl.DataFrame, target: str, *, overwrite: bool) -> None:
+    """Write a sample to ``target`` (a path from :func:`duckharness.outputs.check_output`) under a
+    temporary name, then move it into place: a failure leaves nothing, and names ``target``."""
+    with written_atomically(target, overwrite=overwrite) as tmp:
+        try:
+            df.write_parquet(tmp)
+        except pl.exceptions.PolarsError as e:
+            raise write_error(e, target, tmp) from e

@@ -9,17 +9,20 @@ valid duckharness source.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import errno
+import functools
 import json
 import os
 import posixpath
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import duckdb
 from sqlglot import exp
@@ -27,8 +30,17 @@ from sqlglot import exp
 from duckharness import sqlbuild as sb
 from duckharness.chain import build_chain
 from duckharness.connection import fetch_all
-from duckharness.errors import ExecutionError, InputError
+from duckharness.errors import DuckHarnessError, ExecutionError, InputError
 from duckharness.metadata import SessionWindow
+from duckharness.outputs import (
+    check_output,
+    concerns_output,
+    is_exists_error,
+    os_errno,
+    rename_no_replace,
+    temporary_name,
+    write_error,
+)
 from duckharness.plan import window_and_day
 from duckharness.progress import Progress
 from duckharness.sample import days_of_files
@@ -36,6 +48,8 @@ from duckharness.source import FileInfo, is_remote
 
 if TYPE_CHECKING:
     from duckharness.harness import Harness
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -76,35 +90,42 @@ def sink_experiment(
             h, name, os.fspath(out), partition_by=partition_by, overwrite=overwrite, window=window, progress=progress
         )
     cols = h.experiments.columns(name)
-    target = os.path.abspath(os.fspath(out))
-    if os.path.exists(target) and not overwrite:
-        raise InputError(f"Output {target} already exists. Use overwrite=True (--overwrite) to replace it.")
-    if os.path.exists(target) and not os.path.isdir(target):
-        raise InputError(f"Output {target} exists and is not a folder.")
+    target = check_output(out, kind="folder", overwrite=overwrite)
     if os.path.exists(target):
         _check_replaceable(h, target)
     tcol = h.dataset.time_column
     if partition_by == "day" and (tcol is None or tcol not in cols):
         raise InputError(f"Cannot partition experiment {name!r} by day: it has no time column {tcol!r}.")
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
+    tmp = temporary_name(target)
+    try:
+        os.mkdir(tmp)
+    except OSError as e:
+        raise write_error(e, target, tmp) from e
     t0 = time.perf_counter()
     result = SinkResult(target, [], 0)
     try:
         _write_parts(h, name, tmp, partition_by, window, progress, result)
         result.timings["write"] = time.perf_counter() - t0
         _write_metadata(h, name, tmp, window, result)
-        _swap_into_place(tmp, target)
+        _move_into_place(h, tmp, target, overwrite)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, duckdb.Error):
-            raise ExecutionError(f"Sink of experiment {name!r} failed: {str(e).strip().splitlines()[0]}") from e
+        if isinstance(e, OSError) and concerns_output(e, target, tmp):
+            raise write_error(e, target, tmp) from e
+        if isinstance(e, duckdb.Error) and not isinstance(e, duckdb.InterruptException):
+            code = os_errno(e)  # writing the output failed (a full disk, ...), not reading the source
+            if code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or (code is not None and tmp in str(e)):
+                raise write_error(e, target, tmp) from e
+            text = str(e).strip().splitlines()[0].replace(tmp, target)
+            raise ExecutionError(f"Sink of experiment {name!r} to {target} failed: {text}") from e
         raise
     result.files = [os.path.join(target, os.path.basename(f)) for f in result.files]
     result.timings["total"] = time.perf_counter() - t0
     return result
+
+
+INCOMPLETE = "_duckharness_incomplete.json"  # in a remote target while a sink moves into it
+_BUCKETED = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"}
 
 
 def _sink_remote(
@@ -117,9 +138,26 @@ def _sink_remote(
     window: SessionWindow | None,
     progress: bool | None,
 ) -> SinkResult:
-    """Sink to object storage: write the parts locally (streaming), upload them under a staging
-    prefix beside the target, then move them into place. Until the move nothing is visible at the
-    target; a failure removes the staging prefix."""
+    """Sink to object storage, as safely as a store without atomic renames allows.
+
+    1. The parts are written locally (streaming) and uploaded, ``metadata.json`` last, under a
+       staging prefix beside the target (``TARGET.tmp-xxxx/``). A failure up to here removes the
+       staging prefix and leaves the target, and an earlier sink in it, untouched.
+    2. Only then is the target changed: a marker object ``_duckharness_incomplete.json`` goes in
+       first, then the earlier sink's ``metadata.json`` is removed, the new data files are moved
+       in, files of the earlier sink that the new one does not have are removed, and the new
+       ``metadata.json`` is moved in last (the commit); then the marker is removed. A target is a
+       complete sink exactly when it has a sink's ``metadata.json`` and no marker; a reader that
+       lists it in between sees no ``metadata.json``.
+    3. If a move fails or is interrupted, what was moved in is removed (the earlier sink, already
+       taken apart, is lost: there is no rename to undo it). If even that fails (the connection is
+       gone, the process is killed), the marker stays, and a later ``overwrite=True`` recognises
+       the target as a sink left half-moved and replaces it.
+
+    Without ``overwrite`` the target must be empty both when the sink starts and when the move
+    starts; with it, it must then be an earlier sink or a half-moved one. (Two sinks moving into
+    one prefix at the same moment are not excluded: object stores offer no lock to do that.)
+    """
     import tempfile
 
     import fsspec
@@ -127,55 +165,141 @@ def _sink_remote(
     h.experiments.columns(name)
     fs, remote = fsspec.core.url_to_fs(url, **dict(h.dataset.storage_options))
     remote = remote.rstrip("/")
+    url = fs.unstrip_protocol(remote)
     if h.dataset.remote:
         src = fs._strip_protocol(h.dataset.root).rstrip("/")
         if posixpath.commonpath([remote, src]) in (remote, src):
             raise InputError(f"Output {url} overlaps the source {h.dataset.root}; choose another prefix.")
-    if fs.exists(remote) and fs.ls(remote):
-        if not overwrite:
-            raise InputError(f"Output {url} already exists. Use overwrite=True (--overwrite) to replace it.")
-        try:
-            with fs.open(f"{remote}/metadata.json", "rb") as f:
-                earlier_sink = "duckharness_sink" in json.loads(f.read())
-        except Exception:
-            earlier_sink = False
-        if not earlier_sink:
-            raise InputError(f"Output {url} holds objects that are not an earlier duckharness sink; not replacing it.")
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    bucket = remote.split("/", 1)[0]
+    if protocols & _BUCKETED and not _remote_call(url, lambda: fs.exists(bucket)):
+        raise InputError(
+            f"Cannot write {url}: bucket {bucket!r} does not exist (or these credentials cannot see it). "
+            f"Create it first or choose another bucket."
+        )
+    _check_remote_target(fs, remote, url, overwrite)
     t0 = time.perf_counter()
     local_root = tempfile.mkdtemp(prefix="duckharness-sink-")
     staging = f"{remote}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        local = sink_experiment(
-            h,
-            name,
-            os.path.join(local_root, "out"),
-            partition_by=partition_by,
-            overwrite=False,
-            window=window,
-            progress=progress,
-        )
-        names = sorted(os.listdir(local.path))
-        for f in names:  # metadata.json last: it marks a complete dataset
-            if f != "metadata.json":
-                fs.put_file(os.path.join(local.path, f), f"{staging}/{f}")
-        fs.put_file(os.path.join(local.path, "metadata.json"), f"{staging}/metadata.json")
-        if fs.exists(remote):
-            fs.rm(remote, recursive=True)
-        for f in [*(n for n in names if n != "metadata.json"), "metadata.json"]:
-            fs.mv(f"{staging}/{f}", f"{remote}/{f}")
-    except BaseException:
         try:
-            if fs.exists(staging):
-                fs.rm(staging, recursive=True)
-        except Exception:  # cleaning up must not hide the real error
-            pass
-        raise
+            local = sink_experiment(
+                h,
+                name,
+                os.path.join(local_root, "out"),
+                partition_by=partition_by,
+                overwrite=False,
+                window=window,
+                progress=progress,
+            )
+        except InputError as e:
+            if local_root not in str(e):
+                raise
+            raise InputError(
+                f"Cannot write {url}: staging its parts locally under {tempfile.gettempdir()} failed: "
+                f"{str(e).replace(os.path.join(local_root, 'out'), 'the staging folder')} "
+                f"(set TMPDIR to a folder with space)."
+            ) from e
+        names = sorted(os.listdir(local.path))
+        data = [f for f in names if f != "metadata.json"]
+        try:
+            for f in [*data, "metadata.json"]:  # metadata.json last: it marks a complete upload
+                upload = functools.partial(fs.put_file, os.path.join(local.path, f), f"{staging}/{f}")
+                _remote_call(url, upload, "uploading")
+            _check_remote_target(fs, remote, url, overwrite, again=True)
+            _move_remote(fs, staging, remote, url, data)
+        finally:
+            with contextlib.suppress(Exception):  # cleaning up must not hide the real error
+                fs.invalidate_cache(staging)
+                if fs.exists(staging):
+                    fs.rm(staging, recursive=True)
     finally:
         shutil.rmtree(local_root, ignore_errors=True)
-    files = [fs.unstrip_protocol(f"{remote}/{f}") for f in names if f != "metadata.json"]
-    return SinkResult(
-        fs.unstrip_protocol(remote), files, local.rows, {**local.timings, "total": time.perf_counter() - t0}
-    )
+    files = [fs.unstrip_protocol(f"{remote}/{f}") for f in data]
+    return SinkResult(url, files, local.rows, {**local.timings, "total": time.perf_counter() - t0})
+
+
+def _remote_call(url: str, call: Callable[[], _T], doing: str = "checking the output") -> _T:
+    """``call()``, with the store's errors as duckharness errors naming ``url``."""
+    try:
+        return call()
+    except PermissionError as e:
+        raise InputError(f"Cannot write {url}: access denied while {doing} ({e}); check the credentials.") from e
+    except FileNotFoundError as e:
+        raise InputError(f"Cannot write {url}: {e} (while {doing}).") from e
+    except OSError as e:
+        raise ExecutionError(f"Sink to {url} failed while {doing}: {type(e).__name__}: {e}") from e
+
+
+def _remote_state(fs: Any, remote: str) -> tuple[str, dict[str, Any]]:
+    """'empty', 'sink' (an earlier duckharness sink), 'incomplete' (one left half-moved) or
+    'other', with the marker or metadata that says so."""
+    fs.invalidate_cache(remote)
+    if not fs.exists(remote) or not fs.ls(remote):
+        return "empty", {}
+    for key, state in ((INCOMPLETE, "incomplete"), ("metadata.json", "sink")):
+        try:
+            with fs.open(f"{remote}/{key}", "rb") as f:
+                found = json.loads(f.read())
+        except Exception:  # missing or not JSON: not ours
+            continue
+        if isinstance(found, dict) and ("duckharness_sink" in found or "duckharness_sink_incomplete" in found):
+            return state, found
+    return "other", {}
+
+
+def _check_remote_target(fs: Any, remote: str, url: str, overwrite: bool, again: bool = False) -> None:
+    state, found = _remote_call(url, lambda: _remote_state(fs, remote))
+    if state == "empty":
+        return
+    if not overwrite:
+        if again:
+            raise InputError(
+                f"Output {url} appeared while this sink was being written (another sink to the same prefix?); "
+                f"not replacing it. Use overwrite=True (--overwrite) to replace it, or choose another prefix."
+            )
+        extra = " (it holds a sink that was interrupted while moving into place)" if state == "incomplete" else ""
+        raise InputError(f"Output {url} already exists{extra}. Use overwrite=True (--overwrite) to replace it.")
+    if state == "other":
+        raise InputError(f"Output {url} holds objects that are not an earlier duckharness sink; not replacing it.")
+    stranded = found.get("duckharness_sink_incomplete", {}).get("staging") if state == "incomplete" else None
+    if isinstance(stranded, str) and fs._strip_protocol(stranded).startswith(f"{remote}.tmp-"):
+        with contextlib.suppress(Exception):  # the staging prefix of the interrupted sink, if still there
+            fs.rm(fs._strip_protocol(stranded), recursive=True)
+
+
+def _move_remote(fs: Any, staging: str, remote: str, url: str, data: list[str]) -> None:
+    """Step 2 and 3 of :func:`_sink_remote`: move the staged sink into ``remote``."""
+    marker = json.dumps({"duckharness_sink_incomplete": {"staging": fs.unstrip_protocol(staging), "files": data}})
+    earlier = [p for p in _remote_call(url, lambda: fs.find(remote)) if posixpath.basename(p) != INCOMPLETE]
+    moved: list[str] = []
+    _remote_call(url, lambda: fs.pipe_file(f"{remote}/{INCOMPLETE}", marker.encode()), "marking the target")
+    try:
+        if f"{remote}/metadata.json" in earlier:
+            _remote_call(url, lambda: fs.rm_file(f"{remote}/metadata.json"), "removing the earlier sink")
+        for f in data:
+            dest = f"{remote}/{f}"
+            _remote_call(url, functools.partial(fs.mv, f"{staging}/{f}", dest), "moving the parts into place")
+            moved.append(dest)
+        stale = sorted(set(earlier) - {f"{remote}/{f}" for f in data} - {f"{remote}/metadata.json"})
+        if stale:
+            _remote_call(url, lambda: fs.rm(stale), "removing the earlier sink")
+        _remote_call(url, lambda: fs.mv(f"{staging}/metadata.json", f"{remote}/metadata.json"), "committing")
+    except BaseException as e:
+        try:  # what was moved in goes; the marker last, so a target left behind is known as ours
+            if moved:
+                fs.rm(moved)
+            fs.rm_file(f"{remote}/{INCOMPLETE}")
+        except Exception:
+            if isinstance(e, DuckHarnessError):
+                kind = InputError if isinstance(e, InputError) else ExecutionError
+                raise kind(
+                    f"{e} The output is left incomplete (marked by {INCOMPLETE}); run the sink again with "
+                    f"overwrite=True (--overwrite) to replace it."
+                ) from e
+        raise
+    _remote_call(url, lambda: fs.rm_file(f"{remote}/{INCOMPLETE}"), "removing the marker")
+    fs.invalidate_cache(remote)
 
 
 def _check_replaceable(h: Harness, target: str) -> None:
@@ -290,17 +414,39 @@ def _write_metadata(h: Harness, name: str, tmp: str, window: SessionWindow | Non
         json.dump(meta, f, indent=2, default=str)
 
 
-def _swap_into_place(tmp: str, target: str) -> None:
-    """Rename ``tmp`` to ``target``; an existing ``target`` is moved aside first and removed only
-    after the new one is in place (restored if the rename fails)."""
-    if not os.path.exists(target):
-        os.replace(tmp, target)
+def _move_into_place(h: Harness, tmp: str, target: str, overwrite: bool) -> None:
+    """Rename the finished ``tmp`` folder to ``target``, never over something that appeared
+    meanwhile (another sink to the same folder): without ``overwrite`` that is an error; with it,
+    what is there now must still be an earlier sink (or empty), and it is moved aside first and
+    removed only once the new folder is in place (put back if that rename fails)."""
+    for _ in range(3):
+        try:
+            rename_no_replace(tmp, target)
+            return
+        except OSError as e:
+            if not is_exists_error(e):
+                raise
+        if not overwrite:
+            raise InputError(
+                f"Output {target} appeared while this sink was being written (another sink to the same "
+                f"folder?); not replacing it. Use overwrite=True (--overwrite) to replace it, or choose another folder."
+            )
+        if not os.path.isdir(target):
+            raise InputError(f"Output {target} exists and is not a folder; choose another path.")
+        _check_replaceable(h, target)
+        old = f"{tmp}.old"
+        try:
+            os.rename(target, old)
+        except FileNotFoundError:  # removed meanwhile: try again
+            continue
+        try:
+            rename_no_replace(tmp, target)
+        except BaseException:
+            try:
+                rename_no_replace(old, target)
+            except OSError:  # another sink took its place meanwhile: the earlier one goes
+                shutil.rmtree(old, ignore_errors=True)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
         return
-    old = f"{tmp}.old"
-    os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    raise InputError(f"Output {target} kept changing while this sink moved into place; not replacing it.")

@@ -27,7 +27,7 @@ from conftest import SESSION, write_dataset
 from duckharness import Harness
 from duckharness.cli import main
 from duckharness.demo import one_day, trading_days
-from duckharness.errors import InputError, MetadataError, SourceError, TransformError
+from duckharness.errors import ExecutionError, InputError, MetadataError, SourceError, TransformError
 from duckharness.source import is_remote
 
 BUCKET = "dh-remote"
@@ -298,10 +298,155 @@ def test_sink_whose_upload_fails_removes_the_staged_parts(s3: S3, monkeypatch: p
             return real_put(lpath, rpath, *a, **kw)
 
         monkeypatch.setattr(fs, "put_file", flaky_put)
-        with pytest.raises(OSError, match="connection reset"):
+        with pytest.raises(ExecutionError, match=f"s3://{BUCKET}/out/upfail.*uploading.*connection reset"):
             h.sink("tight", f"s3://{BUCKET}/out/upfail")
     assert len(calls) == 3  # two parts were staged before the failure
     assert s3.keys(BUCKET, "out/upfail") == []
+
+
+def _failing_after(real: object, k: int, error: BaseException, calls: list[str]) -> object:
+    """A stand-in for a filesystem method that works ``k`` times, then raises ``error``."""
+    def call(path: object, *a: object, **kw: object) -> object:
+        calls.append(str(path))
+        if len(calls) > k:
+            raise error
+        return real(path, *a, **kw)  # type: ignore[operator]
+    return call
+
+
+def test_sink_moves_data_files_first_and_commits_with_metadata_json_last(
+        s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the new sink moves into place over an earlier one, no reader ever finds a metadata.json
+    (the commit marker) beside a mix of files, and the marker object says what is happening."""
+    out, prefix = f"s3://{BUCKET}/out/order", "out/order/"
+    with with_experiments(Harness(f"s3://{BUCKET}/run1/", storage_options=s3.options())) as h:
+        h.sink("tight", out, partition_by="day")
+        fs = h.dataset.filesystem
+        real_mv, seen = fs.mv, []
+
+        def watched_mv(src: str, dst: str, *a: object, **kw: object) -> object:
+            seen.append((Path(dst).name, s3.keys(BUCKET, prefix)))
+            return real_mv(src, dst, *a, **kw)
+
+        monkeypatch.setattr(fs, "mv", watched_mv)
+        second = h.sink("liquid", out, overwrite=True)
+    assert [name for name, _ in seen] == [*(Path(f).name for f in second.files), "metadata.json"]
+    for _, keys in seen:
+        assert f"{prefix}metadata.json" not in keys
+        assert f"{prefix}_duckharness_incomplete.json" in keys
+    assert s3.keys(BUCKET, prefix) == sorted([f"{prefix}{Path(f).name}" for f in second.files]
+                                             + [f"{prefix}metadata.json"])  # no day files of the first
+
+
+def test_failed_move_removes_what_was_moved_and_names_the_url(s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = f"s3://{BUCKET}/out/movefail"
+    with with_experiments(Harness(f"s3://{BUCKET}/run1/", storage_options=s3.options())) as h:
+        fs, calls = h.dataset.filesystem, []
+        monkeypatch.setattr(fs, "mv", _failing_after(fs.mv, 2, OSError("connection reset while moving"), calls))
+        with pytest.raises(ExecutionError, match=rf"{out}.*moving.*connection reset"):
+            h.sink("tight", out)
+    assert len(calls) == 3
+    assert s3.keys(BUCKET, "out/movefail") == []  # neither the target nor the staging prefix
+
+
+def test_overwrite_replaces_a_target_left_half_moved_by_an_interrupted_sink(
+        s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interruption in the middle of the moves that cannot even clean up (the connection is
+    gone) leaves part files without metadata.json, marked as ours; without overwrite that is
+    refused, and overwrite=True replaces it."""
+    out, prefix = f"s3://{BUCKET}/out/halfway", "out/halfway/"
+    with with_experiments(Harness(f"s3://{BUCKET}/run1/", storage_options=s3.options())) as h:
+        first = h.sink("tight", out)
+        fs, moves, lost = h.dataset.filesystem, [], []
+        real_mv, real_rm, real_rm_file = fs.mv, fs.rm, fs.rm_file
+
+        def mv(src: str, dst: str, *a: object, **kw: object) -> object:
+            moves.append(dst)
+            if len(moves) > 2:  # Ctrl-C in the third move, and the connection is gone from then on
+                lost.append(True)
+                raise KeyboardInterrupt
+            return real_mv(src, dst, *a, **kw)
+
+        def unless_lost(real: object) -> object:
+            def call(*a: object, **kw: object) -> object:
+                if lost:
+                    raise OSError("connection lost")
+                return real(*a, **kw)  # type: ignore[operator]
+            return call
+
+        with monkeypatch.context() as m:
+            m.setattr(fs, "mv", mv)
+            m.setattr(fs, "rm", unless_lost(real_rm))
+            m.setattr(fs, "rm_file", unless_lost(real_rm_file))
+            with pytest.raises(KeyboardInterrupt):
+                h.sink("liquid", out, overwrite=True)
+        left = s3.keys(BUCKET, prefix)
+        assert f"{prefix}metadata.json" not in left and f"{prefix}_duckharness_incomplete.json" in left
+        assert any(k.endswith(".parquet") for k in left)
+        with pytest.raises(InputError, match=r"already exists.*interrupted while moving into place.*overwrite"):
+            h.sink("liquid", out)
+        again = h.sink("liquid", out, overwrite=True)
+    assert s3.keys(BUCKET, prefix) == sorted([f"{prefix}{Path(f).name}" for f in again.files]
+                                             + [f"{prefix}metadata.json"])
+    assert not [k for k in s3.keys(BUCKET, "out/halfway") if ".tmp-" in k]  # the stranded staging went too
+    with Harness(out, storage_options=s3.options(skip_instance_cache=True)) as back:
+        assert back.relation().pl().height == again.rows > first.rows
+        assert back.metadata.as_dict()["duckharness_sink"]["experiment"] == "liquid"
+
+
+def test_earlier_remote_sink_is_kept_when_the_new_one_fails_before_it_is_staged(
+        s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    out, prefix = f"s3://{BUCKET}/out/keep", "out/keep/"
+    with with_experiments(Harness(f"s3://{BUCKET}/run1/", storage_options=s3.options())) as h:
+        first = h.sink("tight", out)
+        before = {k: s3.client().get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in s3.keys(BUCKET, prefix)}
+        fs, calls = h.dataset.filesystem, []
+        monkeypatch.setattr(fs, "put_file", _failing_after(fs.put_file, 2, OSError("connection reset"), calls))
+        with pytest.raises(ExecutionError, match="uploading"):
+            h.sink("liquid", out, overwrite=True)
+    assert {k: s3.client().get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in s3.keys(BUCKET, prefix)} == before
+    assert not [k for k in s3.keys(BUCKET, "out/") if ".tmp-" in k]
+    with Harness(out, storage_options=s3.options(skip_instance_cache=True)) as back:
+        assert back.relation().pl().height == first.rows
+
+
+def test_sink_to_a_missing_bucket_is_an_input_error_naming_the_url(s3: S3, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "duckharness-sink-*")))
+    with with_experiments(Harness(f"s3://{BUCKET}/run1/", storage_options=s3.options())) as h, \
+            pytest.raises(InputError, match=r"Cannot write s3://no-such-bucket-x/out: bucket 'no-such-bucket-x' "
+                                            r"does not exist.*Create it"):
+        h.sink("tight", "s3://no-such-bucket-x/out")
+    assert _no_new_local_staging(before)
+    options = tmp_path / "options.json"
+    options.write_text(json.dumps(s3.options()))
+    assert main(["sink", f"s3://{BUCKET}/run1/", "--storage-options", f"@{options}", "-o", "s3://no-such-bucket-x/o",
+                 "--experiment", "baseline", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Error: Cannot write s3://no-such-bucket-x/o: bucket") and err.count("\n") == 1
+
+
+def test_ctrl_c_inside_an_s3_read_is_reported_as_an_interruption(
+        s3: S3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A KeyboardInterrupt raised inside fsspec while DuckDB reads through it reaches us as a DuckDB
+    error whose text is a Python traceback: it is an interruption, not 'Error: Traceback ...'."""
+    import s3fs
+
+    real_open = s3fs.S3FileSystem.open
+
+    def interrupted_open(self: object, path: str, *a: object, **kw: object) -> object:
+        if str(path).endswith(".parquet"):
+            raise KeyboardInterrupt
+        return real_open(self, path, *a, **kw)
+
+    options = tmp_path / "options.json"
+    options.write_text(json.dumps(s3.options(skip_instance_cache=True)))
+    monkeypatch.setattr(s3fs.S3FileSystem, "open", interrupted_open)
+    out = tmp_path / "out"
+    code = main(["sink", f"s3://{BUCKET}/run1/", "--storage-options", f"@{options}", "--experiment", "baseline",
+                 "-o", str(out), "-q"])
+    assert (code, capsys.readouterr().err) == (130, "Interrupted.\n")
+    assert sorted(os.listdir(tmp_path)) == ["options.json"]
 
 
 # --- export -----------------------------------------------------------------------------------------

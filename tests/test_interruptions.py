@@ -1,0 +1,129 @@
+"""Ctrl-C (SIGINT) and SIGTERM stop the CLI cleanly: ``Interrupted.`` (exit 130) or ``Terminated.``
+(exit 143) on stderr, no traceback, and no half-written output or temporary folder left behind.
+
+The signals are real, sent to a real ``duckharness`` process while DuckDB runs the sink's COPY
+into its temporary folder. To have a COPY that lasts until it is interrupted, the process runs
+the CLI with one change: the sink's COPY reads a very large generated range instead of the
+experiment (it writes almost no rows, so the disk is not filled); it first writes a marker file, so
+the signal is sent while DuckDB is inside that COPY.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SESSION, write_dataset
+
+from duckharness.demo import one_day, trading_days
+
+RUN_WITH_A_LONG_COPY = """\
+import pathlib, sys
+import sqlglot
+import duckharness.sink as sink
+from duckharness.cli import main
+
+marker, real_copy = pathlib.Path(sys.argv[1]), sink._copy
+LONG = sqlglot.parse_one("SELECT x FROM range(1000000000000) t(x) WHERE x % 1000000007 = 1", read="duckdb")
+
+def long_copy(con, query, target, tracer, partition=None):
+    marker.write_text(target)
+    return real_copy(con, LONG, target, tracer)
+
+sink._copy = long_copy
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("interrupt") / "bt"
+    rng = np.random.default_rng(3)
+    days = trading_days(dt.date(2026, 3, 4), 2)
+    write_dataset(out, {d.isoformat(): one_day(d, 500, rng, symbols=4) for d in days}, SESSION)
+    return out
+
+
+def sink_then_signal(src: Path, tmp_path: Path, sig: signal.Signals) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """Start a sink into ``tmp_path/work/out``, send ``sig`` once its COPY runs; the finished process."""
+    work, marker, script = tmp_path / "work", tmp_path / "copy-started", tmp_path / "run.py"
+    work.mkdir()
+    script.write_text(RUN_WITH_A_LONG_COPY)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(marker), "sink", str(src), "--experiment", "baseline",
+         "-o", str(work / "out"), "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # even when the tests run in the background
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the sink's COPY did not start"
+            time.sleep(0.05)
+        time.sleep(0.5)  # DuckDB is inside the COPY now
+        assert proc.poll() is None
+        assert marker.read_text().startswith(str(work / ".out.tmp-"))  # writing into its temporary folder
+        assert os.listdir(work) != []
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), work
+
+
+def test_ctrl_c_during_a_sinks_copy_prints_interrupted_and_leaves_nothing(src: Path, tmp_path: Path) -> None:
+    done, work = sink_then_signal(src, tmp_path, signal.SIGINT)
+    assert (done.returncode, done.stderr, done.stdout) == (130, "Interrupted.\n", "")
+    assert os.listdir(work) == []
+
+
+def test_sigterm_during_a_sinks_copy_prints_terminated_and_leaves_nothing(src: Path, tmp_path: Path) -> None:
+    done, work = sink_then_signal(src, tmp_path, signal.SIGTERM)
+    assert (done.returncode, done.stderr, done.stdout) == (143, "Terminated.\n", "")
+    assert os.listdir(work) == []
+
+
+def test_signal_handlers_are_restored_after_an_in_process_run(src: Path, tmp_path: Path) -> None:
+    from duckharness.cli import main
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    assert main(["sink", str(src), "--experiment", "baseline", "-o", str(tmp_path / "out"), "-q"]) == 0
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_an_interrupted_query_is_not_retried(tmp_path: Path) -> None:
+    """A signal during a batch's query on the calling thread (one worker) stops the map: before,
+    DuckDB's RuntimeError('Query interrupted') was retried and the run went on as if nothing had
+    happened."""
+    import threading
+
+    from duckharness.executor import ThreadExecutor
+
+    calls = []
+
+    def long_query(con: object, task: int) -> object:  # a few seconds on one thread
+        calls.append(task)
+        return con.execute(  # type: ignore[attr-defined]
+            "SELECT count(*) FROM range(1000000000) t(x) WHERE x % 1000000007 = 1").fetchall()
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(Exception, match="interrupted"):
+            ThreadExecutor(1, retries=2).map(long_query, [0])
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
+    assert calls == [0] and time.monotonic() - started < 10  # stopped in the first attempt
