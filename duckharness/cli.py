@@ -314,23 +314,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _export(h: Any, args: argparse.Namespace) -> Any:
-    import inspect
-
-    options = {"window": _window(args), "materialize": args.materialize}
-    if "overwrite" in inspect.signature(h.export).parameters:
-        return h.export(args.sql, args.db, **options, overwrite=args.overwrite)
-    # Until Harness.export takes overwrite= (harness.py is changed separately): the same call it makes.
-    from duckharness.export import export
-
-    h._refresh()
-    return export(
-        h,
-        args.sql,
-        args.db,
-        window=h._window(options["window"]),
-        materialize=args.materialize,
-        overwrite=args.overwrite,
-    )
+    return h.export(args.sql, args.db, window=_window(args), materialize=args.materialize, overwrite=args.overwrite)
 
 
 def build_parser() -> argparse.ArgumentParser:

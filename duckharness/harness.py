@@ -372,6 +372,7 @@ class Harness:
         *,
         window: WindowArg = None,
         materialize: str | os.PathLike[str] | None = None,
+        overwrite: bool = False,
     ) -> ExportResult:
         """Write the chain as a SQL script (``duckdb -init SQL``) and/or a DuckDB database file
         (``duckdb DB``): ``baseline`` and every SQL experiment as views, a ``dh_<metric>(pred,
@@ -380,6 +381,7 @@ class Harness:
 
         Python steps cannot be views: they are left out (see ``result.skipped``) unless
         ``materialize=DIR``, which sinks them to ``DIR/<name>/`` and exports views over those files.
+        An existing file is replaced only with ``overwrite=True``.
 
         Example:
             >>> h.export("chain.sql", "chain.duckdb")                  # doctest: +SKIP
@@ -388,7 +390,7 @@ class Harness:
         self._refresh()
         from duckharness.export import export
 
-        return export(self, sql, db, window=self._window(window), materialize=materialize)
+        return export(self, sql, db, window=self._window(window), materialize=materialize, overwrite=overwrite)
 
     def info(self) -> dict[str, Any]:
         """A summary of the source: files, days, rows, columns with roles, metadata, window."""
