@@ -153,7 +153,8 @@ def run_stats(
 ) -> dict[str, pl.DataFrame]:
     """The merged sufficient statistics of each metric (not finalized), from the same scan as
     :func:`run_metrics`: per metric a frame ``experiment, pred, target, [by...], <stat columns>``.
-    Groups with no valid rows are absent."""
+    Groups with no valid rows are absent. Every group's stats share one shift, so they can be
+    merged further (pooled over days, resampled): groups far from it are not re-centred."""
     stats = stats if stats is not None else RunStats()
     with _control(dataset, control) as con:
         results, out_keys = _map_partials(
@@ -171,6 +172,7 @@ def run_stats(
             progress,
             cache,
             con,
+            recentre_groups=False,
         )
     t3 = time.perf_counter()
     per_metric = merge_results(results, metrics, out_keys).per_metric()
@@ -193,9 +195,10 @@ def _map_partials(
     progress: bool | None,
     cache: StatsCache | None,
     control: duckdb.DuckDBPyConnection,
+    recentre_groups: bool = True,
 ) -> tuple[list[tuple[list[Target], pl.DataFrame]], list[str]]:
-    """The map phase: partial stats of every batch, for each group of targets (a further pass
-    for groups far from the shift, see :func:`recentre`)."""
+    """The map phase: partial stats of every batch, for each group of targets (with
+    ``recentre_groups``, a further pass for groups far from the shift, see :func:`recentre`)."""
     t0 = time.perf_counter()
     fused: dict[str, tuple[Inlined, Mapping[str, str]]] = {}
     whole: list[str] = []
@@ -234,7 +237,7 @@ def _map_partials(
     shifts = run.shifts(fused) if fused else ({}, False)
     base = results = run.passes(fused, whole, shifts, None)
     table: ShiftTable | None = None
-    for _ in range(RECENTRE_PASSES if centre is not None else 0):
+    for _ in range(RECENTRE_PASSES if centre is not None and recentre_groups else 0):
         assert centre is not None
         types = _group_types(dataset, experiments, names, by)
         wider = recentre(merge_results(results, [centre], out_keys), out_keys, types, table)
@@ -244,8 +247,10 @@ def _map_partials(
         stats.recentred += 1
         if tracer is not None:
             tracer(f"-- groups far from the shift, scanned again around their own means: {len(table.rows)}")
-        # Those groups' rows come from the new pass alone; every other group's from the first.
-        results = [(t, _without_groups(f, table)) for t, f in base] + run.passes(fused, whole, shifts, table)
+        # Those groups' rows come from the new pass alone; every other group's from the first
+        # (ungrouped, the one group is all rows: the new pass alone).
+        kept = [(t, _without_groups(f, table)) for t, f in base] if out_keys else []
+        results = kept + run.passes(fused, whole, shifts, table)
     run.bar.close()
     return results, out_keys
 
@@ -361,7 +366,7 @@ class _Map:
         try:
             computed = self._compute(scan, batches, [(i, fast[i]) for i in todo])
         except ExecutionError as e:
-            raise _blame(scan, e, self.window, self.control) from e.__cause__
+            raise _blame(scan, targets, e, self.window, self.control) from e.__cause__
         checks = sorted({c for t in targets for c in t.checks})
         redo = [
             k
@@ -475,11 +480,16 @@ def recentre(
 
 
 def _blame(
-    scan: FusedScan, error: ExecutionError, window: SessionWindow | None, con: duckdb.DuckDBPyConnection
-) -> ExecutionError:
-    """The experiment whose SQL makes a fused batch query fail (a cast that fails on some rows,
-    say), found by running each experiment's conditions and pair expressions alone over the failing
-    batch; the error itself when none fails alone (or when the failure was not DuckDB's)."""
+    scan: FusedScan,
+    targets: Sequence[Target],
+    error: ExecutionError,
+    window: SessionWindow | None,
+    con: duckdb.DuckDBPyConnection,
+) -> ExecutionError | MetricError:
+    """The experiment or metric whose SQL makes a fused batch query fail (a cast that fails on some
+    rows, say), found by running each experiment's conditions and pair expressions, then each
+    metric's aggregates, alone over the failing batch; the error itself when none fails alone (or
+    when the failure was not DuckDB's)."""
     cause = error.__cause__
     batch = [f for f in scan.dataset.files if f.path in set(error.files)]
     if not isinstance(cause, duckdb.Error) or retryable(cause) or not batch:
@@ -505,6 +515,22 @@ def _blame(
                 files=error.files,
                 sql=error.sql,
                 experiment=name,
+            )
+    for m in scan.metrics:
+        columns = dict.fromkeys(c for t in targets for c in t.stats.get(m.name, {}).values())
+        if not columns:
+            continue
+        probe = sb.select(
+            [scan.aggregates[c].copy() for c in columns], batch_relation(scan.dataset, batch), where=where
+        )
+        try:
+            fetch_all(con, sb.render(probe))
+        except duckdb.Error as e:
+            return MetricError(
+                f"Metric {m.name!r} ({m.path or 'built in'}): its stats failed on "
+                f"{', '.join(f.path for f in batch)}: {brief(e)}",
+                metric=m.name,
+                path=m.path or None,
             )
     return error
 
@@ -574,7 +600,15 @@ def _run_chain(
     first = dataset.connection(1 if per_batch else executor.workers).open()
     try:
         build_chain(first, dataset, experiments, name, groups[0], window, tracer, batch_size)
-        shifts, _ = _shifts(scan, rel, tracer, con=first)
+        try:
+            shifts, _ = _shifts(scan, rel, tracer, con=first)
+        except ExecutionError as e:
+            raise ExecutionError(
+                f"Experiment {name!r} failed: {brief(e.__cause__ or e)}",
+                files=[f.path for f in groups[0]],
+                sql=e.sql,
+                experiment=name,
+            ) from e.__cause__
         targets = scan.build(shifts, table)
         try:
             frames = [_frame(first, aggregate(groups[0]), tracer)]

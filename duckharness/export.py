@@ -59,12 +59,9 @@ def metric_macro(metric: Metric) -> exp.Expr:
     rule); ``pred_c``/``target_c`` use a shift of 0, which gives the same value in exact
     arithmetic (the engine's shift only adds precision for columns with a large mean).
     """
-    roles = {
-        "pred": sb.column("pred"),
-        "target": sb.column("target"),
-        "pred_c": sb.column("pred"),
-        "target_c": sb.column("target"),
-    }
+    # In DOUBLE, as the engine computes: integers would overflow, FLOAT would round to single.
+    pred, target = sb.cast(sb.column("pred"), "DOUBLE"), sb.cast(sb.column("target"), "DOUBLE")
+    roles = {"pred": pred, "target": target, "pred_c": pred, "target_c": target}
     valid = exp.and_(
         sb.func("isfinite", sb.cast(sb.column("pred"), "DOUBLE")),
         sb.func("isfinite", sb.cast(sb.column("target"), "DOUBLE")),

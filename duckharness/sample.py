@@ -37,6 +37,8 @@ def days_of_files(files: Sequence[FileInfo], tz: str, window: SessionWindow | No
     by their position."""
     out: dict[dt.date, list[FileInfo]] = {}
     for i, f in enumerate(files):
+        if not f.rows:
+            continue  # an empty file holds no day
         if f.time_min is None or f.time_max is None:
             out.setdefault(dt.date.min + dt.timedelta(days=i), []).append(f)
             continue

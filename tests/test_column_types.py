@@ -172,3 +172,28 @@ def test_random_days_draws_only_days_with_rows_in_the_window(tmp_path: Path) -> 
             got = h.sample("baseline", "random_days", n_days=3, seed=seed)
             days = set(got["ts"].dt.convert_time_zone("US/Eastern").dt.date().to_list())
             assert days == {dt.date(2024, 6, 3), dt.date(2024, 6, 4), dt.date(2024, 6, 5)}
+
+
+def test_random_days_does_not_draw_an_empty_file_as_a_day(tmp_path: Path) -> None:
+    tables = {}
+    for d in [dt.date(2024, 6, 3), dt.date(2024, 6, 4)]:
+        start = dt.datetime.combine(d, dt.time(15), tzinfo=dt.UTC)
+        tables[d.isoformat()] = pa.table(
+            {"ts": stamps(10, start=start), "pred_a": np.ones(10), "target_a": np.ones(10)}
+        )
+    empty = tables["2024-06-03"].slice(0, 0)
+    tables["2024-06-05"] = empty
+    write_dataset(tmp_path, tables, {})
+    with Harness(tmp_path, cache=False) as h:
+        for seed in range(6):
+            got = h.sample("baseline", "random_days", n_days=2, seed=seed)
+            assert got.height == 20, seed
+
+
+def test_an_experiment_that_needs_all_rows_and_fails_is_named(tmp_path: Path) -> None:
+    folder = _tagged(tmp_path, {"2024-06-03": "x"})
+    with Harness(folder, cache=False) as h:
+        h.add_experiment("bad", "SELECT * FROM baseline WHERE CAST(tag AS INTEGER) = 1 ORDER BY ts LIMIT 10")
+        with pytest.raises(ExecutionError, match=r"Experiment 'bad' failed: Conversion Error") as e:
+            h.metrics(["r2"], pairs="pred_a:target_a", experiments="bad")
+    assert e.value.experiment == "bad" and e.value.files[0].endswith("2024-06-03.parquet")

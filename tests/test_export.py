@@ -648,3 +648,30 @@ def test_cli_export_without_outputs_is_an_error(folder: Path, tmp_path: Path, mo
     assert "Traceback" not in captured.err
     assert captured.out == ""
     assert list(tmp_path.iterdir()) == []
+
+
+@needs_cli
+def test_macros_score_integer_and_float32_columns_in_double_like_the_api(tmp_path: Path, elsewhere: Path) -> None:
+    rng = np.random.default_rng(9)
+    n = 3000
+    t32 = rng.integers(-2_000_000_000, 2_000_000_000, n)
+    tf = rng.normal(size=n).astype(np.float32)
+    start = int(dt.datetime(2024, 6, 3, 15, tzinfo=dt.UTC).timestamp()) * 10**6
+    table = pa.table({
+        "ts": pa.array(start + np.arange(n, dtype=np.int64) * 10**6, pa.timestamp("us", tz="UTC")),
+        "pred_i": pa.array(np.clip(t32 + rng.integers(-10**9, 10**9, n), -2**31 + 1, 2**31 - 1), pa.int32()),
+        "target_i": pa.array(t32, pa.int32()),
+        "pred_f": pa.array((0.4 * tf + rng.normal(size=n)).astype(np.float32)),
+        "target_f": pa.array(tf),
+    })
+    write_dataset(tmp_path / "typed", {"2024-06-03": table}, {})
+    metrics = ["r2", "corr", "mse"]
+    with Harness(tmp_path / "typed", cache=False) as h:
+        got = h.metrics(metrics, pairs=["pred_i:target_i", "pred_f:target_f"])
+        api = {(r[0], r[1]): r[2] for r in got.select("pred", "metric", "value").rows()}
+        h.export(db=tmp_path / "typed.duckdb")
+    for pred, target in [("pred_i", "target_i"), ("pred_f", "target_f")]:
+        calls = ", ".join(f"dh_{m}({pred}, {target}) AS {m}" for m in metrics)
+        (row,) = duckdb_cli(tmp_path / "typed.duckdb", f"SELECT {calls} FROM baseline", cwd=elsewhere)
+        for m in metrics:
+            assert math.isclose(float(row[m]), api[(pred, m)], rel_tol=1e-9), (pred, m)

@@ -330,8 +330,8 @@ def test_a_long_driver_message_is_cut_to_one_short_line(data: Path, tmp_path: Pa
     (tmp_path / "agg.sql").write_text(
         "-- stats\nSELECT CAST(string_agg(CAST(pred AS VARCHAR), ',') AS DOUBLE) AS s FROM input;\n"
         "-- final\nSELECT s AS value FROM merged;\n")
-    from duckharness import ExecutionError
-
-    with Harness(data, metric_dirs=[tmp_path]) as h, pytest.raises(ExecutionError, match="Conversion Error") as info:
-        h.metrics(["agg"], pairs=[PAIR])
+    with Harness(data, metric_dirs=[tmp_path]) as h, pytest.raises(MetricError, match="Conversion Error") as info:
+        h.metrics(["count", "agg"], pairs=[PAIR])
     assert len(str(info.value)) < 600 and "\n" not in str(info.value)
+    assert str(info.value).startswith(f"Metric 'agg' ({tmp_path / 'agg.sql'}): its stats failed on ")
+    assert info.value.metric == "agg"

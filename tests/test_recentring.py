@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from conftest import write_dataset
 
@@ -153,3 +154,24 @@ def test_ordinary_data_is_scanned_once(backtest: Path) -> None:
         assert h.last_run is not None and h.last_run.recentred == 0
         h.metrics(pairs=["pred_1s", "pred_10s"], by="tod:30min")
         assert h.last_run.recentred == 0
+
+
+def test_a_pooled_run_that_recentres_gives_each_metric_once_and_right(
+    days_apart: tuple[Path, dict[tuple, float | None]],
+) -> None:
+    folder, _ = days_apart
+    stored = pa.concat_tables([pq.read_table(p) for p in sorted(folder.glob("*.parquet"))])
+    p, t = np.asarray(stored["pred_a"]), np.asarray(stored["target_a"])
+    high = t > 1  # the day at 1e7 alone: far from the shift taken from the first day's rows
+    with Harness(folder, cache=False) as h:
+        h.add_experiment("high", "target_a > 1")
+        got = h.metrics(["count", "r2", "corr", "mse"], pairs="pred_a:target_a")
+        passes = h.last_run.recentred if h.last_run else None
+    rows = got.select("experiment", "metric", "value").rows()
+    assert len(rows) == len({(e, m) for e, m, _ in rows})  # no metric twice
+    values_of = {(e, m): v for e, m, v in rows}
+    for name, keep in [("baseline", np.ones(len(p), dtype=bool)), ("high", high)]:
+        assert values_of[(name, "count")] == keep.sum()
+        for m, v in exact(p[keep], t[keep]).items():
+            assert values_of[(name, m)] == pytest.approx(v, rel=1e-9), (name, m)
+    assert passes == 1
