@@ -526,13 +526,17 @@ def _blame(
         try:
             fetch_all(con, sb.render(probe))
         except duckdb.Error as e:
-            return MetricError(
-                f"Metric {m.name!r} ({m.path or 'built in'}): its stats failed on "
-                f"{', '.join(f.path for f in batch)}: {brief(e)}",
-                metric=m.name,
-                path=m.path or None,
-            )
+            return _metric_error(m, f"its stats failed on {', '.join(f.path for f in batch)}", e)
     return error
+
+
+def _metric_error(metric: Metric, what: str, cause: BaseException) -> MetricError:
+    """``Metric 'name' (its file): <what>: <the driver's message>``."""
+    return MetricError(
+        f"Metric {metric.name!r} ({metric.path or 'built in'}): {what}: {brief(cause)}",
+        metric=metric.name,
+        path=metric.path or None,
+    )
 
 
 def _without_groups(frame: pl.DataFrame, table: ShiftTable) -> pl.DataFrame:
@@ -909,12 +913,7 @@ def evaluate_finals(
                     try:
                         con.execute(query([final])).fetchall()
                     except duckdb.Error as alone:
-                        raise MetricError(
-                            f"Metric {m.name!r} ({m.path or 'built in'}): its final query failed on the merged "
-                            f"stats: {brief(alone)}",
-                            metric=m.name,
-                            path=m.path or None,
-                        ) from alone
+                        raise _metric_error(m, "its final query failed on the merged stats", alone) from alone
                 raise ExecutionError(f"The final query of the metrics failed: {brief(e)}", sql=sql) from e
         finally:
             con.unregister("merged")
