@@ -39,6 +39,7 @@ from duckharness.plan import (
     batch_relation,
     group_key,
     round_shift,
+    shift_role,
     window_and_day,
 )
 from duckharness.progress import Progress
@@ -153,8 +154,9 @@ def run_stats(
 ) -> dict[str, pl.DataFrame]:
     """The merged sufficient statistics of each metric (not finalized), from the same scan as
     :func:`run_metrics`: per metric a frame ``experiment, pred, target, [by...], <stat columns>``.
-    Groups with no valid rows are absent. Every group's stats share one shift, so they can be
-    merged further (pooled over days, resampled): groups far from it are not re-centred."""
+    Groups with no valid rows are absent. All groups of an experiment share its shifts, so they
+    can be merged further (pooled over days, resampled): an experiment far from the run's shift is
+    re-centred as a whole, not group by group."""
     stats = stats if stats is not None else RunStats()
     with _control(dataset, control) as con:
         results, out_keys = _map_partials(
@@ -172,7 +174,7 @@ def run_stats(
             progress,
             cache,
             con,
-            recentre_groups=False,
+            shifts_per_group=False,
         )
     t3 = time.perf_counter()
     per_metric = merge_results(results, metrics, out_keys).per_metric()
@@ -195,10 +197,11 @@ def _map_partials(
     progress: bool | None,
     cache: StatsCache | None,
     control: duckdb.DuckDBPyConnection,
-    recentre_groups: bool = True,
+    shifts_per_group: bool = True,
 ) -> tuple[list[tuple[list[Target], pl.DataFrame]], list[str]]:
-    """The map phase: partial stats of every batch, for each group of targets (with
-    ``recentre_groups``, a further pass for groups far from the shift, see :func:`recentre`)."""
+    """The map phase: partial stats of every batch, for each group of targets (a further pass for
+    groups far from the shift, see :func:`recentre`: each group around its own mean, or without
+    ``shifts_per_group`` each experiment around its mean over all groups)."""
     t0 = time.perf_counter()
     fused: dict[str, tuple[Inlined, Mapping[str, str]]] = {}
     whole: list[str] = []
@@ -237,10 +240,11 @@ def _map_partials(
     shifts = run.shifts(fused) if fused else ({}, False)
     base = results = run.passes(fused, whole, shifts, None)
     table: ShiftTable | None = None
-    for _ in range(RECENTRE_PASSES if centre is not None and recentre_groups else 0):
+    own = out_keys if shifts_per_group else []  # the groups that get shifts of their own
+    for _ in range(RECENTRE_PASSES if centre is not None else 0):
         assert centre is not None
         types = _group_types(dataset, experiments, names, by)
-        wider = recentre(merge_results(results, [centre], out_keys), out_keys, types, table)
+        wider = recentre(merge_results(results, [centre], own), own, types, table)
         if wider is None:
             break
         table = wider
@@ -249,7 +253,7 @@ def _map_partials(
             tracer(f"-- groups far from the shift, scanned again around their own means: {len(table.rows)}")
         # Those groups' rows come from the new pass alone; every other group's from the first
         # (ungrouped, the one group is all rows: the new pass alone).
-        kept = [(t, _without_groups(f, table)) for t, f in base] if out_keys else []
+        kept = [(t, _without_groups(f, table)) for t, f in base] if own else []
         results = kept + run.passes(fused, whole, shifts, table)
     run.bar.close()
     return results, out_keys
@@ -444,9 +448,9 @@ def recentre(
     merged: Merged, out_keys: Sequence[str], types: Mapping[str, str], table: ShiftTable | None
 ) -> ShiftTable | None:
     """The shifts of a further pass when some group's sums of squares lost their precision to its
-    distance from the shift (see ``RECENTRE_BELOW``): each such group and expression is shifted by
-    the group's mean (from the merged ``centre_metric`` stats; when several experiments disagree,
-    the one with the most rows). None when no group needs it (or none would change)."""
+    distance from the shift (see ``RECENTRE_BELOW``): each such experiment, group and expression
+    is shifted by its own mean (from the merged ``centre_metric`` stats). None when none needs it
+    (or none would change)."""
     st = merged.stats[CENTRE]
     n = st.get_column("n").to_numpy()
     keys = merged.labels.select(out_keys).rows() if out_keys else [()] * len(n)
@@ -454,7 +458,7 @@ def recentre(
     if table is not None:
         for group, values in table.rows:
             current |= {(r, group): v for r, v in zip(table.roles, values, strict=True) if v is not None}
-    best: dict[tuple[str, tuple], tuple[float, float]] = {}
+    best: dict[tuple[str, tuple], float] = {}
     for side, role in enumerate(("pred_c", "target_c")):
         if f"s1_{role}" not in st.columns:
             continue
@@ -464,15 +468,15 @@ def recentre(
             bad = (n > 0) & (s2 > 0) & np.isfinite(s2) & np.isfinite(s1) & (centred < RECENTRE_BELOW * s2)
         for i in np.flatnonzero(bad):
             t = merged.targets[i]
-            key = (t.roles[side], tuple(keys[i]))
+            key = (shift_role(t.experiment, t.roles[side]), tuple(keys[i]))
             if key in current:  # already shifted by its own mean: what is left is its own spread
                 continue
             new = t.shifts[side] + float(s1[i]) / float(n[i])
-            if new != t.shifts[side] and (key not in best or n[i] > best[key][0]):
-                best[key] = (float(n[i]), new)
+            if new != t.shifts[side]:
+                best[key] = new
     if not best:
         return None
-    shifts = current | {k: v for k, (_, v) in best.items()}
+    shifts = current | best
     roles = tuple(dict.fromkeys(r for r, _ in shifts))
     groups = list(dict.fromkeys(g for _, g in shifts))
     rows = tuple((g, tuple(shifts.get((r, g)) for r in roles)) for g in groups)

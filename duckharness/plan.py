@@ -158,6 +158,12 @@ def round_shift(value: float | None) -> float:
 SHIFT_ROWS, SHIFT_TABLE = "__dh_rows", "__dh_shift"
 
 
+def shift_role(experiment: str, expression: str) -> str:
+    """The name of a :class:`ShiftTable` role: one expression (its SQL) in one experiment (whose
+    rows may lie elsewhere than another experiment's rows of the same expression)."""
+    return f"{experiment}\x00{expression}"
+
+
 @dataclass(frozen=True)
 class ShiftTable:
     """Shifts of the pred/target expressions of some groups, for a pass over data whose groups lie
@@ -165,9 +171,9 @@ class ShiftTable:
     sums of squares are taken around its own mean, so they keep their precision.
 
     ``keys`` are the group keys (``__day``, ``tod`` or columns) with their SQL types, ``roles``
-    the expressions (their SQL) that have a shift here, and each row is a group's key values and
-    its shift of each role (None: the run's shift). The table joins the batch's rows on the keys,
-    so a pass with it sees only the rows of its groups.
+    the expressions that have a shift here (per experiment: :func:`shift_role`), and each row is a
+    group's key values and its shift of each role (None: the run's shift). The table joins the
+    batch's rows on the keys, so a pass with it sees only the rows of its groups.
     """
 
     keys: tuple[str, ...]
@@ -335,16 +341,16 @@ class FusedScan:
         self.shift_table = table
         targets = []
 
-        def centred(node: exp.Expr, text: str) -> exp.Expr:
+        def centred(node: exp.Expr, text: str, experiment: str) -> exp.Expr:
             shift: exp.Expr = sb.number(shifts.get(text, 0.0))
-            column = table.column(text) if table is not None else None
+            column = table.column(shift_role(experiment, text)) if table is not None else None
             if column is not None:
                 shift = exp.Coalesce(this=column, expressions=[shift])
             return exp.Sub(this=exp.paren(node.copy()), expression=shift)
 
         # A bound aggregate is fixed by the SQL of its statistic and of its roles, so it is built
         # and rendered once per distinct pair of those (metrics sharing a statistic share it).
-        bound_agg: dict[tuple[str, str, str], str] = {}
+        bound_agg: dict[tuple[str, ...], str] = {}
         stat_text: dict[tuple[str, str], str] = {}  # (metric, stat) -> its aggregate's SQL
         for name, pair, inl, p, t, ptype, ttype in self.bound:
             role_text = (sb.render(p), sb.render(t))
@@ -357,12 +363,14 @@ class FusedScan:
             roles = {
                 "pred": p,
                 "target": t,
-                "pred_c": centred(p, role_text[0]),
-                "target_c": centred(t, role_text[1]),
+                "pred_c": centred(p, role_text[0], name),
+                "target_c": centred(t, role_text[1], name),
             }
+            # Experiments share an aggregate when its roles have the same SQL, shifts included.
+            bound_text = (*role_text, sb.render(roles["pred_c"]), sb.render(roles["target_c"]))
 
             def bind(
-                metric: str, stat: str, agg: exp.Expr, roles: dict[str, exp.Expr] = roles, texts: tuple = role_text
+                metric: str, stat: str, agg: exp.Expr, roles: dict[str, exp.Expr] = roles, texts: tuple = bound_text
             ) -> str:
                 if (metric, stat) not in stat_text:
                     stat_text[metric, stat] = sb.render(agg)

@@ -175,3 +175,27 @@ def test_a_pooled_run_that_recentres_gives_each_metric_once_and_right(
         for m, v in exact(p[keep], t[keep]).items():
             assert values_of[(name, m)] == pytest.approx(v, rel=1e-9), (name, m)
     assert passes == 1
+
+
+def test_an_experiment_whose_rows_lie_far_from_the_shift_is_scored_and_compared_exactly(
+    symbols_apart: tuple[Path, pa.Table],
+) -> None:
+    folder, table = symbols_apart
+    sym = np.asarray(table["symbol"])
+    p, t = np.asarray(table["pred_a"]), np.asarray(table["target_a"])
+    day = np.asarray(table["ts"].cast(pa.date32()))
+    b = sym == "B"
+    want = exact(p[b], t[b])
+    with Harness(folder, cache=False) as h:
+        h.add_experiment("b_only", "symbol = 'B'")
+        h.add_experiment("b_same", "SELECT * REPLACE (pred_a * 1.0 AS pred_a) FROM b_only")
+        pooled = h.metrics(["r2", "corr"], pairs="pred_a:target_a", experiments=["b_only"])
+        compared = {m: h.compare(m, "b_same", "b_only", "pred_a:target_a") for m in ["r2", "corr"]}
+    got = dict(pooled.filter(pl.col("metric") != "n_excluded").select("metric", "value").rows())
+    for m in ["r2", "corr"]:
+        assert got[m] == pytest.approx(want[m], rel=1e-9), m
+        row = compared[m].table.row(0, named=True)
+        assert row["value_a"] == pytest.approx(want[m], rel=1e-9) and row["value_b"] == pytest.approx(want[m], rel=1e-9)
+        for d, value in compared[m].daily.select("day", "value_a").rows():
+            keep = b & (day == d)
+            assert value == pytest.approx(exact(p[keep], t[keep])[m], rel=1e-9), (m, d)
