@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import duckdb
 import polars as pl
 from sqlglot import exp
 
@@ -29,8 +30,8 @@ from duckharness import sqlbuild as sb
 from duckharness.cache import StatsCache
 from duckharness.chain import chain_statements, source_query
 from duckharness.engine import ChainTask, run_chain_task
-from duckharness.errors import InputError, UnknownColumnError
-from duckharness.executor import Executor
+from duckharness.errors import ExecutionError, InputError, UnknownColumnError
+from duckharness.executor import Executor, brief, retryable
 from duckharness.experiments import Experiments
 from duckharness.metadata import SessionWindow
 from duckharness.plan import DAY, Pair, local_dates, window_and_day
@@ -246,6 +247,33 @@ def bucket_query(
     return sb.union_all([exp.paren(p) if len(parts) > 1 else p for p in parts])
 
 
+def _name_experiment(error: ExecutionError, tasks: Sequence[ChainTask]) -> ExecutionError:
+    """The failing batch's error naming its experiment, when it is the query's own (a cast that
+    fails on some rows): the one experiment of those files, or the first whose task fails again."""
+    cause = error.__cause__
+    if not isinstance(cause, duckdb.Error) or retryable(cause):
+        return error
+    candidates = [t for t in tasks if [f.path for f in t.files] == error.files]
+    name = candidates[0].name if len({t.name for t in candidates}) == 1 else None
+    for task in candidates if name is None else []:
+        con = task.dataset.connection(1).open()
+        try:
+            run_chain_task(con, task)
+        except duckdb.Error:
+            name = task.name
+            break
+        finally:
+            con.close()
+    if name is None:
+        return error
+    return ExecutionError(
+        f"Experiment {name!r} failed on {', '.join(error.files)}: {brief(cause)}",
+        files=error.files,
+        sql=error.sql,
+        experiment=name,
+    )
+
+
 def _run(
     dataset: Dataset,
     experiments: Experiments,
@@ -322,7 +350,10 @@ def _run(
                     tracer(statement)
             tracer(tasks[i].sql)
     executor.with_config(dataset.connection(1))
-    computed = executor.map(run_chain_task, [tasks[i] for i in todo], describe=lambda t: [f.path for f in t.files])
+    try:
+        computed = executor.map(run_chain_task, [tasks[i] for i in todo], describe=lambda t: [f.path for f in t.files])
+    except ExecutionError as e:
+        raise _name_experiment(e, [tasks[i] for i in todo]) from e.__cause__
     for i, frame in zip(todo, computed, strict=True):
         frames[i] = frame
         if cache is not None and (key := keys[i]) is not None:

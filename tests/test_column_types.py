@@ -197,3 +197,14 @@ def test_an_experiment_that_needs_all_rows_and_fails_is_named(tmp_path: Path) ->
         with pytest.raises(ExecutionError, match=r"Experiment 'bad' failed: Conversion Error") as e:
             h.metrics(["r2"], pairs="pred_a:target_a", experiments="bad")
     assert e.value.experiment == "bad" and e.value.files[0].endswith("2024-06-03.parquet")
+
+
+@pytest.mark.parametrize("call", ["rank_ic", "deciles"])
+def test_per_day_scans_name_the_experiment_whose_sql_fails(tmp_path: Path, call: str) -> None:
+    folder = _tagged(tmp_path, {"2024-06-03": "1", "2024-06-04": "x"})
+    with Harness(folder, cache=False) as h:
+        h.add_experiment("fine", "pred_a >= 0")
+        h.add_experiment("bad", "SELECT * FROM baseline WHERE CAST(tag AS INTEGER) = 1")
+        with pytest.raises(ExecutionError, match=r"Experiment 'bad' failed on .*2024-06-04\.parquet: Conversion") as e:
+            getattr(h, call)("pred_a:target_a", experiments=["fine", "bad"])
+    assert e.value.experiment == "bad"
