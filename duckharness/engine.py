@@ -241,9 +241,9 @@ def _map_partials(
     base = results = run.passes(fused, whole, shifts, None)
     table: ShiftTable | None = None
     own = out_keys if shifts_per_group else []  # the groups that get shifts of their own
+    types = _group_types(dataset, experiments, names, by) if centre is not None else {}
     for _ in range(RECENTRE_PASSES if centre is not None else 0):
         assert centre is not None
-        types = _group_types(dataset, experiments, names, by)
         wider = recentre(merge_results(results, [centre], own), own, types, table)
         if wider is None:
             break

@@ -220,15 +220,7 @@ class ShiftTable:
             return True
         at = self.keys.index(DAY)
         days = {key[at] for key, _ in self.rows}
-        for f in files:
-            if f.time_min is None or f.time_max is None:
-                return True
-            local = local_dates(f.time_min, f.time_max, tz)
-            if window is not None and window.overnight:
-                local.insert(0, local[0] - dt.timedelta(days=1))
-            if days.intersection(local):
-                return True
-        return False
+        return any(f.time_min is None or days.intersection(file_days(f, tz, window)) for f in files)
 
 
 def _aliased(relation: exp.Expr, name: str) -> exp.Expr:
@@ -275,7 +267,6 @@ class FusedScan:
         self.need_day = "day" in by
         self.shift_table: ShiftTable | None = None
         self.by: list[tuple[str, exp.Expr]] = []
-        self._by_types: dict[str, str] = {}
         source_columns = columns if columns is not None else dataset.columns
         if sum(1 for b in by if b.startswith("tod:")) > 1:
             raise InputError("Group by at most one time-of-day bucket (e.g. by=['day', 'tod:30min']).")
@@ -296,7 +287,6 @@ class FusedScan:
                     column=b,
                 )
             self.by.append((b, sb.column(b)))
-            self._by_types[b] = source_columns[b]
         self.bound: list[tuple[str, Pair, Inlined, exp.Expr, exp.Expr, str, str]] = []
         for name, (inl, cols) in experiments.items():
             for pair in pairs:
@@ -489,10 +479,6 @@ class FusedScan:
             relation = self.shift_table.join(relation, self._group_exprs(day))
         return sb.select(self._projections(day), relation, group_by_all=True)
 
-    def group_types(self) -> dict[str, str]:
-        """The SQL type of each group key of the partials (``__day``, ``tod``, columns)."""
-        return {DAY: "DATE"} | {name: "TIME" if name == TOD else self._by_types[name] for name, _ in self.by}
-
     def _group_exprs(self, day: exp.Expr) -> list[exp.Expr]:
         assert self.shift_table is not None
         by = dict(self.by)
@@ -631,6 +617,14 @@ def local_dates(lo: dt.datetime, hi: dt.datetime, tz: str) -> list[dt.date]:
     return [a + dt.timedelta(days=i) for i in range((b - a).days + 1)]
 
 
+def file_days(f: FileInfo, tz: str, window: SessionWindow | None) -> list[dt.date]:
+    """The session days a file with time statistics can hold rows of: its local dates, and the
+    day before the first for an overnight window (whose session starts the evening before)."""
+    assert f.time_min is not None and f.time_max is not None
+    days = local_dates(f.time_min, f.time_max, tz)
+    return [days[0] - dt.timedelta(days=1), *days] if window is not None and window.overnight else days
+
+
 # Beyond this many days in one batch, per-day constants cost more than converting each row.
 MAX_DAY_BRANCHES = 8
 # Beyond this many days in one query, the window is written as a per-row local-time test: a file
@@ -665,13 +659,7 @@ def window_and_day(
     if any(f.time_min is None or f.time_max is None for f in files):
         where, day = per_row_window(ts, aware, tz, window)
         return where, day if need_day else no_day
-    days: set[dt.date] = set()
-    for f in files:
-        assert f.time_min is not None and f.time_max is not None
-        days.update(local_dates(f.time_min, f.time_max, tz))
-    if window is not None and window.overnight:
-        days.update(d - dt.timedelta(days=1) for d in list(days))
-    ordered = sorted(days)
+    ordered = sorted({d for f in files for d in file_days(f, tz, window)})
     branches: list[tuple[exp.Expr, dt.date]] = []
     if window is None:
         where = None

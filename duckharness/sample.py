@@ -22,7 +22,7 @@ from duckharness.chain import build_chain
 from duckharness.errors import InputError
 from duckharness.metadata import SessionWindow
 from duckharness.outputs import write_error, written_atomically
-from duckharness.plan import local_dates
+from duckharness.plan import file_days, local_dates
 from duckharness.source import FileInfo
 
 if TYPE_CHECKING:
@@ -42,11 +42,8 @@ def days_of_files(files: Sequence[FileInfo], tz: str, window: SessionWindow | No
         if f.time_min is None or f.time_max is None:
             out.setdefault(dt.date.min + dt.timedelta(days=i), []).append(f)
             continue
-        days = local_dates(f.time_min, f.time_max, tz)
-        if window is not None and window.overnight:
-            days = [days[0] - dt.timedelta(days=1), *days]
         lo, hi = _utc(f.time_min), _utc(f.time_max)
-        for d in days:
+        for d in file_days(f, tz, window):
             if window is not None:
                 start, end, _ = window.bounds(d)
                 if hi < start or lo > end:
