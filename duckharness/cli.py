@@ -488,6 +488,8 @@ def _is_interruption(e: BaseException) -> bool:
     raised inside a Python filesystem (fsspec) that DuckDB was reading through."""
     import duckdb
 
+    from duckharness.executor import is_interruption
+
     seen: set[int] = set()
     todo: list[BaseException | None] = [e]
     while todo:
@@ -495,9 +497,7 @@ def _is_interruption(e: BaseException) -> bool:
         if x is None or id(x) in seen:
             continue
         seen.add(id(x))
-        if isinstance(x, KeyboardInterrupt | duckdb.InterruptException):
-            return True
-        if isinstance(x, RuntimeError) and str(x).strip() == "Query interrupted":
+        if is_interruption(x):
             return True
         if isinstance(x, duckdb.Error | OSError) and _TRACEBACK_OF_INTERRUPT.search(str(x)):
             return True

@@ -55,15 +55,22 @@ def run_payload(payload: bytes) -> Any:
     return fn(_connection(config), task)
 
 
+def is_interruption(e: BaseException) -> bool:
+    """Whether ``e`` is an interruption (Ctrl-C, SIGTERM): KeyboardInterrupt, DuckDB's
+    InterruptException, or the ``RuntimeError('Query interrupted')`` DuckDB raises when a signal
+    stops a query."""
+    if isinstance(e, KeyboardInterrupt | duckdb.InterruptException):
+        return True
+    return isinstance(e, RuntimeError) and str(e).strip() == "Query interrupted"
+
+
 def retryable(e: BaseException) -> bool:
     # A worker that cannot import a module, and DuckDB's errors about the query itself (binding,
     # types, conversions, overflow), fail the same way every time. An unreadable file or a lost
     # connection may not (a file being rewritten, a network hiccup).
     if isinstance(e, ImportError | duckdb.DataError):
         return False
-    # An interruption (Ctrl-C, SIGTERM) arrives as DuckDB's InterruptException or, when a signal
-    # stops a query, RuntimeError('Query interrupted'): retrying would swallow it.
-    if isinstance(e, duckdb.InterruptException) or (isinstance(e, RuntimeError) and "interrupted" in str(e)):
+    if is_interruption(e):  # retrying would swallow a Ctrl-C or SIGTERM
         return False
     return not isinstance(e, duckdb.ProgrammingError) or isinstance(e, duckdb.InvalidInputException)
 
