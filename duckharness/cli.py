@@ -9,6 +9,7 @@ or export in progress runs and nothing half-written is left behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import signal
 import sys
@@ -508,7 +509,12 @@ def _is_interruption(e: BaseException) -> bool:
 def _interrupt_on_signals(received: list[int]) -> Callable[[], None]:
     """Make SIGINT and SIGTERM raise KeyboardInterrupt in the main thread (recording which came, as
     DuckDB turns the exception into its own), so ``finally`` blocks clean up; returns the undo.
-    A signal that is ignored (a background job's SIGINT) stays ignored."""
+    A signal that is ignored (a background job's SIGINT) stays ignored.
+
+    Python runs a signal handler only when the main thread is back in the interpreter, and DuckDB
+    checks for one only between tasks, so a long operator (a sink's COPY of a sorted or windowed
+    experiment) would finish first. A watcher thread therefore reads the signal wakeup fd and
+    interrupts every DuckDB connection of the process at once (:func:`interrupt_all`)."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
@@ -520,12 +526,51 @@ def _interrupt_on_signals(received: list[int]) -> Callable[[], None]:
     for sig in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(sig) is not signal.SIG_IGN:
             previous[sig] = signal.signal(sig, interrupt)
+    stop_watching = _watch_signals(set(previous))
 
     def undo() -> None:
+        stop_watching()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
     return undo
+
+
+def _watch_signals(signals: set[int]) -> Callable[[], None]:
+    """Start a thread that calls :func:`interrupt_all` whenever one of ``signals`` arrives (read
+    from the wakeup fd, written by Python's C-level handler even while the main thread is inside
+    DuckDB); returns the function that stops it and restores the previous wakeup fd."""
+    import socket
+
+    from duckharness.connection import interrupt_all
+
+    if not signals:
+        return lambda: None
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    try:
+        old_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    except ValueError:  # not the main thread of the main interpreter
+        reader.close()
+        writer.close()
+        return lambda: None
+
+    def watch() -> None:
+        with contextlib.suppress(OSError):
+            while data := reader.recv(64):
+                if signals.intersection(data):
+                    interrupt_all()
+
+    watcher = threading.Thread(target=watch, name="duckharness-signals", daemon=True)
+    watcher.start()
+
+    def stop() -> None:
+        signal.set_wakeup_fd(old_fd)
+        writer.close()  # the watcher reads end-of-file and returns
+        watcher.join(timeout=2)
+        reader.close()
+
+    return stop
 
 
 def _record_only(received: list[int]) -> None:

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import pickle
+import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
+
+# Every connection and cursor this process set up, so a Ctrl-C or SIGTERM can stop the queries
+# running on them at once (see :func:`interrupt_all`); weak, so closing and dropping one is enough.
+_LIVE: weakref.WeakSet[duckdb.DuckDBPyConnection] = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,24 @@ class ConnectionConfig:
         not session settings). Returns ``con``."""
         # Results must not depend on the machine's zone; all bounds are written as UTC instants.
         con.execute(f"SET TimeZone = '{self.timezone}'").fetchall()
+        with _LIVE_LOCK:
+            _LIVE.add(con)
         return con
+
+
+def interrupt_all() -> int:
+    """Interrupt the query running on every connection and cursor opened through
+    :class:`ConnectionConfig` in this process; returns how many were signalled. Safe from any
+    thread (the CLI calls it from a signal watcher): DuckDB stops the query at its next check and
+    raises ``InterruptException`` in the thread that ran it, so a long operator (a sort, a window,
+    a COPY) does not run to its end before a Ctrl-C takes effect. An idle or closed connection is
+    not affected: its next query runs normally."""
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for con in live:
+        with contextlib.suppress(duckdb.Error):
+            con.interrupt()
+    return len(live)
 
 
 def fetch_all(con: duckdb.DuckDBPyConnection, sql: str, tracer: Callable[[str], None] | None = None) -> list[tuple]:

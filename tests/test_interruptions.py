@@ -30,7 +30,15 @@ import sqlglot
 import duckharness.sink as sink
 from duckharness.cli import main
 
+import duckharness.connection as connection
+
 marker, real_copy = pathlib.Path(sys.argv[1]), sink._copy
+real_interrupt_all = connection.interrupt_all
+
+def interrupt_all():  # record that the signal watcher stopped DuckDB's queries
+    pathlib.Path(str(marker) + ".interrupted").write_text(str(real_interrupt_all()))
+
+connection.interrupt_all = interrupt_all
 LONG = sqlglot.parse_one("SELECT x FROM range(1000000000000) t(x) WHERE x % 1000000007 = 1", read="duckdb")
 
 def long_copy(con, query, target, tracer, partition=None):
@@ -85,6 +93,49 @@ def test_ctrl_c_during_a_sinks_copy_prints_interrupted_and_leaves_nothing(src: P
     done, work = sink_then_signal(src, tmp_path, signal.SIGINT)
     assert (done.returncode, done.stderr, done.stdout) == (130, "Interrupted.\n", "")
     assert os.listdir(work) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_interrupts_duckdbs_running_queries_at_once(src: Path, tmp_path: Path, sig: signal.Signals) -> None:
+    """Python runs a signal handler only between DuckDB's tasks, and a sort or window inside a
+    sink's COPY can be one task of many seconds (a windowed experiment's sink of W1 went on for
+    14 s after Ctrl-C): the CLI's signal watcher interrupts the process's DuckDB connections."""
+    done, work = sink_then_signal(src, tmp_path, sig)
+    assert done.returncode == 128 + sig
+    interrupted = tmp_path / "copy-started.interrupted"
+    assert interrupted.exists() and int(interrupted.read_text()) >= 1  # at least the sink's connection
+    assert os.listdir(work) == []
+
+
+def test_interrupt_all_stops_a_query_running_on_another_thread() -> None:
+    import threading
+
+    import duckdb
+
+    from duckharness.connection import ConnectionConfig, interrupt_all
+
+    con = ConnectionConfig(threads=1).open()
+    idle, closed = con.cursor(), ConnectionConfig().open()
+    closed.close()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            con.execute("SELECT count(*) FROM range(1000000000000) t(x) WHERE x % 1000000007 = 1").fetchall()
+        except BaseException as e:
+            errors.append(e)
+
+    worker = threading.Thread(target=run)
+    started = time.monotonic()
+    worker.start()
+    time.sleep(0.3)
+    assert worker.is_alive()
+    assert interrupt_all() >= 2  # the running connection and the others still referenced
+    worker.join(timeout=10)
+    assert not worker.is_alive() and time.monotonic() - started < 10
+    assert len(errors) == 1 and isinstance(errors[0], duckdb.InterruptException)
+    assert con.execute("SELECT 42").fetchall() == [(42,)]  # usable afterwards, as is an idle one
+    assert idle.execute("SELECT 43").fetchall() == [(43,)]
 
 
 def test_sigterm_during_a_sinks_copy_prints_terminated_and_leaves_nothing(src: Path, tmp_path: Path) -> None:
