@@ -1,6 +1,8 @@
 """duckharness: SQL-first evaluation of backtests and forecasts on DuckDB."""
 
-from duckharness.analysis import Comparison
+from duckharness.data.metadata import Metadata, SessionWindow
+from duckharness.engine.analysis import Comparison
+from duckharness.engine.plan import Pair
 from duckharness.errors import (
     DuckHarnessError,
     DuplicateExperimentError,
@@ -18,9 +20,7 @@ from duckharness.errors import (
     UnknownMetricError,
 )
 from duckharness.harness import Harness
-from duckharness.metadata import Metadata, SessionWindow
-from duckharness.metricfile import Metric, MetricLibrary, parse_metric
-from duckharness.plan import Pair
+from duckharness.metrics.library import Metric, MetricLibrary, parse_metric
 
 __version__ = "0.1.0"
 

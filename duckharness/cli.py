@@ -74,7 +74,7 @@ def _window(args: argparse.Namespace) -> Any:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    from duckharness.results import FORMATS
+    from duckharness.outputs.results import FORMATS
 
     with _harness(args) as h:
         df = h.metrics(
@@ -113,8 +113,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from duckharness.outputs import check_output
-    from duckharness.sample import write_parquet
+    from duckharness.outputs.paths import check_output
+    from duckharness.outputs.sample import write_parquet
 
     target = check_output(args.output, kind="file", overwrite=args.overwrite)  # before the work
     with _harness(args) as h:
@@ -154,7 +154,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from duckharness.demo import write_demo_dataset
     from duckharness.harness import Harness
-    from duckharness.results import format_table
+    from duckharness.outputs.results import format_table
 
     out = args.dir or tempfile.mkdtemp(prefix="duckharness-demo-")
     paths = write_demo_dataset(out, days=args.days, rows=args.rows)
@@ -177,7 +177,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _print_frame(df: Any, fmt: str) -> None:
-    from duckharness.results import FRAME_FORMATS
+    from duckharness.outputs.results import FRAME_FORMATS
 
     sys.stdout.write(FRAME_FORMATS[fmt](df).rstrip("\n") + "\n")
 
@@ -489,7 +489,7 @@ def _is_interruption(e: BaseException) -> bool:
     raised inside a Python filesystem (fsspec) that DuckDB was reading through."""
     import duckdb
 
-    from duckharness.executor import is_interruption
+    from duckharness.execution.executor import is_interruption
 
     seen: set[int] = set()
     todo: list[BaseException | None] = [e]
@@ -542,7 +542,7 @@ def _watch_signals(signals: set[int]) -> Callable[[], None]:
     DuckDB); returns the function that stops it and restores the previous wakeup fd."""
     import socket
 
-    from duckharness.connection import interrupt_all
+    from duckharness.execution.connection import interrupt_all
 
     if not signals:
         return lambda: None

@@ -14,20 +14,20 @@ import polars as pl
 from sqlglot import exp
 
 from duckharness import sqlbuild as sb
-from duckharness.analysis import Comparison
-from duckharness.cache import StatsCache, cache_disabled_by_env, default_cache_dir
-from duckharness.chain import apply_python_step, build_chain, collect_step, relation_sql
-from duckharness.connection import fetch_all
-from duckharness.engine import RunStats, baseline_query, run_metrics
+from duckharness.data.metadata import Metadata, SessionWindow, parse_wall_time
+from duckharness.data.source import Dataset, file_identities, open_dataset
+from duckharness.engine.analysis import Comparison
+from duckharness.engine.cache import StatsCache, cache_disabled_by_env, default_cache_dir
+from duckharness.engine.plan import Pair, default_pairs, local_dates
+from duckharness.engine.run import RunStats, baseline_query, run_metrics
 from duckharness.errors import InputError, SourceError, UnknownMetricError
-from duckharness.executor import EXECUTORS, Executor, make_executor
-from duckharness.experiments import BASELINE, Experiments, Step, parse_experiments_file
-from duckharness.export import ExportResult
-from duckharness.metadata import Metadata, SessionWindow, parse_wall_time
-from duckharness.metricfile import Metric, MetricLibrary
-from duckharness.plan import Pair, default_pairs, local_dates
-from duckharness.sink import SinkResult
-from duckharness.source import Dataset, file_identities, open_dataset
+from duckharness.execution.connection import fetch_all
+from duckharness.execution.executor import EXECUTORS, Executor, make_executor
+from duckharness.experiments.chain import apply_python_step, build_chain, collect_step, relation_sql
+from duckharness.experiments.steps import BASELINE, Experiments, Step, parse_experiments_file
+from duckharness.metrics.library import Metric, MetricLibrary
+from duckharness.outputs.export import ExportResult
+from duckharness.outputs.sink import SinkResult
 
 WindowArg = SessionWindow | tuple[str, str] | bool | None
 
@@ -45,7 +45,7 @@ class Harness:
         tracer: a callable that receives every SQL statement executed (e.g. ``print``).
         progress: show a progress bar on long runs (default: only when stderr is a terminal).
         executor: where the batch map runs: ``threads`` (default), ``processes``, ``ray``, ``dask``,
-            or an :class:`~duckharness.executor.Executor`.
+            or an :class:`~duckharness.execution.executor.Executor`.
         address: an existing cluster for ``ray`` (``ray://host:10001`` or ``auto``) or ``dask``
             (``tcp://scheduler:8786``); default: a local cluster started on first use.
         retries: times a failed batch is retried before the run fails naming its files.
@@ -297,7 +297,7 @@ class Harness:
         the first files; selected columns are pushed down); other chains stream from one query.
         """
         self._refresh()
-        from duckharness.lazy import experiment_lazyframe
+        from duckharness.experiments.lazy import experiment_lazyframe
 
         self.experiments.columns(name)
         return experiment_lazyframe(self, name, self._window(window))
@@ -327,7 +327,7 @@ class Harness:
         ``random_rows`` is refused: it breaks the time series.
         """
         self._refresh()
-        from duckharness.sample import take_sample
+        from duckharness.outputs.sample import take_sample
 
         return take_sample(
             self, experiment, strategy, n=n, n_days=n_days, step=step, seed=seed, window=self._window(window)
@@ -351,7 +351,7 @@ class Harness:
         with ``overwrite=True``.
         """
         self._refresh()
-        from duckharness.sink import sink_experiment
+        from duckharness.outputs.sink import sink_experiment
 
         result = sink_experiment(
             self,
@@ -388,7 +388,7 @@ class Harness:
             $ duckdb chain.duckdb -c "SELECT dh_r2(pred_10s, target_10s) FROM liquid"
         """
         self._refresh()
-        from duckharness.export import export
+        from duckharness.outputs.export import export
 
         return export(self, sql, db, window=self._window(window), materialize=materialize, overwrite=overwrite)
 
@@ -518,7 +518,7 @@ class Harness:
             >>> h.rank_ic("pred_10s:target_10s", ["baseline", "liquid"])          # doctest: +SKIP
         """
         self._refresh()
-        from duckharness.daywise import rank_ic
+        from duckharness.engine.daywise import rank_ic
 
         t = time.perf_counter()
         out = rank_ic(
@@ -551,12 +551,12 @@ class Harness:
         ``experiment, pred, target, day, metric, value``.
 
         ``plot="series.png"`` also saves the series with a ``rolling``-day rolling mean
-        (:func:`duckharness.plots.plot_series`; needs ``pip install "duckharness[plot]"``).
+        (:func:`duckharness.outputs.plots.plot_series`; needs ``pip install "duckharness[plot]"``).
 
         Example:
             >>> h.series("corr", "pred_10s", plot="ic.png")                        # doctest: +SKIP
         """
-        from duckharness.analysis import daily_series
+        from duckharness.engine.analysis import daily_series
 
         names = [metrics] if isinstance(metrics, str) else list(metrics)
         self._check_metric_names(names)
@@ -565,7 +565,7 @@ class Harness:
             self, names, self._pairs(pairs), self._experiment_names(experiments), window, cross_section=cross_section
         )
         if plot is not None:
-            from duckharness.plots import plot_series
+            from duckharness.outputs.plots import plot_series
 
             plot_series(df, plot, rolling=rolling)
         return df
@@ -594,7 +594,7 @@ class Harness:
         Example:
             >>> h.summary(["rank_ic", "corr"], "pred_10s:target_10s")               # doctest: +SKIP
         """
-        from duckharness.analysis import summarize
+        from duckharness.engine.analysis import summarize
 
         if lag is not None and lag < 0:
             raise InputError(f"lag must be 0 or more, got {lag}.")
@@ -629,14 +629,14 @@ class Harness:
         mean daily IC.
 
         Returns:
-            A :class:`~duckharness.analysis.Comparison` with ``daily`` and ``table`` frames;
+            A :class:`~duckharness.engine.analysis.Comparison` with ``daily`` and ``table`` frames;
             ``plot="cmp.png"`` also saves its chart.
 
         Example:
             >>> c = h.compare("mse", "clipped", "baseline", "pred_10s:target_10s", seed=7)   # doctest: +SKIP
             >>> c.table.select("diff", "dm_stat", "p_value", "ci_low", "ci_high")  # doctest: +SKIP
         """
-        from duckharness.analysis import compare
+        from duckharness.engine.analysis import compare
 
         self._check_metric_names([metric])
         _check_plot(plot)
@@ -692,7 +692,7 @@ class Harness:
             >>> h.deciles("pred_10s:target_10s", "baseline", plot="deciles.png")      # doctest: +SKIP
         """
         self._refresh()
-        from duckharness.daywise import quantile_buckets
+        from duckharness.engine.daywise import quantile_buckets
 
         if by not in (None, "day"):
             raise InputError(f"deciles: by must be None or 'day', got {by!r}.")
@@ -715,7 +715,7 @@ class Harness:
         )
         self._record_run(t)
         if plot is not None:
-            from duckharness.plots import plot_deciles
+            from duckharness.outputs.plots import plot_deciles
 
             plot_deciles(df, plot)
         return df
@@ -821,6 +821,6 @@ class Harness:
 def _check_plot(plot: str | os.PathLike[str] | None) -> None:
     """Refuse a plot path that cannot be written before any data is read."""
     if plot is not None:
-        from duckharness.plots import check_plot_path
+        from duckharness.outputs.plots import check_plot_path
 
         check_plot_path(plot)

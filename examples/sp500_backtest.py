@@ -34,7 +34,7 @@ import pandas as pd
 import polars as pl
 
 from duckharness import Harness
-from duckharness.results import format_table
+from duckharness.outputs.results import format_table
 
 WINDOW = 20            # trailing window (trading days) of the momentum, hist and vol20 columns
 EWMA_LAMBDA = 0.94     # RiskMetrics daily decay

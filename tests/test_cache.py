@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from duckharness import Harness
-from duckharness.cache import StatsCache
+from duckharness.engine.cache import StatsCache
 from duckharness.errors import SourceError
 
 METRICS = ["count", "r2", "mse"]
@@ -154,7 +154,7 @@ def test_cache_off_by_argument(backtest: Path) -> None:
 
 @pytest.mark.parametrize("seed", [1])
 def test_cache_key_depends_on_file_identity_and_sql(seed: int) -> None:
-    from duckharness.source import FileInfo
+    from duckharness.data.source import FileInfo
 
     rng = np.random.default_rng(seed)
     f = FileInfo("/x/a.parquet", 10, float(rng.integers(1, 10**9)), 1, {})

@@ -235,7 +235,7 @@ def test_infinities_in_some_files_without_nulls_are_excluded_and_counted(
     # (or NaN) in one of them must still be found and excluded, without touching the other files
     # (also when a file is computed in parts: 4 parts of 200 rows here).
     if split:
-        monkeypatch.setattr("duckharness.plan.PART_ROWS", 200)
+        monkeypatch.setattr("duckharness.engine.plan.PART_ROWS", 200)
     rng = np.random.default_rng(21)
     parts = [{"pred_x": rng.standard_normal(800), "target_x": rng.standard_normal(800)} for _ in range(3)]
     parts[1]["pred_x"][[5, 17, 300]] = [np.inf, -np.inf, np.inf]

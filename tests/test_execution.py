@@ -108,7 +108,7 @@ def _part_queries(statements: list[str]) -> list[str]:
 def test_files_computed_whole_or_in_row_group_parts_give_the_same_bits(
         folder: Path, by: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
     unsplit = harness(folder, INLINABLE).metrics(METRICS, by=by)
-    monkeypatch.setattr("duckharness.plan.PART_ROWS", 1000)  # the files hold two row groups of 1000
+    monkeypatch.setattr("duckharness.engine.plan.PART_ROWS", 1000)  # the files hold two row groups of 1000
     statements: list[str] = []
     whole = harness(folder, INLINABLE, workers=1, tracer=statements.append).metrics(METRICS, by=by)
     batch = [s for s in statements if "GROUP BY ALL" in s and "__s1" in s and "READ_PARQUET" in s]
@@ -126,7 +126,7 @@ def test_files_computed_whole_or_in_row_group_parts_give_the_same_bits(
 
 def test_files_stay_whole_when_grouped_by_a_column(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A part key would multiply the (many) symbol groups: no parts, whatever the workers.
-    monkeypatch.setattr("duckharness.plan.PART_ROWS", 1000)
+    monkeypatch.setattr("duckharness.engine.plan.PART_ROWS", 1000)
     statements: list[str] = []
     harness(folder, INLINABLE, workers=8, tracer=statements.append).metrics(METRICS, by="symbol")
     batch = [s for s in statements if "GROUP BY ALL" in s and "__s1" in s]
@@ -135,7 +135,7 @@ def test_files_stay_whole_when_grouped_by_a_column(folder: Path, monkeypatch: py
 
 def test_an_incremental_run_gives_the_bits_of_a_full_run(
         folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("duckharness.plan.PART_ROWS", 1000)
+    monkeypatch.setattr("duckharness.engine.plan.PART_ROWS", 1000)
     full = harness(folder, INLINABLE, workers=2, cache=False).metrics(METRICS, by="day")
     # Six days cached; the seventh is computed alone, its two parts on the two workers.
     days = sorted(folder.glob("*.parquet"))
@@ -152,7 +152,7 @@ def test_an_incremental_run_gives_the_bits_of_a_full_run(
 
 def test_counts_of_files_in_parts_equal_rows_counted_in_pandas(folder: Path, monkeypatch: pytest.MonkeyPatch
                                                                ) -> None:
-    monkeypatch.setattr("duckharness.plan.PART_ROWS", 1000)
+    monkeypatch.setattr("duckharness.engine.plan.PART_ROWS", 1000)
     test_fused_run_equals_experiments_computed_from_their_own_rows(folder)
 
 

@@ -25,9 +25,9 @@ from conftest import SESSION, write_dataset
 from duckharness import Harness
 from duckharness.cli import main
 from duckharness.demo import one_day, trading_days
-from duckharness.engine import ChainTask
+from duckharness.engine.run import ChainTask
 from duckharness.errors import ExecutionError, InputError, TransformError
-from duckharness.executor import (
+from duckharness.execution.executor import (
     EXECUTORS,
     DaskExecutor,
     Executor,
@@ -335,7 +335,7 @@ def test_retries_0_fails_at_the_first_error(
 
 def test_thread_workers_run_on_cursors_of_the_home_database_and_retry_on_fresh_connections(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from duckharness.connection import ConnectionConfig
+    from duckharness.execution.connection import ConnectionConfig
 
     config = ConnectionConfig(threads=1)
     home = config.open()
@@ -369,7 +369,7 @@ def test_thread_workers_run_on_cursors_of_the_home_database_and_retry_on_fresh_c
 
 def test_metrics_on_home_cursors_equal_metrics_on_fresh_connections(
         folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from duckharness.connection import ConnectionConfig
+    from duckharness.execution.connection import ConnectionConfig
 
     opened: list[int] = []
     real_open = ConnectionConfig.open

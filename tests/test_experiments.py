@@ -22,7 +22,7 @@ from duckharness import (
     UnknownExperimentError,
 )
 from duckharness.demo import one_day, trading_days
-from duckharness.experiments import parse_experiments_file
+from duckharness.experiments.steps import parse_experiments_file
 
 EASTERN = zoneinfo.ZoneInfo("America/New_York")
 PAIR = "pred_10s:target_10s"

@@ -32,8 +32,8 @@ import duckharness
 from duckharness import Harness
 from duckharness.cli import main
 from duckharness.demo import DEMO_EXPERIMENTS, one_day, trading_days
-from duckharness.export import ExportResult
-from duckharness.metricfile import builtin_metric_dir
+from duckharness.metrics.library import builtin_metric_dir
+from duckharness.outputs.export import ExportResult
 
 PRED, TARGET = "pred_10s", "target_10s"
 PAIR = f"{PRED}:{TARGET}"

@@ -27,10 +27,10 @@ from duckharness.demo import one_day, trading_days
 RUN_WITH_A_LONG_COPY = """\
 import pathlib, sys
 import sqlglot
-import duckharness.sink as sink
+import duckharness.outputs.sink as sink
 from duckharness.cli import main
 
-import duckharness.connection as connection
+import duckharness.execution.connection as connection
 
 marker, real_copy = pathlib.Path(sys.argv[1]), sink._copy
 real_interrupt_all = connection.interrupt_all
@@ -112,7 +112,7 @@ def test_interrupt_all_stops_a_query_running_on_another_thread() -> None:
 
     import duckdb
 
-    from duckharness.connection import ConnectionConfig, interrupt_all
+    from duckharness.execution.connection import ConnectionConfig, interrupt_all
 
     con = ConnectionConfig(threads=1).open()
     idle, closed = con.cursor(), ConnectionConfig().open()
@@ -158,7 +158,7 @@ def test_an_interrupted_query_is_not_retried(tmp_path: Path) -> None:
     happened."""
     import threading
 
-    from duckharness.executor import ThreadExecutor
+    from duckharness.execution.executor import ThreadExecutor
 
     calls = []
 

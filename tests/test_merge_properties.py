@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from duckharness import Harness
 from duckharness.demo import one_day, trading_days
-from duckharness.stats import merge_partials
+from duckharness.metrics.merge import merge_partials
 
 HOW = {"n": "sum", "s": "sum", "lo": "min", "hi": "max"}
 SCHEMA = {"day": pl.Int64, "grp": pl.String, "n": pl.Int64, "s": pl.Float64, "lo": pl.Float64, "hi": pl.Float64}

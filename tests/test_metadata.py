@@ -12,7 +12,7 @@ import pytest
 from conftest import write_dataset
 
 from duckharness import Harness, MetadataError, SessionWindow
-from duckharness.metadata import DEFAULT_TIMEZONE, parse_metadata, parse_metadata_text
+from duckharness.data.metadata import DEFAULT_TIMEZONE, parse_metadata, parse_metadata_text
 
 UTC = dt.UTC
 

@@ -16,7 +16,7 @@ from conftest import SESSION, read_all, write_dataset
 
 from duckharness import Harness, MetricError, MetricLibrary, UnknownMetricError
 from duckharness.demo import one_day, trading_days
-from duckharness.metricfile import DEFAULT_METRICS, builtin_metric_dir, load_metric_file, parse_metric
+from duckharness.metrics.library import DEFAULT_METRICS, builtin_metric_dir, load_metric_file, parse_metric
 
 SHIPPED = sorted(builtin_metric_dir().glob("*.sql"))
 EASTERN = zoneinfo.ZoneInfo("America/New_York")

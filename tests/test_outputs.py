@@ -24,12 +24,12 @@ import polars as pl
 import pytest
 from conftest import SESSION, write_dataset
 
-import duckharness.sink
+import duckharness.outputs.sink
 from duckharness import Harness
 from duckharness.cli import main
 from duckharness.demo import DEMO_EXPERIMENTS, one_day, trading_days
 from duckharness.errors import InputError
-from duckharness.export import export
+from duckharness.outputs.export import export
 
 DAYS = trading_days(dt.date(2026, 3, 4), 3)
 
@@ -178,7 +178,7 @@ def test_sample_on_a_full_disk_names_the_output_and_leaves_nothing(src: Path, wo
 
 def test_sink_on_a_full_disk_names_the_output_and_leaves_nothing(src: Path, work: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    real_copy = duckharness.sink._copy
+    real_copy = duckharness.outputs.sink._copy
     calls = []
 
     def full_disk(con: object, query: object, target: str, tracer: object, partition: str | None = None) -> int:
@@ -188,7 +188,7 @@ def test_sink_on_a_full_disk_names_the_output_and_leaves_nothing(src: Path, work
         _partly_then_full(target)
         return real_copy(con, query, "/dev/full", tracer, partition)  # type: ignore[arg-type]  # DuckDB's IO error
 
-    monkeypatch.setattr(duckharness.sink, "_copy", full_disk)
+    monkeypatch.setattr(duckharness.outputs.sink, "_copy", full_disk)
     out = work / "out"
     code, _, err = run(src, "sink", "--experiment", "tight", "-o", str(out))
     assert code == 1 and len(calls) == 2
@@ -234,7 +234,7 @@ def test_harness_export_refuses_an_existing_file_and_the_export_function_replace
 def test_sink_does_not_replace_an_output_that_appeared_while_it_was_writing(
         src: Path, work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = work / "out"
-    real = duckharness.sink._write_metadata
+    real = duckharness.outputs.sink._write_metadata
 
     def another_sink_finishes_first(*a: object, **kw: object) -> None:
         if not out.exists():
@@ -242,7 +242,7 @@ def test_sink_does_not_replace_an_output_that_appeared_while_it_was_writing(
             (out / "metadata.json").write_text(json.dumps({"duckharness_sink": {"experiment": "other"}}))
         real(*a, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(duckharness.sink, "_write_metadata", another_sink_finishes_first)
+    monkeypatch.setattr(duckharness.outputs.sink, "_write_metadata", another_sink_finishes_first)
     with Harness(src) as h:
         h.load_experiments(src.parent / "experiments.sql")
         with pytest.raises(InputError, match=rf"Output {out} appeared while this sink was being written.*overwrite"):
@@ -254,7 +254,7 @@ def test_sink_does_not_replace_an_output_that_appeared_while_it_was_writing(
         assert sorted(os.listdir(out)) == sorted([*(Path(f).name for f in result.files), "metadata.json"])
         # ... but files that are not a sink are not, even though the folder was empty at the start.
         other = work / "other"
-        monkeypatch.setattr(duckharness.sink, "_write_metadata", lambda *a, **kw: (
+        monkeypatch.setattr(duckharness.outputs.sink, "_write_metadata", lambda *a, **kw: (
             other.mkdir(), (other / "notes.txt").write_text("mine"), real(*a, **kw)))
         with pytest.raises(InputError, match="not an earlier duckharness sink"):
             h.sink("tight", other, overwrite=True)

@@ -13,7 +13,7 @@ import polars as pl
 import pytest
 
 from duckharness import DuckHarnessError, Harness, InputError, MissingDependencyError
-from duckharness.plots import plot_comparison, plot_deciles, plot_series
+from duckharness.outputs.plots import plot_comparison, plot_deciles, plot_series
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

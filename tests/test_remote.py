@@ -26,9 +26,9 @@ from conftest import SESSION, write_dataset
 
 from duckharness import Harness
 from duckharness.cli import main
+from duckharness.data.source import is_remote
 from duckharness.demo import one_day, trading_days
 from duckharness.errors import ExecutionError, InputError, MetadataError, SourceError, TransformError
-from duckharness.source import is_remote
 
 BUCKET = "dh-remote"
 METRICS = ["count", "r2", "mse", "mae", "corr", "hit_rate"]
@@ -468,17 +468,17 @@ def test_export_of_a_remote_source_names_urls_and_never_credentials(s3: S3, tmp_
 
 def test_export_database_of_a_remote_source_never_downloads_extensions(
         s3: S3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The package never fetches extensions at run time (connection.py). The export's own
+    """The package never fetches extensions at run time (execution/connection.py). The export's own
     connection is guarded here so the test cannot reach the internet: it records how the export
     configured its connection, and forbids downloads regardless."""
     import duckdb
 
-    import duckharness.export as export_mod
+    import duckharness.outputs.export as export_mod
 
     configs: list[dict] = []
 
     class GuardedDuckDB:
-        """duckdb as export.py sees it: connect() records its config and never downloads."""
+        """duckdb as outputs/export.py sees it: connect() records its config and never downloads."""
 
         def __getattr__(self, name: str) -> object:
             return getattr(duckdb, name)
@@ -489,7 +489,7 @@ def test_export_database_of_a_remote_source_never_downloads_extensions(
             return duckdb.connect(database, *a, config={**(config or {}), "autoinstall_known_extensions": False},
                                   **kw)
 
-    import duckharness.connection as connection_mod
+    import duckharness.execution.connection as connection_mod
 
     monkeypatch.setattr(export_mod, "duckdb", GuardedDuckDB())
     monkeypatch.setattr(connection_mod, "duckdb", GuardedDuckDB())  # every connection comes from here

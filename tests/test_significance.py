@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from scipy import stats as sps
 
 from duckharness import Harness, InputError
-from duckharness.significance import (
+from duckharness.metrics.merge import merge_partials
+from duckharness.metrics.significance import (
     bootstrap_counts,
     diebold_mariano,
     long_run_variance,
@@ -27,7 +28,6 @@ from duckharness.significance import (
     student_t_sf,
     summarize_series,
 )
-from duckharness.stats import merge_partials
 
 
 def nw_direct(x: np.ndarray, lag: int) -> float:

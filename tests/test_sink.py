@@ -24,7 +24,7 @@ from sklearn.metrics import mean_squared_error, r2_score
 from duckharness import Harness
 from duckharness.demo import one_day, trading_days
 from duckharness.errors import InputError, TransformError, UnknownExperimentError
-from duckharness.progress import Progress
+from duckharness.execution.progress import Progress
 
 DAYS = trading_days(dt.date(2026, 3, 4), 5)  # crosses the DST switch of 2026-03-08
 ROWS = 2500

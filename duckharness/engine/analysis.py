@@ -1,8 +1,8 @@
 """Research statistics over per-day series: summaries and comparisons of experiments.
 
 This module joins the engine (per-day metric values and sufficient statistics from one scan,
-per-day rank IC from :mod:`duckharness.daywise`) to the pure statistics of
-:mod:`duckharness.significance`. The :class:`~duckharness.Harness` methods ``series``,
+per-day rank IC from :mod:`duckharness.engine.daywise`) to the pure statistics of
+:mod:`duckharness.metrics.significance`. The :class:`~duckharness.Harness` methods ``series``,
 ``summary`` and ``compare`` call it.
 """
 
@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from duckharness.engine import evaluate_final, run_stats
+from duckharness.engine.plan import Pair
+from duckharness.engine.run import evaluate_final, run_stats
 from duckharness.errors import InputError
-from duckharness.metricfile import Metric
-from duckharness.plan import Pair
-from duckharness.significance import bootstrap_difference, diebold_mariano, merge_resampled, summarize_series
+from duckharness.metrics.library import Metric
+from duckharness.metrics.significance import bootstrap_difference, diebold_mariano, merge_resampled, summarize_series
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -67,7 +67,7 @@ def daily_series(
 
 def summarize(series: pl.DataFrame, *, lag: int | None = None) -> pl.DataFrame:
     """One row of statistics across days per (experiment, pred, target, metric) of a per-day
-    series; see :func:`~duckharness.significance.summarize_series`.
+    series; see :func:`~duckharness.metrics.significance.summarize_series`.
 
     Example:
         >>> import datetime as dt
@@ -130,8 +130,8 @@ class Comparison:
     table: pl.DataFrame
 
     def plot(self, path: str | os.PathLike[str], *, rolling: int = 20) -> Figure:
-        """Save the comparison chart as a PNG (see :func:`duckharness.plots.plot_comparison`)."""
-        from duckharness.plots import plot_comparison
+        """Save the comparison chart as a PNG (see :func:`duckharness.outputs.plots.plot_comparison`)."""
+        from duckharness.outputs.plots import plot_comparison
 
         return plot_comparison(self, path, rolling=rolling)
 

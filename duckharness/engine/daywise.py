@@ -27,16 +27,16 @@ import polars as pl
 from sqlglot import exp
 
 from duckharness import sqlbuild as sb
-from duckharness.cache import StatsCache
-from duckharness.chain import chain_statements, source_query
-from duckharness.engine import ChainTask, run_chain_task
+from duckharness.data.metadata import SessionWindow
+from duckharness.data.source import Dataset, FileInfo
+from duckharness.engine.cache import StatsCache
+from duckharness.engine.plan import DAY, Pair, local_dates, window_and_day
+from duckharness.engine.run import ChainTask, run_chain_task
 from duckharness.errors import ExecutionError, InputError, UnknownColumnError
-from duckharness.executor import Executor, brief, retryable
-from duckharness.experiments import Experiments
-from duckharness.metadata import SessionWindow
-from duckharness.plan import DAY, Pair, local_dates, window_and_day
-from duckharness.source import Dataset, FileInfo
-from duckharness.stats import merge_partials
+from duckharness.execution.executor import Executor, brief, retryable
+from duckharness.experiments.chain import chain_statements, source_query
+from duckharness.experiments.steps import Experiments
+from duckharness.metrics.merge import merge_partials
 
 Tracer = Callable[[str], None]
 PAIR, TS, BUCKET = "__pair", "__ts", "__bucket"

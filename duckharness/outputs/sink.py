@@ -28,11 +28,14 @@ import duckdb
 from sqlglot import exp
 
 from duckharness import sqlbuild as sb
-from duckharness.chain import build_chain
-from duckharness.connection import fetch_all
+from duckharness.data.metadata import SessionWindow
+from duckharness.data.source import FileInfo, is_remote
+from duckharness.engine.plan import window_and_day
 from duckharness.errors import DuckHarnessError, ExecutionError, InputError
-from duckharness.metadata import SessionWindow
-from duckharness.outputs import (
+from duckharness.execution.connection import fetch_all
+from duckharness.execution.progress import Progress
+from duckharness.experiments.chain import build_chain
+from duckharness.outputs.paths import (
     check_output,
     concerns_output,
     is_exists_error,
@@ -41,10 +44,7 @@ from duckharness.outputs import (
     temporary_name,
     write_error,
 )
-from duckharness.plan import window_and_day
-from duckharness.progress import Progress
-from duckharness.sample import days_of_files
-from duckharness.source import FileInfo, is_remote
+from duckharness.outputs.sample import days_of_files
 
 if TYPE_CHECKING:
     from duckharness.harness import Harness

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import polars as pl
 
+from duckharness.data.source import FileInfo
 from duckharness.errors import DuckHarnessWarning, InputError
-from duckharness.source import FileInfo
 
 ENV = "DUCKHARNESS_CACHE"
 

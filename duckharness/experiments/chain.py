@@ -17,12 +17,12 @@ import polars as pl
 from sqlglot import exp
 
 from duckharness import sqlbuild as sb
-from duckharness.connection import fetch_all
+from duckharness.data.metadata import SessionWindow
+from duckharness.data.source import Dataset, FileInfo
+from duckharness.engine.plan import MAX_VIEW_WINDOW_DAYS, batch_relation, window_and_day
 from duckharness.errors import TransformError
-from duckharness.experiments import BASELINE, Experiments, Step
-from duckharness.metadata import SessionWindow
-from duckharness.plan import MAX_VIEW_WINDOW_DAYS, batch_relation, window_and_day
-from duckharness.source import Dataset, FileInfo
+from duckharness.execution.connection import fetch_all
+from duckharness.experiments.steps import BASELINE, Experiments, Step
 
 Tracer = Callable[[str], None]
 

@@ -10,9 +10,9 @@ from polars.io.plugins import register_io_source
 from sqlglot import exp
 
 from duckharness import sqlbuild as sb
-from duckharness.chain import build_chain
-from duckharness.engine import make_batches
-from duckharness.metadata import SessionWindow
+from duckharness.data.metadata import SessionWindow
+from duckharness.engine.run import make_batches
+from duckharness.experiments.chain import build_chain
 
 if TYPE_CHECKING:
     from duckharness.harness import Harness

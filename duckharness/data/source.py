@@ -20,9 +20,9 @@ import duckdb
 from sqlglot import exp
 
 from duckharness import sqlbuild as sb
-from duckharness.connection import ConnectionConfig, fetch_all
+from duckharness.data.metadata import Metadata, parse_metadata, parse_metadata_text
 from duckharness.errors import MetadataError, SourceError
-from duckharness.metadata import Metadata, parse_metadata, parse_metadata_text
+from duckharness.execution.connection import ConnectionConfig, fetch_all
 
 # Time columns that hold instants (DuckDB reads Parquet timestamps adjusted to UTC as these);
 # every other TIMESTAMP* type holds wall-clock times, read as UTC.

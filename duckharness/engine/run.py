@@ -1,6 +1,6 @@
 """A metrics run: plan, map over file batches, merge partial stats, finalize, tidy.
 
-The map phase runs one fused aggregate query per batch (see :mod:`duckharness.plan`); the reduce
+The map phase runs one fused aggregate query per batch (see :mod:`duckharness.engine.plan`); the reduce
 phase merges the partial stats of each (experiment, pair) over the cells that belong to it and
 evaluates each metric's final SQL on the merged rows.
 """
@@ -18,15 +18,10 @@ import polars as pl
 from sqlglot import exp
 
 from duckharness import sqlbuild as sb
-from duckharness.cache import StatsCache
-from duckharness.chain import build_chain
-from duckharness.connection import ConnectionConfig, fetch_all
-from duckharness.errors import ExecutionError, InputError, MetricError, UnknownColumnError
-from duckharness.executor import Executor, brief, retryable
-from duckharness.experiments import Experiments, Inlined
-from duckharness.metadata import SessionWindow
-from duckharness.metricfile import Metric
-from duckharness.plan import (
+from duckharness.data.metadata import SessionWindow
+from duckharness.data.source import Dataset, FileInfo
+from duckharness.engine.cache import StatsCache
+from duckharness.engine.plan import (
     DAY,
     MAX_VIEW_WINDOW_DAYS,
     PART,
@@ -42,9 +37,14 @@ from duckharness.plan import (
     shift_role,
     window_and_day,
 )
-from duckharness.progress import Progress
-from duckharness.source import Dataset, FileInfo
-from duckharness.stats import reduce_runs
+from duckharness.errors import ExecutionError, InputError, MetricError, UnknownColumnError
+from duckharness.execution.connection import ConnectionConfig, fetch_all
+from duckharness.execution.executor import Executor, brief, retryable
+from duckharness.execution.progress import Progress
+from duckharness.experiments.chain import build_chain
+from duckharness.experiments.steps import Experiments, Inlined
+from duckharness.metrics.library import Metric
+from duckharness.metrics.merge import reduce_runs
 
 Tracer = Callable[[str], None]
 
@@ -775,7 +775,7 @@ def merge_results(
 
     Every group where a target's conditions select a cell gets a row (with no group keys: one
     row per target), so each group that has rows gets every metric and ``n_excluded``. Cells
-    merge in a fixed order, by group and then by position (:func:`duckharness.stats.reduce_runs`),
+    merge in a fixed order, by group and then by position (:func:`duckharness.metrics.merge.reduce_runs`),
     so the same partials give the same bits. Each partials frame is turned into one matrix, and
     each target is a row selection and a column selection of it.
     """

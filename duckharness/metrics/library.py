@@ -190,7 +190,7 @@ def builtin_metric_dir() -> Path:
     packaged = resources.files("duckharness") / "sql" / "metrics"
     if packaged.is_dir():
         return Path(str(packaged))
-    return Path(__file__).resolve().parent.parent / "sql" / "metrics"
+    return Path(__file__).resolve().parents[2] / "sql" / "metrics"
 
 
 class MetricLibrary:

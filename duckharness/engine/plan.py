@@ -21,11 +21,11 @@ from typing import Any
 from sqlglot import exp
 
 from duckharness import sqlbuild as sb
+from duckharness.data.metadata import SessionWindow, day_bounds
+from duckharness.data.source import Dataset, FileInfo
 from duckharness.errors import InputError, UnknownColumnError
-from duckharness.experiments import Inlined
-from duckharness.metadata import SessionWindow, day_bounds
-from duckharness.metricfile import Metric
-from duckharness.source import Dataset, FileInfo
+from duckharness.experiments.steps import Inlined
+from duckharness.metrics.library import Metric
 
 DAY = "__day"
 TOD = "tod"  # the output column of a ``by="tod:30min"`` grouping

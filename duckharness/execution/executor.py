@@ -21,8 +21,8 @@ from typing import Any
 
 import duckdb
 
-from duckharness.connection import ConnectionConfig
 from duckharness.errors import ExecutionError, InputError
+from duckharness.execution.connection import ConnectionConfig
 
 Fn = Callable[[duckdb.DuckDBPyConnection, Any], Any]
 EXECUTORS = ("threads", "processes", "ray", "dask")

@@ -18,12 +18,12 @@ import polars as pl
 from sqlglot import exp
 
 from duckharness import sqlbuild as sb
-from duckharness.chain import build_chain
+from duckharness.data.metadata import SessionWindow
+from duckharness.data.source import FileInfo
+from duckharness.engine.plan import file_days, local_dates
 from duckharness.errors import InputError
-from duckharness.metadata import SessionWindow
-from duckharness.outputs import write_error, written_atomically
-from duckharness.plan import file_days, local_dates
-from duckharness.source import FileInfo
+from duckharness.experiments.chain import build_chain
+from duckharness.outputs.paths import write_error, written_atomically
 
 if TYPE_CHECKING:
     from duckharness.harness import Harness
@@ -151,7 +151,7 @@ def _frames(
 
 
 def write_parquet(df: pl.DataFrame, target: str, *, overwrite: bool) -> None:
-    """Write a sample to ``target`` (a path from :func:`duckharness.outputs.check_output`) under a
+    """Write a sample to ``target`` (a path from :func:`duckharness.outputs.paths.check_output`) under a
     temporary name, then move it into place: a failure leaves nothing, and names ``target``."""
     with written_atomically(target, overwrite=overwrite) as tmp:
         try:

@@ -19,7 +19,7 @@ from duckharness.errors import InputError, MissingDependencyError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from duckharness.analysis import Comparison
+    from duckharness.engine.analysis import Comparison
 
 
 def _figure(rows: int = 1, height: float = 4.0) -> tuple[Figure, Any]:

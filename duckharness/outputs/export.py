@@ -23,14 +23,14 @@ import duckdb
 from sqlglot import exp
 
 from duckharness import sqlbuild as sb
-from duckharness.connection import ConnectionConfig
-from duckharness.engine import baseline_query
+from duckharness.data.metadata import SessionWindow
+from duckharness.engine.plan import per_row_window
+from duckharness.engine.run import baseline_query
 from duckharness.errors import InputError
-from duckharness.experiments import BASELINE
-from duckharness.metadata import SessionWindow
-from duckharness.metricfile import Metric
-from duckharness.outputs import check_output, write_error, written_atomically
-from duckharness.plan import per_row_window
+from duckharness.execution.connection import ConnectionConfig
+from duckharness.experiments.steps import BASELINE
+from duckharness.metrics.library import Metric
+from duckharness.outputs.paths import check_output, write_error, written_atomically
 
 if TYPE_CHECKING:
     from duckharness.harness import Harness
