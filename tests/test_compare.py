@@ -121,7 +121,9 @@ def test_compare_costs_one_scan(folder: Path) -> None:
     assert len(reads) == 8  # one aggregate query per file (one file per day), for both experiments and pairs
 
 
-def test_days_one_experiment_lacks_count_as_nothing_in_the_pool(make_panel: Callable[..., Path]) -> None:
+def test_days_one_experiment_lacks_are_left_out_of_both_pools(make_panel: Callable[..., Path]) -> None:
+    """Like for like: the pooled values, their difference and the bootstrap use the days both
+    experiments have rows, as the test does (before, b was pooled over all its days)."""
     folder = make_panel(days=4)
     df = read_all(folder).to_pandas()
     with Harness(folder, cache=False) as h:
@@ -134,7 +136,9 @@ def test_days_one_experiment_lacks_count_as_nothing_in_the_pool(make_panel: Call
     early = ok["ts"] < pd.Timestamp("2026-03-06", tz="UTC")
     assert row["n_days"] == 2
     assert row["value_a"] == pytest.approx(err[early].mean(), rel=1e-12)
-    assert row["diff"] == pytest.approx(err[early].mean() - err.mean(), rel=1e-9)
+    assert row["value_b"] == pytest.approx(err[early].mean(), rel=1e-12)  # the same rows, those days
+    assert row["diff"] == pytest.approx(0, abs=1e-12)
+    assert row["ci_low"] == pytest.approx(0, abs=1e-12) and row["ci_high"] == pytest.approx(0, abs=1e-12)
 
 
 def test_compare_rank_ic_pools_the_mean_daily_ic(make_panel: Callable[..., Path]) -> None:

@@ -424,3 +424,25 @@ def test_nan_in_the_first_rows_means_each_file_is_read_once(tmp_path: Path) -> N
     assert got == pytest.approx({("baseline", "pred_x", "count"): ok.sum(),
                                  ("baseline", "pred_x", "n_excluded"): (~ok).sum(),
                                  ("baseline", "pred_x", "mse"): mean_squared_error(t[ok], p[ok])}, rel=REL)
+
+
+def test_values_whose_squares_overflow_give_inf_without_a_numpy_warning(tmp_path: Path) -> None:
+    """A finite 1e160 squares past the largest double: mse is inf, as numpy's float64 mean of
+    squares is, and no RuntimeWarning from the run's internals reaches the user."""
+    import warnings
+
+    rng = np.random.default_rng(0)
+    p, t = rng.normal(size=500), rng.normal(size=500)
+    p[5] = 1e160
+    start = np.datetime64("2026-03-04T15:00:00", "us")
+    ts = pa.array(start + np.arange(500).astype("timedelta64[s]"), pa.timestamp("us", tz="UTC"))
+    write_dataset(tmp_path / "huge", {"2026-03-04": pa.table({"ts": ts, "pred_a": p, "target_a": t})}, {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Harness(tmp_path / "huge", cache=False) as h:
+            got = dict(h.metrics(["mse", "mae", "corr"], pairs="pred_a:target_a").select("metric", "value").rows())
+        with np.errstate(over="ignore"):
+            want_mse = float(np.mean((t - p) ** 2))
+    assert want_mse == np.inf and got["mse"] == np.inf
+    assert got["corr"] is None  # its sums of squares overflow too: undefined, not a number
+    assert got["mae"] == pytest.approx(float(np.mean(np.abs(t - p))), rel=1e-12)

@@ -216,13 +216,41 @@ def test_user_metric_with_max_merge_matches_numpy(data: Path, cols: dict[str, np
     assert dict(zip(per_day["day"].to_list(), per_day["value"].to_list(), strict=True)) == expected
 
 
-def test_user_metric_can_override_a_shipped_one(data: Path, tmp_path: Path) -> None:
+def test_user_metric_can_override_a_shipped_one_with_a_warning_naming_its_file(data: Path, tmp_path: Path) -> None:
+    from duckharness.errors import DuckHarnessWarning
+
     (tmp_path / "count.sql").write_text("-- stats\nSELECT count(*) AS n FROM input;\n"
                                         "-- final\nSELECT n * 2 AS value FROM merged;\n")
-    with Harness(data, metric_dirs=[tmp_path]) as h, Harness(data) as plain:
+    with pytest.warns(DuckHarnessWarning, match=f"Metric 'count' from {tmp_path / 'count.sql'} replaces the one "
+                      "from the shipped metrics"):
+        h = Harness(data, metric_dirs=[tmp_path])
+    with h, Harness(data) as plain:
         doubled = h.metrics(["count"], pairs=[PAIR])["value"][0]
         single = plain.metrics(["count"], pairs=[PAIR])["value"][0]
     assert doubled == 2 * single
+
+
+def test_a_metric_of_a_later_folder_replacing_an_earlier_ones_names_both(data: Path, tmp_path: Path) -> None:
+    from duckharness.errors import DuckHarnessWarning
+
+    for d in ("one", "two"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "mine.sql").write_text(MAX_ABS_ERROR.replace("max_abs_error", "mine", 1))
+    with pytest.warns(DuckHarnessWarning, match=f"from {tmp_path / 'two' / 'mine.sql'} replaces the one from "
+                      f"{tmp_path / 'one' / 'mine.sql'}"):
+        Harness(data, metric_dirs=[tmp_path / "one", tmp_path / "two"]).close()
+
+
+def test_the_cli_prints_the_override_warning_as_one_line(data: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from duckharness.cli import main
+
+    (tmp_path / "mse.sql").write_text("-- metric: mse\n-- stats\nSELECT count(*) AS n FROM input;\n"
+                                      "-- final\nSELECT n AS value FROM merged;\n")
+    assert main(["metrics", str(data), "--metric-dir", str(tmp_path), "--metric", "mse", "--pair", PAIR,
+                 "--no-cache"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"Warning: Metric 'mse' from {tmp_path / 'mse.sql'} replaces the one from the shipped")
 
 
 def test_missing_metric_folder_is_named(tmp_path: Path) -> None:

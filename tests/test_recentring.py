@@ -199,3 +199,26 @@ def test_an_experiment_whose_rows_lie_far_from_the_shift_is_scored_and_compared_
         for d, value in compared[m].daily.select("day", "value_a").rows():
             keep = b & (day == d)
             assert value == pytest.approx(exact(p[keep], t[keep])[m], rel=1e-9), (m, d)
+
+
+def test_compare_scores_each_day_around_its_own_level_and_pools_exactly(
+    days_apart: tuple[Path, dict[tuple, float | None]],
+) -> None:
+    """Days at very different levels (a price series, say): compare's daily values equal each
+    day's exact value (they used to be taken around the experiment's one shift: NULL or off by
+    up to 1e-4), while its pooled values stay exact over all days."""
+    folder, want = days_apart
+    stored = pa.concat_tables([pq.read_table(p) for p in sorted(folder.glob("*.parquet"))])
+    p, t = np.asarray(stored["pred_a"]), np.asarray(stored["target_a"])
+    pooled = exact(p, t)
+    with Harness(folder, cache=False) as h:
+        h.add_experiment("same", "SELECT * REPLACE (pred_a * 1.0 AS pred_a) FROM baseline")
+        for m in ["r2", "corr", "mse"]:
+            c = h.compare(m, "same", "baseline", "pred_a:target_a", lag=0)
+            for day, value_a, value_b in c.daily.select("day", "value_a", "value_b").rows():
+                assert value_a == pytest.approx(want[(day, m)], rel=1e-9), (m, day)
+                assert value_b == pytest.approx(want[(day, m)], rel=1e-9), (m, day)
+            row = c.table.row(0, named=True)
+            assert row["n_days"] == 3
+            assert row["value_a"] == pytest.approx(pooled[m], rel=1e-9), m
+            assert row["value_b"] == pytest.approx(pooled[m], rel=1e-9), m

@@ -62,7 +62,7 @@ def test_newey_west_variance_matches_the_double_sum(lag: int) -> None:
 
 
 def test_default_lag_is_floor_4_t_over_100_to_the_2_9() -> None:
-    for t in (1, 5, 20, 60, 99, 100, 250, 1000, 5000):
+    for t in (2, 5, 20, 60, 99, 100, 250, 1000, 5000):
         assert newey_west_lag(t) == math.floor(4 * (t / 100) ** (2 / 9))
 
 
@@ -168,3 +168,28 @@ def test_diebold_mariano_with_too_few_days_for_its_lag_gives_no_test() -> None:
     got = diebold_mariano([0.1, 0.4], lag=1)  # HLN: (T + 1 - 2h + h(h - 1)/T) / T = 0 at T = 2, h = 2
     assert got.n_days == 2 and got.mean_diff == pytest.approx(0.25)
     assert math.isnan(got.statistic) and math.isnan(got.p_value)
+
+
+def test_default_lag_is_at_most_t_minus_1_and_a_longer_one_is_refused() -> None:
+    from duckharness.metrics.significance import newey_west_lag, summarize_series
+
+    assert [newey_west_lag(n) for n in (1, 2, 3, 20)] == [0, 1, 1, 2]  # floor(4 (1/100)^(2/9)) = 1 > T - 1
+    assert summarize_series([0.3], None).lag == 0
+    for fn in (summarize_series, diebold_mariano, long_run_variance):
+        with pytest.raises(ValueError, match="lag 3 needs more than 3 values, got 3"):
+            fn([0.1, 0.2, 0.4], 3)
+
+
+def test_a_lag_of_t_or_more_names_the_series(make_backtest: Callable[..., Path]) -> None:
+    """With L >= T the Bartlett weights no longer taper within the series: t = 384 on 8 days at
+    lag 100, where the default lag gives 69. Refused, naming what has too few days."""
+    folder = make_backtest(days=3)
+    with Harness(folder, cache=False) as h:
+        h.add_experiment("clip", "SELECT * REPLACE (greatest(least(pred_10s, 0.1), -0.1) AS pred_10s) FROM baseline")
+        summary_msg = r"lag=3 needs more than 3 days, but mse of 'baseline' \(pred_10s vs target_10s\) has 3"
+        with pytest.raises(InputError, match=summary_msg):
+            h.summary(["mse"], pairs="pred_10s:target_10s", lag=3)
+        compare_msg = r"lag=5 needs more than 5 days, but the comparison on pred_10s vs target_10s has 3"
+        with pytest.raises(InputError, match=compare_msg):
+            h.compare("mse", "clip", "baseline", "pred_10s:target_10s", lag=5)
+        assert set(h.summary(["mse"], pairs="pred_10s:target_10s", lag=2)["nw_lag"]) == {2}

@@ -21,7 +21,12 @@ from duckharness.engine.plan import Pair
 from duckharness.engine.run import evaluate_final, run_stats
 from duckharness.errors import InputError
 from duckharness.metrics.library import Metric
-from duckharness.metrics.significance import bootstrap_difference, diebold_mariano, merge_resampled, summarize_series
+from duckharness.metrics.significance import (
+    bootstrap_difference,
+    diebold_mariano,
+    merge_resampled,
+    summarize_series,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -80,6 +85,7 @@ def summarize(series: pl.DataFrame, *, lag: int | None = None) -> pl.DataFrame:
     keys = [*SERIES_KEYS, "metric"]
     for key, group in series.group_by(keys, maintain_order=True):
         values = group.sort("day")["value"].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+        _check_lag(lag, int(np.isfinite(values).sum()), f"{key[3]} of {key[0]!r} ({key[1]} vs {key[2]})")
         s = summarize_series(values, lag)
         rows.append(
             dict(zip(keys, key, strict=True))
@@ -116,11 +122,13 @@ class Comparison:
         metric, a, b: what was compared.
         daily: ``pred, target, day, value_a, value_b, diff`` (``diff = value_a − value_b``; null
             on a day where either is undefined).
-        table: one row per pair: pooled ``value_a``, ``value_b`` and ``diff``; ``n_days``,
+        table: one row per pair: pooled ``value_a``, ``value_b`` and ``diff`` over the days both
+            experiments have rows; ``n_days`` (days where both daily values are defined),
             ``mean_daily_diff``, the Diebold–Mariano ``dm_stat`` and ``p_value`` (HLN-corrected,
-            Student t with T − 1 df) with its Newey–West ``lag``; and the day-block bootstrap
-            interval ``ci_low``–``ci_high`` of the pooled difference at ``level``, from ``n_boot``
-            resamples drawn with ``seed``.
+            Student t with T − 1 df) over those days, with its Newey–West ``lag``; and the
+            day-block bootstrap interval ``ci_low``–``ci_high`` of the pooled difference at
+            ``level`` (resampling the days both have rows), from ``n_boot`` resamples drawn with
+            ``seed``.
     """
 
     metric: str
@@ -164,7 +172,7 @@ def compare(
         ic = h.rank_ic(list(pairs), names, cross_section=cross_section, window=window)
         ic = ic.filter(pl.col("metric") == RANK_IC)
         for pair in pairs:
-            days, va, vb = _aligned(ic, pair, a, b)
+            ic_days, va, vb = _aligned(ic, pair, a, b)
             sa = np.column_stack([np.nan_to_num(va), np.isfinite(va)]).astype(np.float64)
             sb_ = np.column_stack([np.nan_to_num(vb), np.isfinite(vb)]).astype(np.float64)
 
@@ -172,13 +180,13 @@ def compare(
                 with np.errstate(invalid="ignore", divide="ignore"):
                     return s[:, 0] / s[:, 1]
 
-            daily.append(_daily_frame(pair, days, va, vb))
-            rows.append(_row(pair, days, va, vb, sa, sb_, ["sum", "sum"], mean_ic, lag, n_boot, seed, level))
+            daily.append(_daily_frame(pair, ic_days, va, vb))
+            rows.append(_row(pair, va, vb, sa, sb_, ["sum", "sum"], mean_ic, lag, n_boot, seed, level))
     else:
         m = h.metric_library.get(metric)
         h._refresh()  # (the rank-IC branch reads through h.rank_ic, which does this itself)
         with h._control() as control:
-            stats = run_stats(
+            mergeable, exact = run_stats(
                 h.dataset,
                 h.experiments,
                 names,
@@ -192,15 +200,17 @@ def compare(
                 progress=h.progress,
                 cache=h.cache,
                 control=control,
-            )[m.name]
+            )
         for pair in pairs:
-            days, sa, sb_ = _aligned_stats(stats, pair, a, b, m)
-            va, vb = _final(m, sa), _final(m, sb_)
-            daily.append(_daily_frame(pair, days, va, vb))
+            # Daily values from each day's exact stats; pooled values and resamples from stats
+            # that share the experiment's shifts, so days merge (see run_stats).
+            days = _days(mergeable[m.name], pair)
+            sa, sb_ = (_stats_matrix(mergeable[m.name], pair, e, m, days) for e in (a, b))
+            va, vb = (_final(m, _stats_matrix(exact[m.name], pair, e, m, days)) for e in (a, b))
+            daily.append(_daily_frame(pair, days.to_list(), va, vb))
             rows.append(
                 _row(
                     pair,
-                    days,
                     va,
                     vb,
                     sa,
@@ -231,20 +241,20 @@ def _aligned(ic: pl.DataFrame, pair: Pair, a: str, b: str) -> tuple[list[Any], n
     return days, col(a), col(b)
 
 
-def _aligned_stats(
-    stats: pl.DataFrame, pair: Pair, a: str, b: str, m: Metric
-) -> tuple[list[Any], np.ndarray, np.ndarray]:
-    """Per-day stat matrices of ``a`` and ``b`` over the union of their days (a missing day has
-    no rows: NaN stats, which merge as nothing)."""
+def _days(stats: pl.DataFrame, pair: Pair) -> pl.Series:
+    """The days any experiment has stats for ``pair`` on, in order."""
     sel = stats.filter((pl.col("pred") == pair.pred) & (pl.col("target") == pair.target))
-    days = sorted(set(sel["day"].to_list()))
-    grid = pl.DataFrame({"day": days}, schema={"day": sel.schema["day"]})
+    return sel["day"].unique().sort()
 
-    def matrix(name: str) -> np.ndarray:
-        part = grid.join(sel.filter(pl.col("experiment") == name), on="day", how="left").sort("day")
-        return part.select([pl.col(s).cast(pl.Float64).fill_null(float("nan")) for s in m.stat_names]).to_numpy()
 
-    return days, matrix(a), matrix(b)
+def _stats_matrix(stats: pl.DataFrame, pair: Pair, name: str, m: Metric, days: pl.Series) -> np.ndarray:
+    """Experiment ``name``'s per-day stats of ``pair`` as a matrix, one row per day of ``days``
+    (a day it has no rows on: NaN stats, which merge as nothing)."""
+    sel = stats.filter(
+        (pl.col("pred") == pair.pred) & (pl.col("target") == pair.target) & (pl.col("experiment") == name)
+    )
+    part = days.to_frame("day").join(sel, on="day", how="left", maintain_order="left")
+    return part.select([pl.col(s).cast(pl.Float64).fill_null(float("nan")) for s in m.stat_names]).to_numpy()
 
 
 def _finalizer(m: Metric) -> Any:
@@ -273,9 +283,16 @@ def _daily_frame(pair: Pair, days: list[Any], va: np.ndarray, vb: np.ndarray) ->
     return df.select(pl.lit(pair.pred).alias("pred"), pl.lit(pair.target).alias("target"), pl.all())
 
 
+def _check_lag(lag: int | None, n_days: int, what: str) -> None:
+    if lag is not None and n_days >= 1 and lag >= n_days:
+        raise InputError(
+            f"lag={lag} needs more than {lag} days, but {what} has {n_days} days with a value. "
+            f"Use a lag below {n_days} (or the default, which is at most T - 1)."
+        )
+
+
 def _row(
     pair: Pair,
-    days: list[Any],
     va: np.ndarray,
     vb: np.ndarray,
     sa: np.ndarray,
@@ -287,12 +304,20 @@ def _row(
     seed: int | None,
     level: float,
 ) -> dict[str, Any]:
+    """The table row of one pair. The test runs on the days both daily values are defined; the
+    pooled values, their difference and its bootstrap on the days both experiments have rows
+    (for rank IC, a defined value), so every figure compares like with like."""
     d = va - vb
+    _check_lag(lag, int(np.isfinite(d).sum()), f"the comparison on {pair.pred} vs {pair.target}")
     dm = diebold_mariano(d, lag)
+    shared = ~np.all(np.isnan(sa), axis=1) & ~np.all(np.isnan(sb_), axis=1)
+    if how == ["sum", "sum"]:  # rank IC: (value, defined) per day
+        shared &= (sa[:, 1] > 0) & (sb_[:, 1] > 0)
+    sa, sb_ = sa[shared], sb_[shared]
     boot = bootstrap_difference(sa, sb_, how, finalize, n_boot=n_boot, seed=seed, level=level)
-    ones = np.ones((1, len(days)), dtype=np.int64)
-    value_a = float(finalize(merge_resampled(sa, how, ones))[0]) if days else math.nan
-    value_b = float(finalize(merge_resampled(sb_, how, ones))[0]) if days else math.nan
+    ones = np.ones((1, len(sa)), dtype=np.int64)
+    value_a = float(finalize(merge_resampled(sa, how, ones))[0]) if len(sa) else math.nan
+    value_b = float(finalize(merge_resampled(sb_, how, ones))[0]) if len(sb_) else math.nan
     return {
         "pred": pair.pred,
         "target": pair.target,

@@ -3,7 +3,7 @@ metric of a call.
 
 Filter experiments become boolean *cell keys* of a GROUP BY (each experiment is a union of cells,
 which is far cheaper than one FILTER clause per aggregate); the validity of each pred/target pair
-(not NULL, not NaN) is a key as well, so invalid rows drop out of that pair's statistics and are
+(finite: not NULL, NaN or ±inf) is a key as well, so invalid rows drop out of that pair's statistics and are
 counted. Every metric's stats are bound to each experiment's pred/target expressions, and
 identical aggregates are computed once. The session window becomes per-day UTC bounds on the
 time column, and the day label is a constant for a file that holds one day.

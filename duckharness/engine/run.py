@@ -113,7 +113,7 @@ def run_metrics(
     queries: the shifts and the final formulas; without one, the run opens its own."""
     stats = stats if stats is not None else RunStats()
     with _control(dataset, control) as con:
-        results, out_keys = _map_partials(
+        refined, out_keys = _map_partials(
             dataset,
             experiments,
             names,
@@ -128,9 +128,10 @@ def run_metrics(
             progress,
             cache,
             con,
+            modes=(True,),
         )
         t3 = time.perf_counter()
-        tidy = finalize(results, metrics, out_keys, names, pairs, tracer, con)
+        tidy = finalize(refined[True], metrics, out_keys, names, pairs, tracer, con)
     stats.timings["reduce"] = time.perf_counter() - t3
     return tidy
 
@@ -151,15 +152,21 @@ def run_stats(
     progress: bool | None = None,
     cache: StatsCache | None = None,
     control: duckdb.DuckDBPyConnection | None = None,
-) -> dict[str, pl.DataFrame]:
+) -> tuple[dict[str, pl.DataFrame], dict[str, pl.DataFrame]]:
     """The merged sufficient statistics of each metric (not finalized), from the same scan as
-    :func:`run_metrics`: per metric a frame ``experiment, pred, target, [by...], <stat columns>``.
-    Groups with no valid rows are absent. All groups of an experiment share its shifts, so they
-    can be merged further (pooled over days, resampled): an experiment far from the run's shift is
-    re-centred as a whole, not group by group."""
+    :func:`run_metrics`, twice: ``(mergeable, per_group)``, per metric a frame ``experiment, pred,
+    target, [by...], <stat columns>``. Groups with no valid rows are absent.
+
+    In ``mergeable`` all groups of an experiment share its shifts, so they can be merged further
+    (pooled over days, resampled): an experiment far from the run's shift is re-centred as a
+    whole. In ``per_group`` each group far from its experiment's level is re-centred on its own
+    (what :func:`run_metrics` finalizes): exact per group, not to be merged across groups. A
+    group whose level is a day's, say, far from the other days' (a price series), has exact
+    values only in ``per_group``. Both come from one first pass; each re-centring pass runs only
+    where its check asks for it."""
     stats = stats if stats is not None else RunStats()
     with _control(dataset, control) as con:
-        results, out_keys = _map_partials(
+        refined, out_keys = _map_partials(
             dataset,
             experiments,
             names,
@@ -174,12 +181,18 @@ def run_stats(
             progress,
             cache,
             con,
-            shifts_per_group=False,
+            modes=(False, True),
         )
     t3 = time.perf_counter()
-    per_metric = merge_results(results, metrics, out_keys).per_metric()
+
+    def stats_of(results: list[tuple[list[Target], pl.DataFrame]]) -> dict[str, pl.DataFrame]:
+        per_metric = merge_results(results, metrics, out_keys).per_metric()
+        return {n: f.rename({DAY: "day"}) if DAY in f.columns else f for n, f in per_metric.items()}
+
+    mergeable = stats_of(refined[False])
+    out = mergeable, mergeable if refined[True] is refined[False] else stats_of(refined[True])
     stats.timings["reduce"] = time.perf_counter() - t3
-    return {name: frame.rename({DAY: "day"}) if DAY in frame.columns else frame for name, frame in per_metric.items()}
+    return out
 
 
 def _map_partials(
@@ -197,11 +210,12 @@ def _map_partials(
     progress: bool | None,
     cache: StatsCache | None,
     control: duckdb.DuckDBPyConnection,
-    shifts_per_group: bool = True,
-) -> tuple[list[tuple[list[Target], pl.DataFrame]], list[str]]:
-    """The map phase: partial stats of every batch, for each group of targets (a further pass for
-    groups far from the shift, see :func:`recentre`: each group around its own mean, or without
-    ``shifts_per_group`` each experiment around its mean over all groups)."""
+    modes: Sequence[bool] = (True,),
+) -> tuple[dict[bool, list[tuple[list[Target], pl.DataFrame]]], list[str]]:
+    """The map phase: partial stats of every batch, for each group of targets, refined for each
+    of ``modes`` from the same first pass: groups far from the shift get a further pass (see
+    :func:`recentre`), each group around its own mean (mode ``True``: exact per group), or each
+    experiment around its mean over all groups (mode ``False``: mergeable across groups)."""
     t0 = time.perf_counter()
     fused: dict[str, tuple[Inlined, Mapping[str, str]]] = {}
     whole: list[str] = []
@@ -238,25 +252,28 @@ def _map_partials(
         started=t0,
     )
     shifts = run.shifts(fused) if fused else ({}, False)
-    base = results = run.passes(fused, whole, shifts, None)
-    table: ShiftTable | None = None
-    own = out_keys if shifts_per_group else []  # the groups that get shifts of their own
+    base = run.passes(fused, whole, shifts, None)
     types = _group_types(dataset, experiments, names, by) if centre is not None else {}
-    for _ in range(RECENTRE_PASSES if centre is not None else 0):
-        assert centre is not None
-        wider = recentre(merge_results(results, [centre], own), own, types, table)
-        if wider is None:
-            break
-        table = wider
-        stats.recentred += 1
-        if tracer is not None:
-            tracer(f"-- groups far from the shift, scanned again around their own means: {len(table.rows)}")
-        # Those groups' rows come from the new pass alone; every other group's from the first
-        # (ungrouped, the one group is all rows: the new pass alone).
-        kept = [(t, _without_groups(f, table)) for t, f in base] if own else []
-        results = kept + run.passes(fused, whole, shifts, table)
+    refined = {}
+    for per_group in modes:
+        own = out_keys if per_group else []  # the groups that get shifts of their own
+        results, table = base, None
+        for _ in range(RECENTRE_PASSES if centre is not None else 0):
+            assert centre is not None
+            wider = recentre(merge_results(results, [centre], own), own, types, table)
+            if wider is None:
+                break
+            table = wider
+            stats.recentred += 1
+            if tracer is not None:
+                tracer(f"-- groups far from the shift, scanned again around their own means: {len(table.rows)}")
+            # Those groups' rows come from the new pass alone; every other group's from the first
+            # (ungrouped, the one group is all rows: the new pass alone).
+            kept = [(t, _without_groups(f, table)) for t, f in base] if own else []
+            results = kept + run.passes(fused, whole, shifts, table)
+        refined[per_group] = results
     run.bar.close()
-    return results, out_keys
+    return refined, out_keys
 
 
 @dataclass
@@ -463,7 +480,7 @@ def recentre(
         if f"s1_{role}" not in st.columns:
             continue
         s1, s2 = st.get_column(f"s1_{role}").to_numpy(), st.get_column(f"s2_{role}").to_numpy()
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # huge values: inf, no check
             centred = s2 - s1 * s1 / n
             bad = (n > 0) & (s2 > 0) & np.isfinite(s2) & np.isfinite(s1) & (centred < RECENTRE_BELOW * s2)
         for i in np.flatnonzero(bad):

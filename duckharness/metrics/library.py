@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -34,7 +35,7 @@ from pathlib import Path
 from sqlglot import exp
 
 from duckharness import sqlbuild as sb
-from duckharness.errors import MetricError, UnknownMetricError
+from duckharness.errors import DuckHarnessWarning, MetricError, UnknownMetricError
 
 ROLES = ("pred", "target", "pred_c", "target_c")
 MERGE_FUNCTIONS = {"sum": "sum", "min": "min", "max": "max"}
@@ -194,14 +195,18 @@ def builtin_metric_dir() -> Path:
 
 
 class MetricLibrary:
-    """The metrics available by name: the packaged ones, then users' folders (which may override)."""
+    """The metrics available by name: the packaged ones, then users' folders. A user's file with
+    the name of a metric already known (shipped, or from an earlier folder) replaces it, with a
+    :class:`~duckharness.errors.DuckHarnessWarning` naming both files."""
 
     def __init__(self, dirs: Iterable[str | os.PathLike[str]] = ()) -> None:
         self._metrics: dict[str, Metric] = {}
-        for d in [builtin_metric_dir(), *dirs]:
+        self._origin: dict[str, str] = {}
+        self.add_dir(builtin_metric_dir(), shipped=True)
+        for d in dirs:
             self.add_dir(d)
 
-    def add_dir(self, folder: str | os.PathLike[str]) -> None:
+    def add_dir(self, folder: str | os.PathLike[str], *, shipped: bool = False) -> None:
         folder = Path(folder)
         if not folder.is_dir():
             raise MetricError(f"Metric folder {folder} does not exist.", path=str(folder))
@@ -215,10 +220,19 @@ class MetricLibrary:
                     path=str(f),
                 )
             seen[m.name] = str(f)
+            if m.name in self._origin:
+                warnings.warn(
+                    f"Metric {m.name!r} from {f} replaces the one from {self._origin[m.name]}; "
+                    f"rename its '-- metric:' header to keep both.",
+                    DuckHarnessWarning,
+                    stacklevel=2,
+                )
             self._metrics[m.name] = m
+            self._origin[m.name] = "the shipped metrics" if shipped else str(f)
 
     def add(self, metric: Metric) -> None:
         self._metrics[metric.name] = metric
+        self._origin[metric.name] = metric.path
 
     @property
     def names(self) -> list[str]:

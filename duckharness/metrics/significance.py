@@ -9,7 +9,9 @@ Conventions (T = number of days, u = the series minus its mean):
 - autocovariance ``γ_j = (1/T) Σ_{t>j} u_t u_{t−j}``;
 - Newey–West long-run variance with the Bartlett kernel
   ``S = γ_0 + 2 Σ_{j=1..L} (1 − j/(L+1)) γ_j``, so the variance of the mean is ``S / T``;
-- default lag ``L = floor(4 (T/100)^(2/9))`` (Newey and West, 1994), overridable;
+- default lag ``L = floor(4 (T/100)^(2/9))`` (Newey and West, 1994), at most T − 1,
+  overridable by any lag below T (with L ≥ T the Bartlett weights no longer taper to zero
+  within the series, and the variance, hence every t, is meaningless);
 - Diebold–Mariano ``DM = d̄ / sqrt(S/T)`` on the loss differential d, with the
   Harvey–Leybourne–Newbold correction ``DM* = DM · sqrt((T + 1 − 2h + h(h−1)/T) / T)`` for
   horizon ``h = L + 1``, and a two-sided p-value from Student's t with T − 1 degrees of freedom.
@@ -27,15 +29,26 @@ ArrayLike = Sequence[float] | np.ndarray
 
 
 def newey_west_lag(n: int) -> int:
-    """The default Newey–West lag ``floor(4 (T/100)^(2/9))`` for a series of ``n`` values.
+    """The default Newey–West lag ``floor(4 (T/100)^(2/9))`` for a series of ``n`` values, at
+    most ``n − 1``.
 
     Example:
-        >>> newey_west_lag(20), newey_west_lag(100), newey_west_lag(250)
-        (2, 4, 4)
+        >>> newey_west_lag(1), newey_west_lag(20), newey_west_lag(100), newey_west_lag(250)
+        (0, 2, 4, 4)
     """
     if n < 1:
         return 0
-    return math.floor(4 * (n / 100) ** (2 / 9))
+    return min(math.floor(4 * (n / 100) ** (2 / 9)), n - 1)
+
+
+def check_lag(lag: int | None, n: int) -> None:
+    """Raise ValueError unless ``lag`` is None (the default) or ``0 <= lag < n`` (for n ≥ 1)."""
+    if lag is None:
+        return
+    if lag < 0:
+        raise ValueError(f"lag must be at least 0, got {lag}")
+    if n >= 1 and lag >= n:
+        raise ValueError(f"lag {lag} needs more than {lag} values, got {n}")
 
 
 def _clean(x: ArrayLike) -> np.ndarray:
@@ -57,9 +70,8 @@ def long_run_variance(x: ArrayLike, lag: int | None = None) -> float:
     n = len(a)
     if n == 0:
         return math.nan
+    check_lag(lag, n)
     lag = newey_west_lag(n) if lag is None else lag
-    if lag < 0:
-        raise ValueError(f"lag must be at least 0, got {lag}")
     u = a - a.mean()
     s = float(u @ u) / n
     for j in range(1, min(lag, n - 1) + 1):
@@ -154,6 +166,7 @@ def summarize_series(x: ArrayLike, lag: int | None = None) -> SeriesSummary:
     """
     a = _clean(x)
     n = len(a)
+    check_lag(lag, n)
     lag = newey_west_lag(n) if lag is None else lag
     if n == 0:
         return SeriesSummary(0, math.nan, math.nan, math.nan, math.nan, math.nan, lag, math.nan)
@@ -191,6 +204,7 @@ def diebold_mariano(d: ArrayLike, lag: int | None = None) -> DieboldMariano:
     """
     a = _clean(d)
     n = len(a)
+    check_lag(lag, n)
     lag = newey_west_lag(n) if lag is None else lag
     if n < 2:
         return DieboldMariano(n, float(a.mean()) if n else math.nan, math.nan, math.nan, lag)

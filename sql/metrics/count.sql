@@ -1,5 +1,5 @@
 -- metric: count
--- description: Number of rows where both pred and target are present (not NULL, not NaN).
+-- description: Number of rows where both pred and target are finite (not NULL, NaN or ±infinite).
 -- stats
 SELECT count(*) AS n FROM input;
 -- final
