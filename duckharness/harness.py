@@ -203,11 +203,14 @@ class Harness:
             )
         start, end = window
         tz = self.dataset.metadata.timezone
-        return SessionWindow(
-            parse_wall_time(start, key="window", label="Window start") if start else None,
-            parse_wall_time(end, key="window", label="Window end") if end else None,
-            tz,
-        )
+        lo = parse_wall_time(start, key="window", label="Window start") if start else None
+        hi = parse_wall_time(end, key="window", label="Window end") if end else None
+        if lo is not None and lo == hi:
+            raise InputError(
+                f"Window {start!r}-{end!r} starts and ends at the same time: give two different times "
+                f"(an end before the start runs overnight; leave one side out for an open end)."
+            )
+        return SessionWindow(lo, hi, tz)
 
     # -- experiments ------------------------------------------------------------------------
     def add_experiment(

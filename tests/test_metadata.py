@@ -278,3 +278,23 @@ def test_bounds_follow_european_dst_dates_not_us_ones() -> None:
     # 2026-03-09 is after the US switch but London is still on GMT until 2026-03-29.
     assert w.bounds(dt.date(2026, 3, 9))[:2] == (utc(2026, 3, 9, 8, 0), utc(2026, 3, 9, 16, 30))
     assert w.bounds(dt.date(2026, 3, 30))[:2] == (utc(2026, 3, 30, 7, 0), utc(2026, 3, 30, 15, 30))
+
+
+def test_a_window_that_starts_and_ends_at_one_time_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """10:00-10:00 could mean nothing or a whole day whose 10:00 row belongs to two days."""
+    path = tmp_path / "metadata.json"
+    with pytest.raises(MetadataError, match=f"'start_time' and 'end_time' in {path} are both 10:00:00"):
+        parse_metadata({"start_time": "10:00", "end_time": "10:00:00"}, path=str(path))
+
+
+def test_a_per_call_window_that_starts_and_ends_at_one_time_is_an_input_error(tmp_path: Path) -> None:
+    from duckharness import InputError
+
+    rows = 10
+    ts = pa.array(np.datetime64("2026-03-04T15:00", "us") + np.arange(rows).astype("timedelta64[m]"),
+                  pa.timestamp("us", tz="UTC"))
+    write_dataset(tmp_path / "d", {"2026-03-04": pa.table({"ts": ts, "pred_a": np.ones(rows),
+                                                          "target_a": np.ones(rows)})}, {})
+    same = "Window '10:00'-'10:00' starts and ends at the same time"
+    with Harness(tmp_path / "d", cache=False) as h, pytest.raises(InputError, match=same):
+        h.metrics(["count"], window=("10:00", "10:00"))

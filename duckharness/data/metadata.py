@@ -224,6 +224,13 @@ def parse_metadata(raw: Any, *, path: str | None = None) -> Metadata:
         start = parse_wall_time(raw["start_time"], key="start_time", path=path)
     if raw.get("end_time") is not None:
         end = parse_wall_time(raw["end_time"], key="end_time", path=path)
+    if start is not None and start == end:
+        raise MetadataError(
+            f"Keys 'start_time' and 'end_time' in{where} are both {start.isoformat()}: a window needs two "
+            f"different times (an end before the start runs overnight; leave one out for an open end).",
+            path=path,
+            key="end_time",
+        )
     tz_name = raw.get("timezone", DEFAULT_TIMEZONE)
     load_timezone(tz_name, path=path)
     time_column = raw.get("time_column")
