@@ -157,7 +157,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from duckharness.outputs.results import format_table
 
     out = args.dir or tempfile.mkdtemp(prefix="duckharness-demo-")
-    paths = write_demo_dataset(out, days=args.days, rows=args.rows)
+    paths = write_demo_dataset(out, days=args.days, rows=args.rows, overwrite=args.overwrite)
     print(f"Wrote {len(paths)} daily Parquet files, metadata.json and experiments.sql to {out}")
     with Harness(out) as h:
         h.load_experiments(os.path.join(out, "experiments.sql"))
@@ -332,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("dir", nargs="?", help="where to write the sample data (default: a new temporary folder)")
     d.add_argument("--days", type=_positive, default=6, help="trading days to write (default 6)")
     d.add_argument("--rows", type=_positive, default=20_000, help="rows per day (default 20000)")
+    d.add_argument("--overwrite", action="store_true", help="replace an earlier demo dataset in DIR")
     d.set_defaults(func=cmd_demo)
 
     m = sub.add_parser(

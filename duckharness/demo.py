@@ -71,12 +71,23 @@ def write_demo_dataset(
     rows: int = 20_000,
     start: dt.date = dt.date(2026, 3, 4),
     seed: int = 0,
+    overwrite: bool = False,
 ) -> list[str]:
     """Write ``days`` daily files (crossing the 2026-03-08 DST switch), ``metadata.json`` and
     ``experiments.sql``.
 
+    ``out`` must be new or empty; with ``overwrite`` it may hold an earlier demo dataset, which is
+    replaced whole. A folder holding anything else is never written into.
+
     Returns the paths of the Parquet files written.
     """
+    from duckharness.errors import InputError
+
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise InputError(
+            f"Folder {out} is not empty; choose a new folder, or pass --overwrite (overwrite=True) to "
+            f"replace an earlier demo dataset there."
+        )
     os.makedirs(out, exist_ok=True)
     meta_path = os.path.join(out, "metadata.json")
     old = [f for f in os.listdir(out) if f.endswith(".parquet")]
@@ -87,8 +98,6 @@ def write_demo_dataset(
         except (OSError, ValueError):
             is_demo = False
         if not is_demo:
-            from duckharness.errors import InputError
-
             raise InputError(
                 f"Folder {out} already holds Parquet files that are not a demo dataset; choose an empty or new folder."
             )

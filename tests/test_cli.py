@@ -77,6 +77,29 @@ def test_demo_in_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert captured.err == ""
 
 
+def test_demo_into_a_folder_with_data_refuses_and_keeps_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every other command's first argument is a source: ``demo DATA`` by mistake must not
+    delete DATA, even when DATA is itself an earlier demo."""
+    out = tmp_path / "d"
+    assert main(["demo", str(out), "--days", "3", "--rows", "300"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(["demo", str(out), "--days", "1", "--rows", "300"]) == 1
+    assert capsys.readouterr().err == (
+        f"Error: Folder {out} is not empty; choose a new folder, or pass --overwrite (overwrite=True) to replace "
+        "an earlier demo dataset there.\n"
+    )
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "2026-01-02.parquet").write_bytes(b"not a demo")
+    assert main(["demo", str(other), "--overwrite"]) == 1
+    assert "already holds Parquet files that are not a demo dataset" in capsys.readouterr().err
+    assert [p.name for p in other.iterdir()] == ["2026-01-02.parquet"]
+    assert main(["demo", str(out), "--days", "1", "--rows", "300", "--overwrite"]) == 0  # an earlier demo: replaced
+    assert len(list(out.glob("*.parquet"))) == 1
+
+
 # -- metrics -----------------------------------------------------------------------------------------
 
 def test_metrics_csv_subprocess_matches_python_api(demo: Path, api_r2: dict[str, float]) -> None:

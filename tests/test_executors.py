@@ -554,3 +554,16 @@ def test_only_errors_that_may_pass_on_a_second_try_are_retried(error: Exception,
     with pytest.raises(ExecutionError, match=rf"after {calls} attempt\(s\) on threads"):
         ThreadExecutor(workers=1, retries=2).map(fail, [7], describe=lambda t: ["day.parquet"])
     assert len(seen) == calls
+
+
+def test_a_python_traceback_inside_a_duckdb_error_is_reported_by_its_cause() -> None:
+    """A remote read failing inside a scan: DuckDB's message starts with the traceback's header
+    line, which told the user nothing (seen with moto's server killed mid-run)."""
+    from duckharness.execution.executor import brief
+
+    text = ('Traceback (most recent call last):\n  File "/x/aiobotocore/httpsession.py", line 364, in send\n'
+            'EndpointConnectionError: Could not connect to the endpoint URL: "http://127.0.0.1:5055/bkt/a.parquet"\n\n'
+            "LINE 1: ... FROM READ_PARQUET(['s3://bkt/a.parquet'])\n              ^^^^")
+    assert brief(OSError(text)) == (
+        'EndpointConnectionError: Could not connect to the endpoint URL: "http://127.0.0.1:5055/bkt/a.parquet"')
+    assert brief(OSError("IO Error: no such file\nLINE 1: SELECT")) == "IO Error: no such file"

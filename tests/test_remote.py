@@ -6,6 +6,7 @@ the same bytes in the same batches must give the same bits).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import glob
 import json
@@ -569,6 +570,47 @@ def test_unreachable_endpoint_fails_fast_with_a_source_error(s3: S3) -> None:
     assert time.perf_counter() - t < 20
     assert f"s3://{BUCKET}/run1/" in str(info.value)
     assert "connect" in str(info.value).lower()
+
+
+def test_a_stalled_endpoint_times_out_with_a_source_error(s3: S3) -> None:
+    """A server that accepts connections and never answers (moto stopped with SIGSTOP, say)
+    used to hang a run for over 10 minutes; reads now time out (here after 1 s, by the user's
+    option) and s3fs's retries do not stack into minutes."""
+    import socket
+    import threading
+
+    held: list[socket.socket] = []
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        port = server.getsockname()[1]
+
+        def accept() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    held.append(server.accept()[0])  # never answered
+
+        threading.Thread(target=accept, daemon=True).start()
+        opts = {"key": "k", "secret": "s", "config_kwargs": {"read_timeout": 1},
+                "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"}}
+        t = time.perf_counter()
+        with pytest.raises(SourceError, match=f"Cannot list s3://{BUCKET}/run1/: ReadTimeoutError"):
+            Harness(f"s3://{BUCKET}/run1/", storage_options=opts)
+        assert time.perf_counter() - t < 30
+    for c in held:
+        c.close()
+
+
+def test_s3_reads_get_timeouts_unless_the_user_sets_their_own(s3: S3) -> None:
+    remote_run = f"s3://{BUCKET}/run1/"
+    with Harness(remote_run, storage_options=s3.options(), cache=False) as h:
+        fs = h.dataset.filesystem
+        assert fs.config_kwargs["read_timeout"] == 10 and fs.config_kwargs["connect_timeout"] == 10
+        assert fs.retries == 2  # (botocore retries: the fixture sets its own)
+    own = s3.options(config_kwargs={"read_timeout": 300})
+    with Harness(remote_run, storage_options=own, cache=False) as h:
+        assert h.dataset.filesystem.config_kwargs["read_timeout"] == 300
+        assert h.dataset.filesystem.config_kwargs["connect_timeout"] == 10
 
 
 def test_wrong_credentials_give_a_clear_error(s3: S3) -> None:

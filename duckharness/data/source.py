@@ -394,6 +394,31 @@ def is_remote(source: Any) -> bool:
     return not first.startswith("file://")
 
 
+# Without them a stalled object store (a server that accepts but never answers) hangs a run
+# for as long as it stalls, and a dead one takes minutes of stacked retries to report.
+# Retries stack (botocore's, s3fs's, then the executor's 3 attempts per batch), so botocore does
+# not retry and s3fs tries twice (in this process): a stalled store fails a batch in about 2 x 10 s.
+S3_TIMEOUTS = {"connect_timeout": 10, "read_timeout": 10, "retries": {"max_attempts": 1}}
+S3FS_RETRIES = 2
+
+
+def with_default_timeouts(url: str, storage_options: Mapping[str, Any]) -> dict[str, Any]:
+    """``storage_options`` with timeouts for S3 unless the user set them (botocore's
+    ``config_kwargs``: 10 s to connect, 10 s without a byte on a read, no botocore retry); other stores as given.
+
+    Example:
+        >>> with_default_timeouts("s3://b/x", {"config_kwargs": {"read_timeout": 5}})["config_kwargs"]
+        {'read_timeout': 5, 'connect_timeout': 10, 'retries': {'max_attempts': 1}}
+    """
+    opts = dict(storage_options)
+    if url.split("://", 1)[0].lower() in ("s3", "s3a"):
+        config = dict(opts.get("config_kwargs") or {})
+        for k, v in S3_TIMEOUTS.items():
+            config.setdefault(k, v)
+        opts["config_kwargs"] = config
+    return opts
+
+
 def _fs_error(url: str, e: BaseException) -> SourceError:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     text = text.rstrip(".")
@@ -420,9 +445,11 @@ def list_remote(
         if not is_remote(u):
             raise SourceError(f"Source list mixes URLs and local paths: {u} is local; use one kind.", path=u)
     try:
-        fs, _ = fsspec.core.url_to_fs(urls[0], **dict(storage_options))
+        fs, _ = fsspec.core.url_to_fs(urls[0], **with_default_timeouts(urls[0], storage_options))
     except (ImportError, ValueError) as e:
         raise SourceError(f"Cannot open {urls[0]}: {e}", path=urls[0]) from None
+    if type(fs).__name__ == "S3FileSystem" and "retries" not in vars(fs):
+        fs.retries = S3FS_RETRIES  # s3fs's own retries (5) are a class attribute, not an option
     fs.invalidate_cache()  # fsspec reuses filesystem instances: list what is there now
     found: dict[str, dict[str, Any]] = {}
     root = ""

@@ -14,6 +14,7 @@ are, and DuckDB's errors about the query itself (a type mismatch, an overflow) f
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -78,10 +79,27 @@ def retryable(e: BaseException) -> bool:
 MESSAGE_CHARS = 300  # a driver message can quote a whole column of values
 
 
+_RAISED = re.compile(r"^(?!LINE \d)([A-Za-z_][\w.]*): \S")  # "EndpointConnectionError: Could not ..."
+
+
 def brief(e: BaseException) -> str:
-    """The first line of an error's message, cut to ``MESSAGE_CHARS`` characters."""
+    """The first line of an error's message, cut to ``MESSAGE_CHARS`` characters. A DuckDB error
+    that carries a Python traceback (a remote filesystem's read failing inside a scan) starts
+    with ``Traceback (most recent call last):``: its cause is the traceback's last exception line.
+
+    Example:
+        >>> brief(OSError("Traceback (most recent call last):\\n  File 'x.py', line 3, in send\\n"
+        ...               "EndpointConnectionError: Could not connect to the endpoint URL\\n\\nLINE 1: SELECT"))
+        'EndpointConnectionError: Could not connect to the endpoint URL'
+    """
     text = str(e).strip()
     line = text.splitlines()[0] if text else type(e).__name__
+    if "Traceback (most recent call last):" in line:
+        causes = [x for x in text.splitlines() if _RAISED.match(x)]
+        if causes:
+            cause = causes[-1].strip()
+            before = line.split("Traceback (most recent call last):")[0].strip()
+            line = f"{before} {cause}".strip()
     return line if len(line) <= MESSAGE_CHARS else line[: MESSAGE_CHARS - 1] + "…"
 
 
