@@ -280,7 +280,8 @@ def _source_options(p: argparse.ArgumentParser, *, experiments: bool = True, win
     c.add_argument(
         "--cache",
         metavar="DIR",
-        help="folder of cached partial statistics (default $DUCKHARNESS_CACHE or ~/.cache/duckharness)",
+        help="folder of cached partial statistics (default $DUCKHARNESS_CACHE, else $XDG_CACHE_HOME/duckharness, "
+        "else ~/.cache/duckharness)",
     )
     c.add_argument("--no-cache", action="store_true", help="neither read nor write the statistics cache")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -582,6 +583,17 @@ def _record_only(received: list[int]) -> None:
                 signal.signal(sig, lambda signum, frame: received.append(signum))
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush into the closed pipe does not
+    print a second error."""
+    import os
+
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -606,6 +618,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except BaseException as e:
         _record_only(received)
+        if isinstance(e, BrokenPipeError):  # `duckharness ... | head`: the reader has all it wants
+            _silence_stdout()
+            return 128 + signal.SIGPIPE
         if received or _is_interruption(e):
             if args.debug:
                 raise

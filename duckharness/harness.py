@@ -91,6 +91,11 @@ class Harness:
             self._executors[("custom", workers)] = executor
         elif executor not in EXECUTORS:
             raise InputError(f"Unknown executor {executor!r}. Choose one of: {', '.join(EXECUTORS)}.")
+        if address is not None and executor not in ("ray", "dask"):
+            raise InputError(
+                f"address={address!r} names a cluster, which only the 'ray' and 'dask' executors use; "
+                f"choose one (executor='ray' or 'dask', --executor on the command line)."
+            )
         t = time.perf_counter()
         self._source, self._metadata_arg, self._storage_options = source, metadata, storage_options
         self.dataset: Dataset = open_dataset(source, metadata=metadata, storage_options=storage_options, tracer=tracer)

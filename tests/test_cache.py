@@ -92,6 +92,42 @@ def test_file_rewritten_under_the_same_name_is_recomputed(backtest: Path, tmp_pa
     assert counts(after) == reference_count(backtest) < counts(before)
 
 
+def test_a_rewrite_keeping_size_and_mtime_is_recomputed(tmp_path: Path) -> None:
+    """``cp -p`` / ``rsync -t`` of a same-size file with other values keeps size and mtime; the
+    footer's statistics differ, and they are part of the file's identity."""
+    from conftest import write_dataset
+
+    n = 2000
+    start = np.datetime64("2026-03-04T15:00:00", "us")
+    ts = pa.array(start + np.arange(n).astype("timedelta64[s]"), pa.timestamp("us", tz="UTC"))
+    rng = np.random.default_rng(5)
+    p, t = rng.normal(size=n), rng.normal(size=n)
+
+    def write(target: np.ndarray) -> Path:
+        folder = tmp_path / "d"
+        write_dataset(folder, {"2026-03-04": pa.table({"ts": ts, "pred_a": p, "target_a": target})}, {})
+        return folder / "2026-03-04.parquet"
+
+    def rewrite(target: np.ndarray) -> None:  # uncompressed, plain: the same bytes of layout
+        pq.write_table(pa.table({"ts": ts, "pred_a": p, "target_a": target}), victim, compression="none",
+                       use_dictionary=False)
+
+    victim = write(t)
+    rewrite(t)
+    stat = os.stat(victim)
+    cache = tmp_path / "cache"
+    with Harness(tmp_path / "d", cache=cache) as h:
+        before = h.metrics(["corr"], pairs="pred_a:target_a")["value"][0]
+    rewrite(-t)
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(victim).st_size == stat.st_size and os.stat(victim).st_mtime_ns == stat.st_mtime_ns
+    with Harness(tmp_path / "d", cache=cache) as h:
+        after = h.metrics(["corr"], pairs="pred_a:target_a")["value"][0]
+        assert h.last_run is not None and h.last_run.cache_hits == 0
+    assert before == pytest.approx(float(np.corrcoef(p, t)[0, 1]), rel=1e-12)
+    assert after == pytest.approx(float(np.corrcoef(p, -t)[0, 1]), rel=1e-12)
+
+
 def test_changed_experiment_or_metric_file_is_recomputed(backtest: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     metrics_dir = tmp_path / "metrics"

@@ -6,6 +6,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +99,18 @@ def test_demo_into_a_folder_with_data_refuses_and_keeps_it(tmp_path: Path, capsy
     assert [p.name for p in other.iterdir()] == ["2026-01-02.parquet"]
     assert main(["demo", str(out), "--days", "1", "--rows", "300", "--overwrite"]) == 0  # an earlier demo: replaced
     assert len(list(out.glob("*.parquet"))) == 1
+
+
+def test_a_closed_output_pipe_ends_quietly_like_other_unix_tools(demo: Path) -> None:
+    """``duckharness info DATA | head -1`` printed ``Error: BrokenPipeError`` and exited 1."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before anything is written
+    try:
+        proc = subprocess.run([sys.executable, "-m", "duckharness", "info", str(demo)], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert (proc.returncode, proc.stderr) == (141, "")  # 128 + SIGPIPE, as `yes | head` gives
 
 
 # -- metrics -----------------------------------------------------------------------------------------
@@ -233,6 +246,7 @@ ERROR_CASES = {
                                  "Cannot read experiments file"),
     "unknown_experiment": (["{demo}", "--experiment", "ghost"], None, "Unknown experiment 'ghost'"),
     "bad_pair": (["{demo}", "--pair", "garbage"], None, "must be written PRED:TARGET"),
+    "pair_with_two_colons": (["{demo}", "--pair", "a:b:c"], None, "Pair 'a:b:c' must be written PRED:TARGET"),
     "bad_window": (["{demo}", "--window", "9.30-16:00"], None, "Window start must be a wall-clock time"),
 }
 

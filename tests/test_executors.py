@@ -567,3 +567,48 @@ def test_a_python_traceback_inside_a_duckdb_error_is_reported_by_its_cause() -> 
     assert brief(OSError(text)) == (
         'EndpointConnectionError: Could not connect to the endpoint URL: "http://127.0.0.1:5055/bkt/a.parquet"')
     assert brief(OSError("IO Error: no such file\nLINE 1: SELECT")) == "IO Error: no such file"
+
+
+def test_an_address_without_a_cluster_executor_is_refused(tmp_path: Path) -> None:
+    """``--address`` with the default (threads) executor used to be ignored: the run went local."""
+    from duckharness import Harness, InputError
+    from duckharness.demo import write_demo_dataset
+
+    write_demo_dataset(tmp_path / "d", days=1, rows=200)
+    for executor in ("threads", "processes"):
+        with pytest.raises(InputError, match=r"address='tcp://127.0.0.1:1' names a cluster, which only the 'ray' and"):
+            Harness(tmp_path / "d", executor=executor, address="tcp://127.0.0.1:1")
+
+
+def test_a_missing_cluster_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from duckharness.errors import MissingDependencyError
+    from duckharness.execution.executor import DaskExecutor, RayExecutor
+
+    def one(con: object, task: int) -> int:
+        return task
+
+    for module, executor, extra in (("ray", RayExecutor(1), "ray"), ("distributed", DaskExecutor(1), "dask")):
+        monkeypatch.setitem(sys.modules, module, None)  # as if not installed: import raises ImportError
+        with pytest.raises(MissingDependencyError, match=rf"needs {module}: pip install 'duckharness\[{extra}\]'"):
+            executor.map(one, [1])
+
+
+def test_a_ray_client_address_without_the_client_package_says_what_to_install(tmp_path: Path) -> None:
+    """Through the CLI in a fresh process (this one may have a local Ray running already)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from duckharness.demo import write_demo_dataset
+
+    if importlib.util.find_spec("grpc") is not None:
+        pytest.skip("the Ray Client is installed here")
+    write_demo_dataset(tmp_path / "d", days=1, rows=200)
+    done = subprocess.run(
+        [sys.executable, "-m", "duckharness", "metrics", str(tmp_path / "d"), "--no-cache", "--executor", "ray",
+         "--address", "ray://127.0.0.1:10001"], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == ("Error: Connecting to ray://127.0.0.1:10001 needs the Ray Client: pip install "
+                           "'ray[client]' (or 'duckharness[ray]').\n")

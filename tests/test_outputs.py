@@ -154,6 +154,15 @@ def test_read_only_output_folder_is_refused_before_any_work(src: Path, work: Pat
     one_error_line(err, f"folder {work} is not writable")
 
 
+@pytest.mark.parametrize("command", ["sample", "export"])
+def test_a_remote_output_path_for_a_local_only_output_is_refused(src: Path, command: str) -> None:
+    """``-o s3://...`` was taken as a local relative path ("folder .../s3:/bkt does not exist")."""
+    args = ("sample", "-o", "s3://bkt/s.parquet") if command == "sample" else ("export", "--sql", "s3://bkt/x.sql")
+    code, _, err = run(src, *args)
+    assert code == 1
+    one_error_line(err, f"Cannot write {args[-1]}: this output is written to a local path only")
+
+
 def _partly_then_full(path: str) -> None:
     """Write a few bytes at ``path`` (a half-written file), then fail as a full disk does."""
     with open(path, "wb") as f:

@@ -131,6 +131,20 @@ def test_unwritable_plot_path_is_refused_before_any_scan(panel: Harness, tmp_pat
     assert statements == []
 
 
+def test_a_plot_into_a_read_only_folder_is_refused_before_any_scan(panel: Harness, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a read-only mount (the run used to read everything, then fail writing the PNG)."""
+    import os
+
+    real_access = os.access
+    monkeypatch.setattr(os, "access",
+                        lambda p, mode, **kw: os.fspath(p) != str(tmp_path) and real_access(p, mode, **kw))
+    statements: list[str] = []
+    with panel.trace(statements.append), pytest.raises(InputError, match="is not writable"):
+        panel.deciles("pred_10s", plot=tmp_path / "d.png")
+    assert statements == []
+
+
 def test_series_without_defined_values_says_so_on_the_chart(panel: Harness, tmp_path: Path) -> None:
     df = panel.series("corr", "pred_10s", "baseline").with_columns(pl.lit(None, dtype=pl.Float64).alias("value"))
     fig = plot_series(df, tmp_path / "empty.png")

@@ -172,6 +172,16 @@ def test_metadata_json_is_read_from_the_bucket(s3: S3, data: dict) -> None:
         assert h.metrics(["count"]).filter(metric="count")["value"][0] < windowed
 
 
+def test_a_local_metadata_file_serves_a_remote_source(s3: S3, data: dict, tmp_path: Path) -> None:
+    """``--metadata /local/file.json`` with an ``s3://`` source used to be looked up in the bucket."""
+    local_file = tmp_path / "narrow.json"
+    local_file.write_text(json.dumps({**SESSION, "start_time": "10:00", "end_time": "11:00"}))
+    for given in (str(local_file), local_file, f"file://{local_file}"):
+        with Harness(f"s3://{BUCKET}/nometa/", storage_options=s3.options(), metadata=given, cache=False) as h:
+            assert h.metadata.path == str(local_file)
+            assert h.session_window is not None and h.session_window.describe().startswith("10:00:00–11:00:00")
+
+
 def test_schema_drift_across_remote_files(s3: S3, data: dict) -> None:
     with Harness(f"s3://{BUCKET}/drift/", storage_options=s3.options()) as h, Harness(data["drift"]) as local:
         assert h.columns == local.columns

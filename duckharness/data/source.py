@@ -7,6 +7,7 @@ query, so later steps (per-day window bounds, schema drift, batching) need no mo
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import glob as globlib
 import hashlib
@@ -43,6 +44,10 @@ class FileInfo:
     time_max: dt.datetime | None = None
     null_free: frozenset[str] = frozenset()  # columns whose footer statistics count no NULLs
     row_groups: tuple[int, ...] = ()  # rows of each row group, in file order (empty when unknown)
+    # A digest of the footer's column chunks (sizes, statistics, null counts), part of the file's
+    # identity in the cache: a rewrite that keeps the size and the mtime (cp -p, rsync -t) but not
+    # the values still changes it.
+    footer: str = ""
 
 
 @dataclass
@@ -204,12 +209,21 @@ def read_footers(
     return {p: (int(counts[p]), _top_level_columns(by_file[p])) for p in paths}
 
 
-def read_null_free(
+def read_row_groups(
     paths: list[str], *, con: duckdb.DuckDBPyConnection, tracer: Callable[[str], None] | None = None
-) -> tuple[dict[str, frozenset[str]], dict[str, tuple[int, ...]]]:
-    """Per file, the columns that row-group statistics say hold no NULL (none when unknown), and
-    the rows of each of its row groups, in file order."""
+) -> tuple[dict[str, frozenset[str]], dict[str, tuple[int, ...]], dict[str, str]]:
+    """Per file, from its row-group metadata: the columns that statistics say hold no NULL (none
+    when unknown), the rows of each row group in file order, and a digest of every column chunk's
+    compressed size, statistics and null count (see :attr:`FileInfo.footer`)."""
     null_count = sb.column("stats_null_count")
+    chunk = sb.func(
+        "concat_ws",
+        sb.string("|"),
+        *(
+            sb.column(c)
+            for c in ("row_group_id", "total_compressed_size", "stats_min_value", "stats_max_value", "stats_null_count")
+        ),
+    )
     sql = sb.render(
         sb.select(
             [
@@ -229,6 +243,16 @@ def read_null_free(
                     ),
                     "groups",
                 ),
+                sb.alias(
+                    sb.func(
+                        "md5",
+                        exp.WithinGroup(
+                            this=sb.func("string_agg", chunk, sb.string(";")),
+                            expression=exp.Order(expressions=[exp.Ordered(this=sb.column("row_group_id"))]),
+                        ),
+                    ),
+                    "chunks",
+                ),
             ],
             sb.table_function("parquet_metadata", paths),
             group_by_all=True,
@@ -236,11 +260,14 @@ def read_null_free(
     )
     out: dict[str, set[str]] = {p: set() for p in paths}
     groups: dict[str, tuple[int, ...]] = {}
-    for fname, column, none, sizes in fetch_all(con, sql, tracer):
+    chunks: dict[str, list[tuple[str, str]]] = {}
+    for fname, column, none, sizes, digest in fetch_all(con, sql, tracer):
         if none:
             out.setdefault(fname, set()).add(column)
         groups.setdefault(fname, tuple(int(n) for n in sizes or ()))
-    return {p: frozenset(cols) for p, cols in out.items()}, groups
+        chunks.setdefault(fname, []).append((column, digest or ""))
+    digests = {p: hashlib.sha256(repr(sorted(c)).encode()).hexdigest()[:32] for p, c in chunks.items()}
+    return {p: frozenset(cols) for p, cols in out.items()}, groups, digests
 
 
 def read_time_ranges(
@@ -362,7 +389,7 @@ def open_dataset(
     con = ConnectionConfig(threads=None, filesystem=fs).open()
     try:
         footers = read_footers(paths, con=con, tracer=tracer)
-        null_free, row_groups = read_null_free(paths, con=con, tracer=tracer)
+        null_free, row_groups, digests = read_row_groups(paths, con=con, tracer=tracer)
         columns = union_columns([footers[p][1] for p in paths], con)
         time_column = detect_time_column(columns, meta)
         ranges: dict[str, tuple[Any, Any]] = {}
@@ -377,7 +404,16 @@ def open_dataset(
         lo, hi = ranges.get(p, (None, None))
         files.append(
             FileInfo(
-                p, size, mtime, rows, cols, lo, hi, null_free.get(p, frozenset()) & set(cols), row_groups.get(p, ())
+                p,
+                size,
+                mtime,
+                rows,
+                cols,
+                lo,
+                hi,
+                null_free.get(p, frozenset()) & set(cols),
+                row_groups.get(p, ()),
+                digests.get(p, ""),
             )
         )
     return Dataset(files, columns, meta, time_column, root, dict(storage_options or {}), fs)
@@ -414,7 +450,7 @@ def with_default_timeouts(url: str, storage_options: Mapping[str, Any]) -> dict[
     if url.split("://", 1)[0].lower() in ("s3", "s3a"):
         config = dict(opts.get("config_kwargs") or {})
         for k, v in S3_TIMEOUTS.items():
-            config.setdefault(k, v)
+            config.setdefault(k, copy.deepcopy(v))  # botocore fills a retries dict in place
         opts["config_kwargs"] = config
     return opts
 
@@ -491,8 +527,14 @@ def list_remote(
 
 
 def load_remote_metadata(fs: Any, root: str, metadata: Any) -> Metadata:
+    """Metadata of a remote source: a mapping, an explicit file (a local path or ``file://`` URL
+    is read from this machine, a remote URL through the source's filesystem), or
+    ``metadata.json`` beside the data."""
     if isinstance(metadata, Mapping):
         return parse_metadata(dict(metadata), path=None)
+    if metadata is not None and not is_remote(os.fspath(metadata)):
+        local = os.fspath(metadata)
+        return load_metadata(root, local.removeprefix("file://") if isinstance(local, str) else local)
     path = str(metadata) if metadata is not None else posixpath.join(root, "metadata.json")
     try:
         with fs.open(fs._strip_protocol(path), "rb") as f:

@@ -65,7 +65,7 @@ class StatsCache:
     def key(sql: str, files: Sequence[FileInfo]) -> str:
         h = hashlib.sha256(sql.encode())
         for f in files:
-            h.update(f"\0{f.path}\0{f.size}\0{f.mtime!r}".encode())
+            h.update(f"\0{f.path}\0{f.size}\0{f.mtime!r}\0{f.footer}".encode())
         return h.hexdigest()
 
     def _path(self, key: str) -> Path:

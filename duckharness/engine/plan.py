@@ -56,7 +56,7 @@ class Pair:
             return cls(*text)
         if ":" in text:
             p, t = (x.strip() for x in text.split(":", 1))
-            if not p or not t:
+            if not p or not t or ":" in t:
                 raise InputError(f"Pair {text!r} must be written PRED:TARGET, e.g. pred_10s:target_10s.")
             return cls(p, t)
         if text.startswith("pred_"):

@@ -22,7 +22,7 @@ from typing import Any
 
 import duckdb
 
-from duckharness.errors import ExecutionError, InputError
+from duckharness.errors import ExecutionError, InputError, MissingDependencyError
 from duckharness.execution.connection import ConnectionConfig
 
 Fn = Callable[[duckdb.DuckDBPyConnection, Any], Any]
@@ -275,12 +275,22 @@ class RayExecutor(Executor):
         self, fn: Fn, tasks: Sequence[Any], home: duckdb.DuckDBPyConnection | None = None
     ) -> list[tuple[bool, Any]]:
         import cloudpickle
-        import ray
 
+        ray = _optional("ray", "the 'ray' executor", "ray")
         if not ray.is_initialized():
             self._started = True
             if self.address:
-                ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False)
+                try:
+                    ray.init(address=self.address, ignore_reinit_error=True, log_to_driver=False)
+                except ValueError as e:
+                    if "ray[client]" not in str(e):
+                        raise
+                    raise MissingDependencyError(
+                        f"Connecting to {self.address} needs the Ray Client: pip install 'ray[client]' "
+                        f"(or 'duckharness[ray]').",
+                        package="ray[client]",
+                        extra="ray",
+                    ) from None
             else:
                 ray.init(num_cpus=self.workers, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
         if self._remote is None:
@@ -320,7 +330,9 @@ class DaskExecutor(Executor):
         self, fn: Fn, tasks: Sequence[Any], home: duckdb.DuckDBPyConnection | None = None
     ) -> list[tuple[bool, Any]]:
         import cloudpickle
-        from distributed import Client, LocalCluster
+
+        distributed = _optional("distributed", "the 'dask' executor", "dask")
+        Client, LocalCluster = distributed.Client, distributed.LocalCluster
 
         if self._client is None:
             if self.address:
@@ -346,6 +358,20 @@ class DaskExecutor(Executor):
             obj.close()
         self._own = []
         self._client = None
+
+
+def _optional(module: str, what: str, extra: str) -> Any:
+    """Import an optional dependency, or raise the package's own error saying what to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependencyError(
+            f"{what[0].upper()}{what[1:]} needs {module}: pip install 'duckharness[{extra}]'.",
+            package=module,
+            extra=extra,
+        ) from None
 
 
 def make_executor(

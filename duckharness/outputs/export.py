@@ -201,8 +201,13 @@ def _write_script(
     if h.dataset.storage_options:
         lines += [
             "--",
-            "-- This source is remote and needs credentials, which are not written here. Provide them in the",
-            "-- session before querying, e.g.  CREATE SECRET (TYPE s3, KEY_ID '...', SECRET '...', REGION '...');",
+            "-- This source is remote and needs credentials, which are not written here. The views are bound",
+            "-- when this script runs, so create the secret first and then read the script (not -init):",
+            "--   duckdb -cmd \"CREATE SECRET (TYPE s3, KEY_ID '...', SECRET '...', REGION '...');\" \\",
+            '--          -cmd ".read THIS_FILE.sql"',
+            "-- For an S3-compatible store other than AWS add ENDPOINT 'host:port', URL_STYLE 'path' and",
+            "-- USE_SSL false as needed. The CLI reads s3:// through its httpfs extension (INSTALL httpfs",
+            "-- once; it needs internet access).",
         ]
     for name, why in skipped.items():
         lines.append(f"-- Left out: {name}: {why}")

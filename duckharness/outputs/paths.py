@@ -53,7 +53,13 @@ def check_output(path: str | os.PathLike[str], *, kind: str, overwrite: bool) ->
         ...
         duckharness.errors.InputError: Cannot write /nonexistent/x.parquet: folder /nonexistent does not exist...
     """
-    target = os.path.abspath(os.fspath(path))
+    text = os.fspath(path)
+    if isinstance(text, str) and "://" in text and not text.startswith("file://"):
+        raise InputError(
+            f"Cannot write {text}: this output is written to a local path only (sinks can write to a remote "
+            f"store). Write it locally and upload it, or sink the experiment there."
+        )
+    target = os.path.abspath(text.removeprefix("file://") if isinstance(text, str) else text)
     parent = os.path.dirname(target)
     if not os.path.isdir(parent):
         ancestor = parent

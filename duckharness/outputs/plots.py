@@ -58,6 +58,10 @@ def check_plot_path(path: str | os.PathLike[str]) -> str:
     folder = os.path.dirname(os.path.abspath(text))
     if not os.path.isdir(folder):
         raise InputError(f"Plot file {text!r}: folder {folder!r} does not exist.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(
+            f"Plot file {text!r}: folder {folder!r} is not writable (read-only file system or no permission)."
+        )
     return ext
 
 
