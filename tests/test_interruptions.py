@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -148,8 +149,13 @@ def test_signal_handlers_are_restored_after_an_in_process_run(src: Path, tmp_pat
     from duckharness.cli import main
 
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    wakeup = signal.set_wakeup_fd(-1)
+    signal.set_wakeup_fd(wakeup)
+    threads = threading.active_count()
     assert main(["sink", str(src), "--experiment", "baseline", "-o", str(tmp_path / "out"), "-q"]) == 0
     assert {s: signal.getsignal(s) for s in before} == before
+    assert signal.set_wakeup_fd(wakeup) == wakeup  # the signal watcher's fd is gone again
+    assert threading.active_count() == threads  # and so is its thread
 
 
 def test_an_interrupted_query_is_not_retried(tmp_path: Path) -> None:
