@@ -636,7 +636,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.debug or not isinstance(e, duckdb.Error | OSError | pl.exceptions.PolarsError):
             raise
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        from duckharness.execution.executor import brief
+
+        text = brief(e)
         print(f"Error: {type(e).__name__}: {text}" if isinstance(e, OSError) else f"Error: {text}", file=sys.stderr)
         return 1
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import zoneinfo
 
 import numpy as np
@@ -83,6 +84,8 @@ def write_demo_dataset(
     """
     from duckharness.errors import InputError
 
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"{out} is a file; give a folder for the demo dataset.")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise InputError(
             f"Folder {out} is not empty; choose a new folder, or pass --overwrite (overwrite=True) to "
@@ -97,6 +100,12 @@ def write_demo_dataset(
                 is_demo = json.load(fh).get("model") == "synthetic-demo"
         except (OSError, ValueError):
             is_demo = False
+        foreign = sorted(f for f in old if not re.fullmatch(r"\d{4}-\d{2}-\d{2}\.parquet", f))
+        if is_demo and foreign:
+            raise InputError(
+                f"Folder {out} holds Parquet files a demo does not write ({', '.join(foreign)}); not replacing "
+                f"it. Move them away or choose another folder."
+            )
         if not is_demo:
             raise InputError(
                 f"Folder {out} already holds Parquet files that are not a demo dataset; choose an empty or new folder."

@@ -97,8 +97,16 @@ def test_demo_into_a_folder_with_data_refuses_and_keeps_it(tmp_path: Path, capsy
     assert main(["demo", str(other), "--overwrite"]) == 1
     assert "already holds Parquet files that are not a demo dataset" in capsys.readouterr().err
     assert [p.name for p in other.iterdir()] == ["2026-01-02.parquet"]
+    (out / "mine.parquet").write_bytes(b"a user's file added to the demo folder")
+    assert main(["demo", str(out), "--overwrite"]) == 1
+    assert "holds Parquet files a demo does not write (mine.parquet)" in capsys.readouterr().err
+    assert (out / "mine.parquet").exists()
+    (out / "mine.parquet").unlink()
     assert main(["demo", str(out), "--days", "1", "--rows", "300", "--overwrite"]) == 0  # an earlier demo: replaced
     assert len(list(out.glob("*.parquet"))) == 1
+    capsys.readouterr()
+    assert main(["demo", str(out / "2026-03-04.parquet")]) == 1
+    assert capsys.readouterr().err == f"Error: {out / '2026-03-04.parquet'} is a file; give a folder for the demo dataset.\n"
 
 
 def test_a_closed_output_pipe_ends_quietly_like_other_unix_tools(demo: Path) -> None:

@@ -189,7 +189,10 @@ def test_a_lag_of_t_or_more_names_the_series(make_backtest: Callable[..., Path])
         summary_msg = r"lag=3 needs more than 3 days, but mse of 'baseline' \(pred_10s vs target_10s\) has 3"
         with pytest.raises(InputError, match=summary_msg):
             h.summary(["mse"], pairs="pred_10s:target_10s", lag=3)
-        compare_msg = r"lag=5 needs more than 5 days, but the comparison on pred_10s vs target_10s has 3"
-        with pytest.raises(InputError, match=compare_msg):
-            h.compare("mse", "clip", "baseline", "pred_10s:target_10s", lag=5)
+        for lag in (2, 5):  # at lag T - 1 = 2 the HLN factor is 0: no test either
+            compare_msg = (rf"lag={lag} leaves no Diebold-Mariano test for the comparison on pred_10s vs target_10s, "
+                           r"which has 3 days \(the HLN factor is 0 at lag T - 1\). Use a lag below 2")
+            with pytest.raises(InputError, match=compare_msg):
+                h.compare("mse", "clip", "baseline", "pred_10s:target_10s", lag=lag)
+        assert h.compare("mse", "clip", "baseline", "pred_10s:target_10s", lag=1).table["dm_stat"][0] is not None
         assert set(h.summary(["mse"], pairs="pred_10s:target_10s", lag=2)["nw_lag"]) == {2}

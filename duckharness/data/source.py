@@ -300,7 +300,9 @@ def read_time_ranges(
 
 
 def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    from duckharness.execution.executor import brief
+
+    return brief(e)
 
 
 def detect_time_column(columns: Mapping[str, str], metadata: Metadata) -> str | None:
@@ -456,8 +458,9 @@ def with_default_timeouts(url: str, storage_options: Mapping[str, Any]) -> dict[
 
 
 def _fs_error(url: str, e: BaseException) -> SourceError:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    text = text.rstrip(".")
+    from duckharness.execution.executor import brief
+
+    text = brief(e).rstrip(".")
     hint = ""
     low = text.lower()
     if isinstance(e, PermissionError) or any(

@@ -308,7 +308,13 @@ def _row(
     pooled values, their difference and its bootstrap on the days both experiments have rows
     (for rank IC, a defined value), so every figure compares like with like."""
     d = va - vb
-    _check_lag(lag, int(np.isfinite(d).sum()), f"the comparison on {pair.pred} vs {pair.target}")
+    n_days = int(np.isfinite(d).sum())
+    if lag is not None and n_days >= 2 and lag >= n_days - 1:  # the HLN factor is 0 at h = T
+        raise InputError(
+            f"lag={lag} leaves no Diebold-Mariano test for the comparison on {pair.pred} vs {pair.target}, "
+            f"which has {n_days} days (the HLN factor is 0 at lag T - 1). Use a lag below {n_days - 1}."
+        )
+    _check_lag(lag, n_days, f"the comparison on {pair.pred} vs {pair.target}")
     dm = diebold_mariano(d, lag)
     shared = ~np.all(np.isnan(sa), axis=1) & ~np.all(np.isnan(sb_), axis=1)
     if how == ["sum", "sum"]:  # rank IC: (value, defined) per day

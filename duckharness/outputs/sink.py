@@ -33,6 +33,7 @@ from duckharness.data.source import FileInfo, is_remote, with_default_timeouts
 from duckharness.engine.plan import window_and_day
 from duckharness.errors import DuckHarnessError, ExecutionError, InputError
 from duckharness.execution.connection import fetch_all
+from duckharness.execution.executor import brief
 from duckharness.execution.progress import Progress
 from duckharness.experiments.chain import build_chain
 from duckharness.outputs.paths import (
@@ -116,7 +117,7 @@ def sink_experiment(
             code = os_errno(e)  # writing the output failed (a full disk, ...), not reading the source
             if code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or (code is not None and tmp in str(e)):
                 raise write_error(e, target, tmp) from e
-            text = str(e).strip().splitlines()[0].replace(tmp, target)
+            text = brief(e).replace(tmp, target)
             raise ExecutionError(f"Sink of experiment {name!r} to {target} failed: {text}") from e
         raise
     result.files = [os.path.join(target, os.path.basename(f)) for f in result.files]
