@@ -106,7 +106,8 @@ def test_demo_into_a_folder_with_data_refuses_and_keeps_it(tmp_path: Path, capsy
     assert len(list(out.glob("*.parquet"))) == 1
     capsys.readouterr()
     assert main(["demo", str(out / "2026-03-04.parquet")]) == 1
-    assert capsys.readouterr().err == f"Error: {out / '2026-03-04.parquet'} is a file; give a folder for the demo dataset.\n"
+    day_file = out / "2026-03-04.parquet"
+    assert capsys.readouterr().err == f"Error: {day_file} is a file; give a folder for the demo dataset.\n"
 
 
 def test_a_closed_output_pipe_ends_quietly_like_other_unix_tools(demo: Path) -> None:
