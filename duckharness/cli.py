@@ -583,6 +583,26 @@ def _record_only(received: list[int]) -> None:
                 signal.signal(sig, lambda signum, frame: received.append(signum))
 
 
+def _exit_if_threads_hang(code: int, grace: float = 2.0) -> None:
+    """After an interruption has been cleaned up: if a worker thread is still stuck (a read from a
+    stalled object store that DuckDB cannot interrupt), exit now with ``code`` instead of letting
+    the interpreter wait for it at exit, which would make Ctrl-C and SIGTERM look ignored."""
+    import os
+    import time
+
+    deadline = time.monotonic() + grace
+
+    def stuck() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+
+    for t in stuck():
+        t.join(max(0.0, deadline - time.monotonic()))
+    if stuck():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def _silence_stdout() -> None:
     """Point stdout at /dev/null, so the interpreter's final flush into the closed pipe does not
     print a second error."""
@@ -626,7 +646,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             terminated = signal.SIGTERM in received
             print("Terminated." if terminated else "Interrupted.", file=sys.stderr)
-            return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+            code = 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+            if argv is None:  # the command line, not a call from Python
+                _exit_if_threads_hang(code)
+            return code
         if isinstance(e, DuckHarnessError) and not args.debug:
             print(f"Error: {e}", file=sys.stderr)
             return 1

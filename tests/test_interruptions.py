@@ -184,3 +184,54 @@ def test_an_interrupted_query_is_not_retried(tmp_path: Path) -> None:
         timer.cancel()
         signal.signal(signal.SIGINT, previous)
     assert calls == [0] and time.monotonic() - started < 10  # stopped in the first attempt
+
+
+RUN_WITH_A_STUCK_THREAD = """\
+import pathlib, sys, threading
+import sqlglot
+import duckharness.outputs.sink as sink
+from duckharness.cli import main
+
+marker, real_copy = pathlib.Path(sys.argv[1]), sink._copy
+LONG = sqlglot.parse_one("SELECT x FROM range(1000000000000) t(x) WHERE x % 1000000007 = 1", read="duckdb")
+
+def long_copy(con, query, target, tracer, partition=None):
+    # a worker stuck where nothing can interrupt it (a read from a stalled object store)
+    threading.Thread(target=threading.Event().wait, name="stuck-read").start()
+    marker.write_text(target)
+    return real_copy(con, LONG, target, tracer)
+
+sink._copy = long_copy
+sys.argv = ["duckharness", *sys.argv[2:]]
+sys.exit(main())
+"""
+
+
+def test_a_signal_ends_the_command_even_when_a_worker_thread_is_stuck(src: Path, tmp_path: Path) -> None:
+    """The interpreter waits for non-daemon threads at exit: a thread stuck in a stalled read
+    made SIGTERM look ignored (the run went on for minutes, then only SIGKILL ended it)."""
+    work, marker, script = tmp_path / "work", tmp_path / "copy-started", tmp_path / "run.py"
+    work.mkdir()
+    script.write_text(RUN_WITH_A_STUCK_THREAD)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(marker), "sink", str(src), "--experiment", "baseline",
+         "-o", str(work / "out"), "-q"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the sink's COPY did not start"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (proc.returncode, err, out) == (143, "Terminated.\n", "")
+    assert time.monotonic() - sent < 15
+    assert os.listdir(work) == []
