@@ -60,11 +60,13 @@ def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def sink_then_signal(src: Path, tmp_path: Path, sig: signal.Signals) -> tuple[subprocess.CompletedProcess[str], Path]:
-    """Start a sink into ``tmp_path/work/out``, send ``sig`` once its COPY runs; the finished process."""
+def sink_then_signal(src: Path, tmp_path: Path, sig: signal.Signals, runner: str = RUN_WITH_A_LONG_COPY,
+                     timings: list[float] | None = None) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """Start a sink into ``tmp_path/work/out`` with ``runner``, send ``sig`` once its COPY runs;
+    the finished process (and, in ``timings``, the seconds from the signal to its end)."""
     work, marker, script = tmp_path / "work", tmp_path / "copy-started", tmp_path / "run.py"
     work.mkdir()
-    script.write_text(RUN_WITH_A_LONG_COPY)
+    script.write_text(runner)
     proc = subprocess.Popen(
         [sys.executable, str(script), str(marker), "sink", str(src), "--experiment", "baseline",
          "-o", str(work / "out"), "-q"],
@@ -82,7 +84,10 @@ def sink_then_signal(src: Path, tmp_path: Path, sig: signal.Signals) -> tuple[su
         assert marker.read_text().startswith(str(work / ".out.tmp-"))  # writing into its temporary folder
         assert os.listdir(work) != []
         proc.send_signal(sig)
+        sent = time.monotonic()
         out, err = proc.communicate(timeout=60)
+        if timings is not None:
+            timings.append(time.monotonic() - sent)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -210,28 +215,8 @@ sys.exit(main())
 def test_a_signal_ends_the_command_even_when_a_worker_thread_is_stuck(src: Path, tmp_path: Path) -> None:
     """The interpreter waits for non-daemon threads at exit: a thread stuck in a stalled read
     made SIGTERM look ignored (the run went on for minutes, then only SIGKILL ended it)."""
-    work, marker, script = tmp_path / "work", tmp_path / "copy-started", tmp_path / "run.py"
-    work.mkdir()
-    script.write_text(RUN_WITH_A_STUCK_THREAD)
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(marker), "sink", str(src), "--experiment", "baseline",
-         "-o", str(work / "out"), "-q"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while not marker.exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the sink's COPY did not start"
-            time.sleep(0.05)
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGTERM)
-        sent = time.monotonic()
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert (proc.returncode, err, out) == (143, "Terminated.\n", "")
-    assert time.monotonic() - sent < 15
+    timings: list[float] = []
+    done, work = sink_then_signal(src, tmp_path, signal.SIGTERM, RUN_WITH_A_STUCK_THREAD, timings)
+    assert (done.returncode, done.stderr, done.stdout) == (143, "Terminated.\n", "")
+    assert timings[0] < 15
     assert os.listdir(work) == []
