@@ -24,6 +24,7 @@ from duckharness import sqlbuild as sb
 from duckharness.data.metadata import Metadata, parse_metadata, parse_metadata_text
 from duckharness.errors import MetadataError, SourceError
 from duckharness.execution.connection import ConnectionConfig, fetch_all
+from duckharness.execution.executor import brief
 
 # Time columns that hold instants (DuckDB reads Parquet timestamps adjusted to UTC as these);
 # every other TIMESTAMP* type holds wall-clock times, read as UTC.
@@ -200,7 +201,7 @@ def read_footers(
                     con, sb.render(sb.select([sb.column("num_rows")], sb.table_function("parquet_file_metadata", [p])))
                 )
             except duckdb.Error as e:
-                raise SourceError(f"Cannot read Parquet file {p}: {_first_line(e)}", path=p) from None
+                raise SourceError(f"Cannot read Parquet file {p}: {brief(e)}", path=p) from None
         raise
     by_file: dict[str, list[tuple[str, int | None, str | None]]] = {}
     for fname, name, children, dtype in schema_rows:
@@ -297,12 +298,6 @@ def read_time_ranges(
     for fname, lo, hi, missing in fetch_all(con, sql, tracer):
         out[fname] = (None, None) if missing else (lo, hi)
     return out
-
-
-def _first_line(e: BaseException) -> str:
-    from duckharness.execution.executor import brief
-
-    return brief(e)
 
 
 def detect_time_column(columns: Mapping[str, str], metadata: Metadata) -> str | None:
@@ -432,10 +427,10 @@ def is_remote(source: Any) -> bool:
     return not first.startswith("file://")
 
 
-# Without them a stalled object store (a server that accepts but never answers) hangs a run
-# for as long as it stalls, and a dead one takes minutes of stacked retries to report.
-# Retries stack (botocore's, s3fs's, then the executor's 3 attempts per batch), so botocore does
-# not retry and s3fs tries twice (in this process): a stalled store fails a batch in about 2 x 10 s.
+# Without timeouts a stalled object store (a server that accepts but never answers) hangs a run
+# for as long as it stalls. Retries stack (botocore's, s3fs's, then the executor's 3 attempts per
+# batch), so botocore does not retry and s3fs tries twice: a stalled store fails a batch in about
+# 2 x 10 s, a dead one in seconds.
 S3_TIMEOUTS = {"connect_timeout": 10, "read_timeout": 10, "retries": {"max_attempts": 1}}
 S3FS_RETRIES = 2
 
@@ -457,9 +452,18 @@ def with_default_timeouts(url: str, storage_options: Mapping[str, Any]) -> dict[
     return opts
 
 
-def _fs_error(url: str, e: BaseException) -> SourceError:
-    from duckharness.execution.executor import brief
+def open_filesystem(url: str, storage_options: Mapping[str, Any]) -> tuple[Any, str]:
+    """The fsspec filesystem of ``url`` and the path in it, with the S3 defaults above (the
+    timeouts, and s3fs's own retries, a class attribute that no option sets)."""
+    import fsspec
 
+    fs, path = fsspec.core.url_to_fs(url, **with_default_timeouts(url, storage_options))
+    if type(fs).__name__ == "S3FileSystem" and "retries" not in vars(fs):
+        fs.retries = S3FS_RETRIES
+    return fs, path
+
+
+def _fs_error(url: str, e: BaseException) -> SourceError:
     text = brief(e).rstrip(".")
     hint = ""
     low = text.lower()
@@ -477,18 +481,14 @@ def list_remote(
 ) -> tuple[Any, list[str], str, dict[str, tuple[int, float]]]:
     """List a remote source once: the filesystem, sorted URLs, the root URL, and each file's
     (size, modification time or ETag-derived stamp)."""
-    import fsspec
-
     urls = [str(s) for s in source] if isinstance(source, (list, tuple)) else [str(source)]
     for u in urls:
         if not is_remote(u):
             raise SourceError(f"Source list mixes URLs and local paths: {u} is local; use one kind.", path=u)
     try:
-        fs, _ = fsspec.core.url_to_fs(urls[0], **with_default_timeouts(urls[0], storage_options))
+        fs, _ = open_filesystem(urls[0], storage_options)
     except (ImportError, ValueError) as e:
         raise SourceError(f"Cannot open {urls[0]}: {e}", path=urls[0]) from None
-    if type(fs).__name__ == "S3FileSystem" and "retries" not in vars(fs):
-        fs.retries = S3FS_RETRIES  # s3fs's own retries (5) are a class attribute, not an option
     fs.invalidate_cache()  # fsspec reuses filesystem instances: list what is there now
     found: dict[str, dict[str, Any]] = {}
     root = ""
@@ -536,8 +536,7 @@ def load_remote_metadata(fs: Any, root: str, metadata: Any) -> Metadata:
     if isinstance(metadata, Mapping):
         return parse_metadata(dict(metadata), path=None)
     if metadata is not None and not is_remote(os.fspath(metadata)):
-        local = os.fspath(metadata)
-        return load_metadata(root, local.removeprefix("file://") if isinstance(local, str) else local)
+        return load_metadata(root, str(os.fspath(metadata)).removeprefix("file://"))
     path = str(metadata) if metadata is not None else posixpath.join(root, "metadata.json")
     try:
         with fs.open(fs._strip_protocol(path), "rb") as f:

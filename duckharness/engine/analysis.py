@@ -173,8 +173,8 @@ def compare(
         ic = ic.filter(pl.col("metric") == RANK_IC)
         for pair in pairs:
             ic_days, va, vb = _aligned(ic, pair, a, b)
-            sa = np.column_stack([np.nan_to_num(va), np.isfinite(va)]).astype(np.float64)
-            sb_ = np.column_stack([np.nan_to_num(vb), np.isfinite(vb)]).astype(np.float64)
+            # (value, 1) per day; a day whose IC is undefined has no stats (NaN), like a missing day
+            sa, sb_ = (np.column_stack([v, np.where(np.isfinite(v), 1.0, np.nan)]) for v in (va, vb))
 
             def mean_ic(s: np.ndarray) -> np.ndarray:
                 with np.errstate(invalid="ignore", divide="ignore"):
@@ -305,8 +305,8 @@ def _row(
     level: float,
 ) -> dict[str, Any]:
     """The table row of one pair. The test runs on the days both daily values are defined; the
-    pooled values, their difference and its bootstrap on the days both experiments have rows
-    (for rank IC, a defined value), so every figure compares like with like."""
+    pooled values, their difference and its bootstrap on the days both experiments have stats
+    (rows; for rank IC, a defined value), so every figure compares like with like."""
     d = va - vb
     n_days = int(np.isfinite(d).sum())
     if lag is not None and n_days >= 2 and lag >= n_days - 1:  # the HLN factor is 0 at h = T
@@ -317,8 +317,6 @@ def _row(
     _check_lag(lag, n_days, f"the comparison on {pair.pred} vs {pair.target}")
     dm = diebold_mariano(d, lag)
     shared = ~np.all(np.isnan(sa), axis=1) & ~np.all(np.isnan(sb_), axis=1)
-    if how == ["sum", "sum"]:  # rank IC: (value, defined) per day
-        shared &= (sa[:, 1] > 0) & (sb_[:, 1] > 0)
     sa, sb_ = sa[shared], sb_[shared]
     boot = bootstrap_difference(sa, sb_, how, finalize, n_boot=n_boot, seed=seed, level=level)
     ones = np.ones((1, len(sa)), dtype=np.int64)

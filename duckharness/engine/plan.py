@@ -186,7 +186,7 @@ class ShiftTable:
         return sb.column(f"{SHIFT_TABLE}_{self.roles.index(role)}") if role in self.roles else None
 
     def join(self, relation: exp.Expr, key_exprs: Sequence[exp.Expr]) -> exp.Expr:
-        """``(SELECT r.*, shift columns FROM relation r LEFT JOIN (VALUES ...) ON keys) AS rows``."""
+        """``(SELECT r.*, shift columns FROM relation r JOIN (VALUES ...) ON keys) AS rows``."""
         names = [f"{SHIFT_TABLE}_k{i}" for i in range(len(self.keys))]
         shift_names = [f"{SHIFT_TABLE}_{i}" for i in range(len(self.roles))]
         values = exp.Values(

@@ -254,9 +254,13 @@ def _map_partials(
     shifts = run.shifts(fused) if fused else ({}, False)
     base = run.passes(fused, whole, shifts, None)
     types = _group_types(dataset, experiments, names, by) if centre is not None else {}
-    refined = {}
+    refined: dict[bool, list[tuple[list[Target], pl.DataFrame]]] = {}
     for per_group in modes:
         own = out_keys if per_group else []  # the groups that get shifts of their own
+        same = [m for m in refined if (out_keys if m else []) == own]
+        if same:  # ungrouped, both modes are one: refine once
+            refined[per_group] = refined[same[0]]
+            continue
         results, table = base, None
         for _ in range(RECENTRE_PASSES if centre is not None else 0):
             assert centre is not None

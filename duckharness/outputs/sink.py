@@ -29,7 +29,7 @@ from sqlglot import exp
 
 from duckharness import sqlbuild as sb
 from duckharness.data.metadata import SessionWindow
-from duckharness.data.source import FileInfo, is_remote, with_default_timeouts
+from duckharness.data.source import FileInfo, is_remote, open_filesystem
 from duckharness.engine.plan import window_and_day
 from duckharness.errors import DuckHarnessError, ExecutionError, InputError
 from duckharness.execution.connection import fetch_all
@@ -161,10 +161,8 @@ def _sink_remote(
     """
     import tempfile
 
-    import fsspec
-
     h.experiments.columns(name)
-    fs, remote = fsspec.core.url_to_fs(url, **with_default_timeouts(url, h.dataset.storage_options))
+    fs, remote = open_filesystem(url, h.dataset.storage_options)
     remote = remote.rstrip("/")
     url = fs.unstrip_protocol(remote)
     if h.dataset.remote:
