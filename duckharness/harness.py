@@ -135,7 +135,7 @@ class Harness:
         last listing (this Harness may live for hours in a notebook) is seen, with its new footer,
         and the cache keys follow. A change of columns needs a new Harness (the experiments were
         bound to the old ones)."""
-        known = {f.path: (f.size, f.mtime) for f in self.dataset.files}
+        known = {f.path: (f.size, f.mtime, f.change) for f in self.dataset.files}
         if file_identities(self._source, self._storage_options) == known:
             return
         fresh = open_dataset(

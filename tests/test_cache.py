@@ -174,6 +174,64 @@ def test_concurrent_runs_sharing_a_cache_give_correct_results(backtest: Path, tm
     assert not list(cache.glob("*/.*.tmp"))  # no half-written entries left
 
 
+def test_a_rewrite_keeping_size_mtime_and_footer_is_recomputed_even_under_an_open_harness(tmp_path: Path) -> None:
+    """The predictions of a day shuffled among its rows: every column chunk keeps its size,
+    min/max and null count, so the footer digest is the same, and the mtime is put back. The
+    file's ctime (which nothing sets back) still changes, and no run serves the old values."""
+    from conftest import write_dataset
+
+    n = 2000
+    start = np.datetime64("2026-03-04T15:00:00", "us")
+    ts = pa.array(start + np.arange(n).astype("timedelta64[s]"), pa.timestamp("us", tz="UTC"))
+    rng = np.random.default_rng(9)
+    p, t = rng.normal(size=n), rng.normal(size=n)
+    folder = tmp_path / "d"
+    write_dataset(folder, {"2026-03-04": pa.table({"ts": ts, "pred_a": p, "target_a": t})}, {})
+    victim = folder / "2026-03-04.parquet"
+
+    def rewrite(pred: np.ndarray) -> None:
+        pq.write_table(pa.table({"ts": ts, "pred_a": pred, "target_a": t}), victim, compression="none",
+                       use_dictionary=False)
+
+    rewrite(p)
+    stat = os.stat(victim)
+    shuffled = rng.permutation(p)
+    cache = tmp_path / "cache"
+    h = Harness(folder, cache=cache)
+    before = h.metrics(["corr"], pairs="pred_a:target_a")["value"][0]
+    footer = h.dataset.files[0].footer
+    rewrite(shuffled)
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(victim).st_size == stat.st_size and os.stat(victim).st_mtime_ns == stat.st_mtime_ns
+    kept_open = h.metrics(["corr"], pairs="pred_a:target_a")["value"][0]
+    assert h.dataset.files[0].footer == footer  # only the ctime tells
+    assert h.last_run is not None and h.last_run.cache_hits == 0
+    h.close()
+    with Harness(folder, cache=cache) as fresh:
+        again = fresh.metrics(["corr"], pairs="pred_a:target_a")["value"][0]
+        assert fresh.last_run is not None and fresh.last_run.cache_hits == 1  # the entry just written
+    assert before == pytest.approx(float(np.corrcoef(p, t)[0, 1]), rel=1e-12)
+    assert kept_open == again == pytest.approx(float(np.corrcoef(shuffled, t)[0, 1]), rel=1e-12)
+
+
+def test_an_entry_edited_into_other_numbers_is_recomputed(backtest: Path, tmp_path: Path) -> None:
+    """Every entry carries a digest of its key and values; one rewritten with other values (by
+    hand, or by anything but the cache) no longer matches and is recomputed, not served."""
+    cache = tmp_path / "cache"
+    expected = Harness(backtest, cache=cache).metrics(METRICS, pairs=PAIR)
+    entries = sorted(cache.glob("*/*.parquet"))
+    for entry in entries:
+        frame = pl.read_parquet(entry)
+        stats = [c for c, d in frame.schema.items() if d == pl.Float64]
+        frame.with_columns(pl.col(c) * 2 for c in stats).write_parquet(entry)
+    h = Harness(backtest, cache=cache)
+    got = h.metrics(METRICS, pairs=PAIR)
+    assert h.last_run is not None and h.last_run.cache_hits == 0
+    assert got.equals(expected) and counts(got) == reference_count(backtest)
+    h.metrics(METRICS, pairs=PAIR)  # the recomputed entries are whole again
+    assert h.last_run.cache_hits == len(entries)
+
+
 def test_corrupt_cache_entry_is_recomputed(backtest: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     expected = Harness(backtest, cache=cache).metrics(METRICS, pairs=PAIR)

@@ -11,6 +11,7 @@ import datetime as dt
 import glob
 import json
 import os
+import re
 import tempfile
 import time
 import uuid
@@ -313,6 +314,26 @@ def test_sink_whose_upload_fails_removes_the_staged_parts(s3: S3, monkeypatch: p
             h.sink("tight", f"s3://{BUCKET}/out/upfail")
     assert len(calls) == 3  # two parts were staged before the failure
     assert s3.keys(BUCKET, "out/upfail") == []
+
+
+def test_a_staging_prefix_the_store_cannot_remove_is_named_in_the_error(
+        s3: S3, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store stops answering mid-upload: the staged parts cannot be removed either, and the
+    error says which prefix is left to delete."""
+    with with_experiments(Harness(f"s3://{BUCKET}/run1/", storage_options=s3.options())) as h:
+        fs = h.dataset.filesystem
+        calls: list[str] = []
+        monkeypatch.setattr(fs, "put_file", _failing_after(fs.put_file, 2, OSError("read timeout"), calls))
+        monkeypatch.setattr(fs, "rm", _failing_after(fs.rm, 0, OSError("read timeout"), []))
+        with pytest.raises(ExecutionError, match=(
+            rf"uploading.*read timeout.*staging prefix s3://{BUCKET}/out/stall\.tmp-[0-9a-f]{{8}}/ could not be "
+            rf"removed.*delete it")) as info:
+            h.sink("tight", f"s3://{BUCKET}/out/stall")
+    named = re.search(rf"s3://{BUCKET}/(out/stall\.tmp-[0-9a-f]{{8}})/", str(info.value))
+    left = s3.keys(BUCKET, "out/stall")
+    assert named and len(left) == 2 and all(k.startswith(named.group(1) + "/") for k in left)
+    for key in left:  # the store is back: deleting it is what the error asks for
+        s3.client().delete_object(Bucket=BUCKET, Key=key)
 
 
 def _failing_after(real: object, k: int, error: BaseException, calls: list[str]) -> object:

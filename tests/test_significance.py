@@ -196,3 +196,24 @@ def test_a_lag_of_t_or_more_names_the_series(make_backtest: Callable[..., Path])
                 h.compare("mse", "clip", "baseline", "pred_10s:target_10s", lag=lag)
         assert h.compare("mse", "clip", "baseline", "pred_10s:target_10s", lag=1).table["dm_stat"][0] is not None
         assert set(h.summary(["mse"], pairs="pred_10s:target_10s", lag=2)["nw_lag"]) == {2}
+
+
+@pytest.mark.parametrize("value", [0.1, 0.7, 1 / 3, 123.456, -2.5e-20])
+@pytest.mark.parametrize("n", [3, 20, 250])
+def test_days_equal_up_to_rounding_give_no_t_statistic(value: float, n: int) -> None:
+    exact = summarize_series(np.full(n, value), lag=0)  # np.mean of these is off by an ulp
+    assert exact.mean == value and exact.std == 0.0
+    assert math.isnan(exact.t_stat) and math.isnan(exact.icir) and math.isnan(exact.p_value)
+    wobble = np.full(n, value) * (1 + np.where(np.arange(n) % 2 == 0, 1, -1) * 2.0**-52)
+    rounded = summarize_series(wobble, lag=0)
+    assert rounded.std == 0.0 and math.isnan(rounded.t_stat) and math.isnan(rounded.icir)
+    assert math.isnan(diebold_mariano(wobble, lag=0).statistic)
+
+
+def test_a_small_but_real_spread_still_gets_its_t_statistic() -> None:
+    x = 0.05 + 1e-9 * np.random.default_rng(11).standard_normal(20)  # spread 2e-8 of the level
+    s = summarize_series(x, lag=1)
+    xl = x.astype(np.longdouble)
+    t = float(xl.mean() / np.sqrt(nw_direct(x, 1) / 20))
+    assert s.std == pytest.approx(float(np.std(xl, ddof=1)), rel=1e-6)
+    assert s.t_stat == pytest.approx(t, rel=1e-6)

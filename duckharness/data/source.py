@@ -49,6 +49,11 @@ class FileInfo:
     # identity in the cache: a rewrite that keeps the size and the mtime (cp -p, rsync -t) but not
     # the values still changes it.
     footer: str = ""
+    # For a local file, its inode and status-change time (ctime, nanoseconds): any write, rename
+    # into place or ``touch``/``utime`` sets the ctime to now, and nothing a user runs sets it
+    # back, so a rewrite that restores the size, the mtime and even the footer is still seen.
+    # Empty for remote objects (their ETag stamp is ``mtime``).
+    change: str = ""
 
 
 @dataclass
@@ -351,17 +356,19 @@ def _common_type(a: str, b: str, con: duckdb.DuckDBPyConnection) -> str:
     return str(row[0][0])
 
 
-def file_identities(source: Any, storage_options: Mapping[str, Any] | None = None) -> dict[str, tuple[int, float]]:
-    """Each file of the source now, listed afresh: path -> (size, modification stamp)."""
+def _local_identity(path: str) -> tuple[int, float, str]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime, f"{st.st_ino}:{st.st_ctime_ns}"
+
+
+def file_identities(source: Any, storage_options: Mapping[str, Any] | None = None) -> dict[str, tuple[int, float, str]]:
+    """Each file of the source now, listed afresh: path -> (size, modification stamp, change
+    stamp); see :class:`FileInfo`."""
     if is_remote(source):
         _, paths, _, stats = list_remote(source, storage_options or {})
-        return {p: stats[p] for p in paths}
+        return {p: (*stats[p], "") for p in paths}
     paths, _ = list_local(source)
-    out = {}
-    for p in paths:
-        st = os.stat(p)
-        out[p] = (st.st_size, st.st_mtime)
-    return out
+    return {p: _local_identity(p) for p in paths}
 
 
 def open_dataset(
@@ -373,16 +380,15 @@ def open_dataset(
 ) -> Dataset:
     """List the source, read every footer once, and load ``metadata.json``."""
     fs = None
+    stats: dict[str, tuple[int, float, str]]
     if is_remote(source):
-        fs, paths, root, stats = list_remote(source, storage_options or {})
+        fs, paths, root, stamps = list_remote(source, storage_options or {})
+        stats = {p: (*stamps[p], "") for p in paths}
         meta = load_remote_metadata(fs, root, metadata)
     else:
         paths, root = list_local(source)
         meta = load_metadata(root, metadata)
-        stats = {}
-        for p in paths:
-            st = os.stat(p)
-            stats[p] = (st.st_size, st.st_mtime)
+        stats = {p: _local_identity(p) for p in paths}
     con = ConnectionConfig(threads=None, filesystem=fs).open()
     try:
         footers = read_footers(paths, con=con, tracer=tracer)
@@ -396,7 +402,7 @@ def open_dataset(
         con.close()
     files = []
     for p in paths:
-        size, mtime = stats[p]
+        size, mtime, change = stats[p]
         rows, cols = footers[p]
         lo, hi = ranges.get(p, (None, None))
         files.append(
@@ -411,6 +417,7 @@ def open_dataset(
                 null_free.get(p, frozenset()) & set(cols),
                 row_groups.get(p, ()),
                 digests.get(p, ""),
+                change,
             )
         )
     return Dataset(files, columns, meta, time_column, root, dict(storage_options or {}), fs)

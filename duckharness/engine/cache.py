@@ -2,9 +2,12 @@
 
 An entry is keyed by the exact SQL of the batch's aggregate query (which names its files and
 holds every experiment, metric and shift) and by each file's identity (path, size, modification
-time or ETag stamp). A rewritten file, a changed metric file or experiment gives another key, so
-nothing stale is ever served. Entries are Parquet files written to a temporary name and renamed
-into place, so concurrent runs sharing a cache never see half-written entries.
+time or ETag stamp, a digest of its footer and, for a local file, its inode and ctime). A
+rewritten file, a changed metric file or experiment gives another key, so nothing stale is ever
+served. Entries are Parquet files written to a temporary name and renamed into place, so
+concurrent runs sharing a cache never see half-written entries; each carries a digest of its key
+and values in its Parquet metadata, and one that does not match (damaged, edited, or written by
+something else) is recomputed and overwritten.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ ENV = "DUCKHARNESS_CACHE"
 
 OFF = ("0", "off", "false", "no", "none")
 _FILE = "__cache_entry"
+_DIGEST = "duckharness.digest"
 _SHARD = re.compile(r"[0-9a-f]{2}")
 _ENTRY = re.compile(r"\.?[0-9a-f]{64}\.(parquet|json)(\.[0-9a-f]{8}\.tmp)?")
 
@@ -65,21 +69,40 @@ class StatsCache:
     def key(sql: str, files: Sequence[FileInfo]) -> str:
         h = hashlib.sha256(sql.encode())
         for f in files:
-            h.update(f"\0{f.path}\0{f.size}\0{f.mtime!r}\0{f.footer}".encode())
+            h.update(f"\0{f.path}\0{f.size}\0{f.mtime!r}\0{f.footer}\0{f.change}".encode())
         return h.hexdigest()
 
     def _path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.parquet"
 
+    @staticmethod
+    def digest(key: str, frame: pl.DataFrame) -> str:
+        """A digest of an entry's key, schema and values (floats as their shortest exact text)."""
+        h = hashlib.sha256(key.encode())
+        h.update(repr(list(frame.schema.items())).encode())
+        h.update(frame.write_csv(float_precision=None).encode())
+        return h.hexdigest()
+
+    def _stored_digest(self, key: str) -> str | None:
+        try:
+            return pl.read_parquet_metadata(self._path(key)).get(_DIGEST)
+        except (OSError, pl.exceptions.PolarsError):
+            return None
+
+    def _verified(self, key: str, frame: pl.DataFrame, stored: str | None) -> pl.DataFrame | None:
+        return frame if stored is not None and stored == self.digest(key, frame) else None
+
     def get(self, key: str) -> pl.DataFrame | None:
         path = self._path(key)
         try:
-            return pl.read_parquet(path)
+            frame = pl.read_parquet(path)
         except (FileNotFoundError, OSError, pl.exceptions.PolarsError):
             return None  # missing, or unreadable: recompute (and overwrite)
+        return self._verified(key, frame, self._stored_digest(key))  # damaged or edited: the same
 
     def put(self, key: str, frame: pl.DataFrame) -> None:
-        self._write(self._path(key), frame.write_parquet)
+        meta = {_DIGEST: self.digest(key, frame)}
+        self._write(self._path(key), lambda tmp: frame.write_parquet(tmp, metadata=meta))
 
     def get_many(self, keys: Sequence[str]) -> list[pl.DataFrame | None]:
         """``[self.get(k) for k in keys]``, reading the stored entries in one Parquet read (a
@@ -95,7 +118,10 @@ class StatsCache:
             found = {k: parts.get((str(paths[k]),), empty) for k in stored}
         except (OSError, pl.exceptions.PolarsError):
             return [self.get(k) if k in stored else None for k in keys]
-        return [found.get(k) for k in keys]
+        # Read together, an entry's columns may have been widened to the others' types: one that
+        # does not match its digest so is read again alone before it counts as damaged.
+        checked = {k: self._verified(k, f, self._stored_digest(k)) for k, f in found.items()}
+        return [(checked[k] if checked[k] is not None else self.get(k)) if k in checked else None for k in keys]
 
     def get_values(self, key: str) -> list[float | None] | None:
         """A small list of numbers stored under ``key`` (the shifts of a run), or None."""

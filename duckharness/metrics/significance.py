@@ -14,7 +14,11 @@ Conventions (T = number of days, u = the series minus its mean):
   within the series, and the variance, hence every t, is meaningless);
 - Diebold–Mariano ``DM = d̄ / sqrt(S/T)`` on the loss differential d, with the
   Harvey–Leybourne–Newbold correction ``DM* = DM · sqrt((T + 1 − 2h + h(h−1)/T) / T)`` for
-  horizon ``h = L + 1``, and a two-sided p-value from Student's t with T − 1 degrees of freedom.
+  horizon ``h = L + 1``, and a two-sided p-value from Student's t with T − 1 degrees of freedom;
+- a spread below ``RESOLUTION`` times the largest magnitude in the series is rounding, not
+  variation (per-day metrics are not computed that finely): it counts as zero, so days that are
+  equal up to rounding give an undefined ICIR, t and DM (NaN), as exactly equal days do, instead
+  of a t of 1e16.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 
 ArrayLike = Sequence[float] | np.ndarray
+
+RESOLUTION = 1e-12
+"""Relative size below which a series' spread is taken for rounding (see the module docstring)."""
 
 
 def newey_west_lag(n: int) -> int:
@@ -56,6 +63,17 @@ def _clean(x: ArrayLike) -> np.ndarray:
     return a[np.isfinite(a)]
 
 
+def _mean(a: np.ndarray) -> float:
+    """The mean, computed around the first value, so that equal values give exactly that value
+    (``np.mean`` of twenty 0.1 is 0.10000000000000002)."""
+    return float(a[0] + (a - a[0]).mean())
+
+
+def _noise_floor(a: np.ndarray) -> float:
+    """The spread (a standard deviation) at or below which ``a`` counts as constant."""
+    return RESOLUTION * float(np.abs(a).max())
+
+
 def long_run_variance(x: ArrayLike, lag: int | None = None) -> float:
     """Newey–West (Bartlett kernel) long-run variance ``γ_0 + 2 Σ_j (1 − j/(L+1)) γ_j``.
 
@@ -72,7 +90,7 @@ def long_run_variance(x: ArrayLike, lag: int | None = None) -> float:
         return math.nan
     check_lag(lag, n)
     lag = newey_west_lag(n) if lag is None else lag
-    u = a - a.mean()
+    u = a - _mean(a)
     s = float(u @ u) / n
     for j in range(1, min(lag, n - 1) + 1):
         s += 2 * (1 - j / (lag + 1)) * float(u[j:] @ u[:-j]) / n
@@ -170,11 +188,14 @@ def summarize_series(x: ArrayLike, lag: int | None = None) -> SeriesSummary:
     lag = newey_west_lag(n) if lag is None else lag
     if n == 0:
         return SeriesSummary(0, math.nan, math.nan, math.nan, math.nan, math.nan, lag, math.nan)
-    mean = float(a.mean())
-    std = float(a.std(ddof=1)) if n > 1 else math.nan
+    mean = _mean(a)
+    floor = _noise_floor(a)
+    std = float(np.sqrt(((a - mean) ** 2).sum() / (n - 1))) if n > 1 else math.nan
+    if std <= floor:
+        std = 0.0
     icir = mean / std if n > 1 and std > 0 else math.nan
     s = long_run_variance(a, lag) if n > 1 else math.nan
-    t = mean / math.sqrt(s / n) if n > 1 and s > 0 else math.nan
+    t = mean / math.sqrt(s / n) if n > 1 and s > 0 and math.sqrt(s) > floor else math.nan
     return SeriesSummary(n, mean, std, icir, t, two_sided_p(t, n - 1), lag, float((a > 0).mean()))
 
 
@@ -207,10 +228,10 @@ def diebold_mariano(d: ArrayLike, lag: int | None = None) -> DieboldMariano:
     check_lag(lag, n)
     lag = newey_west_lag(n) if lag is None else lag
     if n < 2:
-        return DieboldMariano(n, float(a.mean()) if n else math.nan, math.nan, math.nan, lag)
-    mean = float(a.mean())
+        return DieboldMariano(n, _mean(a) if n else math.nan, math.nan, math.nan, lag)
+    mean = _mean(a)
     s = long_run_variance(a, lag)
-    if not s > 0:
+    if not s > 0 or math.sqrt(s) <= _noise_floor(a):
         return DieboldMariano(n, mean, math.nan, math.nan, lag)
     h = lag + 1
     correction = (n + 1 - 2 * h + h * (h - 1) / n) / n

@@ -207,15 +207,31 @@ def _sink_remote(
                 _remote_call(url, upload, "uploading")
             _check_remote_target(fs, remote, url, overwrite, again=True)
             _move_remote(fs, staging, remote, url, data)
-        finally:
-            with contextlib.suppress(Exception):  # cleaning up must not hide the real error
-                fs.invalidate_cache(staging)
-                if fs.exists(staging):
-                    fs.rm(staging, recursive=True)
+        except BaseException as e:
+            if not _remove_staging(fs, staging) and isinstance(e, DuckHarnessError):
+                kind = InputError if isinstance(e, InputError) else ExecutionError
+                raise kind(
+                    f"{e} Its staging prefix {fs.unstrip_protocol(staging)}/ could not be removed "
+                    f"(the store did not answer); delete it when the store is back."
+                ) from e
+            raise
+        _remove_staging(fs, staging)
     finally:
         shutil.rmtree(local_root, ignore_errors=True)
     files = [fs.unstrip_protocol(f"{remote}/{f}") for f in data]
     return SinkResult(url, files, local.rows, {**local.timings, "total": time.perf_counter() - t0})
+
+
+def _remove_staging(fs: Any, staging: str) -> bool:
+    """Remove the staging prefix if it is there; False if that failed (never raises: cleaning up
+    must not hide the real error)."""
+    try:
+        fs.invalidate_cache(staging)
+        if fs.exists(staging):
+            fs.rm(staging, recursive=True)
+    except Exception:
+        return False
+    return True
 
 
 def _remote_call(url: str, call: Callable[[], _T], doing: str = "checking the output") -> _T:
