@@ -68,7 +68,13 @@ def _window(args: argparse.Namespace) -> Any:
     if getattr(args, "no_window", False):
         return False
     if getattr(args, "window", None):
-        start, _, end = args.window.partition("-")
+        start, dash, end = args.window.partition("-")
+        if not dash:
+            from duckharness.errors import InputError
+
+            raise InputError(
+                f"--window {args.window!r} must be START-END, e.g. 09:30-16:00 (or 10:00- / -15:00 for one bound)."
+            )
         return (start or None, end or None)
     return None
 
@@ -243,6 +249,25 @@ def _whole(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
 
 
+class _Once(argparse.Action):
+    """A single-valued option that may be given once (``compare --metric mse --metric corr`` is
+    a usage error, not the last one silently)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(
+                f"{option_string} given twice ({getattr(namespace, self.dest)!r} and {values!r}); "
+                f"compare takes one of each (run it once per metric or pair of experiments)"
+            )
+        setattr(namespace, self.dest, values)
+
+
 def _positive(text: str) -> int:
     value = _whole(text)
     if value < 1:
@@ -264,7 +289,11 @@ def _source_options(p: argparse.ArgumentParser, *, experiments: bool = True, win
         p.add_argument("--experiments", metavar="FILE", help="SQL file of '-- experiment: NAME' statements")
     if window:
         w = p.add_mutually_exclusive_group()
-        w.add_argument("--window", metavar="HH:MM-HH:MM", help="override the metadata session window")
+        w.add_argument(
+            "--window",
+            metavar="HH:MM-HH:MM",
+            help="override the metadata session window (HH:MM- or -HH:MM for one bound)",
+        )
         w.add_argument("--no-window", action="store_true", help="ignore the session window")
     p.add_argument("--storage-options", metavar="JSON", help="fsspec options for remote sources, JSON or @file.json")
     p.add_argument("--workers", type=_positive, help="parallel workers (default: CPU count)")
@@ -434,9 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
         "bootstrap interval of the difference in the pooled metric. One scan.",
     )
     _source_options(c)
-    c.add_argument("--a", required=True, metavar="NAME", help="experiment A (differences are A − B)")
-    c.add_argument("--b", required=True, metavar="NAME", help="experiment B")
-    c.add_argument("--metric", required=True, metavar="NAME", help="metric to compare, e.g. mse or rank_ic")
+    c.add_argument("--a", required=True, action=_Once, metavar="NAME", help="experiment A (differences are A − B)")
+    c.add_argument("--b", required=True, action=_Once, metavar="NAME", help="experiment B")
+    c.add_argument(
+        "--metric", required=True, action=_Once, metavar="NAME", help="metric to compare, e.g. mse or rank_ic"
+    )
     c.add_argument("--metric-dir", action="append", metavar="DIR", help="folder of your own metric SQL files")
     c.add_argument("--pair", action="append", metavar="PRED:TARGET", help=pair_help)
     c.add_argument("--lag", type=int, metavar="L", help="Newey–West lag (default floor(4 (T/100)^(2/9)))")
@@ -508,10 +539,12 @@ def _is_interruption(e: BaseException) -> bool:
     return False
 
 
-def _interrupt_on_signals(received: list[int]) -> Callable[[], None]:
-    """Make SIGINT and SIGTERM raise KeyboardInterrupt in the main thread (recording which came, as
-    DuckDB turns the exception into its own), so ``finally`` blocks clean up; returns the undo.
-    A signal that is ignored (a background job's SIGINT) stays ignored.
+def _interrupt_on_signals(received: list[int], armed: list[bool]) -> Callable[[], None]:
+    """Make SIGINT and SIGTERM raise KeyboardInterrupt in the main thread while ``armed[0]`` (and
+    record which came, as DuckDB turns the exception into its own), so ``finally`` blocks clean
+    up; unarmed, a signal is only recorded (while DuckDB's module loads, where an exception would
+    abort the process, and while the outcome is reported). Returns the undo. A signal that is
+    ignored (a background job's SIGINT) stays ignored.
 
     Python runs a signal handler only when the main thread is back in the interpreter, and DuckDB
     checks for one only between tasks, so a long operator (a sink's COPY of a sorted or windowed
@@ -522,13 +555,14 @@ def _interrupt_on_signals(received: list[int]) -> Callable[[], None]:
 
     def interrupt(signum: int, frame: Any) -> None:
         received.append(signum)
-        raise KeyboardInterrupt
+        if armed[0]:
+            raise KeyboardInterrupt
 
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(sig) is not signal.SIG_IGN:
             previous[sig] = signal.signal(sig, interrupt)
-    stop_watching = _watch_signals(set(previous))
+    stop_watching = _watch_signals(set(previous))  # loads DuckDB
 
     def undo() -> None:
         stop_watching()
@@ -573,14 +607,6 @@ def _watch_signals(signals: set[int]) -> Callable[[], None]:
         reader.close()
 
     return stop
-
-
-def _record_only(received: list[int]) -> None:
-    """From here on a signal is only recorded: the message and exit status are not interrupted."""
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(sig) not in (signal.SIG_IGN, signal.SIG_DFL, signal.default_int_handler):
-                signal.signal(sig, lambda signum, frame: received.append(signum))
 
 
 def _exit_if_threads_hang(code: int, grace: float = 2.0) -> None:
@@ -630,14 +656,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     default_show = warnings.showwarning
     warnings.showwarning = show
     received: list[int] = []
-    restore_signals = _interrupt_on_signals(received)
+    armed = [False]
+    restore_signals = _interrupt_on_signals(received, armed)
     try:
-        code = int(args.func(args))
+        try:
+            import duckharness.harness  # noqa: F401  (DuckDB, Polars, sqlglot: loaded unarmed)
+
+            if received:  # Ctrl-C while starting up
+                raise KeyboardInterrupt
+            armed[0] = True
+            code = int(args.func(args))
+        finally:
+            armed[0] = False  # from here on a signal is only recorded: the outcome is reported whole
         if received:  # a signal whose exception something swallowed: still an interruption
             raise KeyboardInterrupt
         return code
     except BaseException as e:
-        _record_only(received)
         if isinstance(e, BrokenPipeError):  # `duckharness ... | head`: the reader has all it wants
             _silence_stdout()
             return 128 + signal.SIGPIPE
@@ -665,7 +699,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Error: {type(e).__name__}: {text}" if isinstance(e, OSError) else f"Error: {text}", file=sys.stderr)
         return 1
     finally:
-        restore_signals()
+        if argv is not None:  # a call from Python gets its handlers back; a process just ends,
+            restore_signals()  # and a late Ctrl-C stays recorded, not a traceback at exit
         warnings.showwarning = default_show
 
 

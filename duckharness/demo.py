@@ -65,6 +65,9 @@ def one_day(day: dt.date, rows: int, rng: np.random.Generator, symbols: int = 50
     return pa.table(cols)
 
 
+DEMO_FILES = ("metadata.json", "experiments.sql")
+
+
 def write_demo_dataset(
     out: str | os.PathLike[str],
     *,
@@ -92,26 +95,29 @@ def write_demo_dataset(
             f"replace an earlier demo dataset there."
         )
     os.makedirs(out, exist_ok=True)
-    meta_path = os.path.join(out, "metadata.json")
-    old = [f for f in os.listdir(out) if f.endswith(".parquet")]
-    if old:
+    entries = sorted(os.listdir(out))
+    if entries:  # --overwrite: only an earlier demo, whole, is replaced
         try:
-            with open(meta_path) as fh:
+            with open(os.path.join(out, "metadata.json")) as fh:
                 is_demo = json.load(fh).get("model") == "synthetic-demo"
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):
             is_demo = False
-        foreign = sorted(f for f in old if not re.fullmatch(r"\d{4}-\d{2}-\d{2}\.parquet", f))
-        if is_demo and foreign:
+        if not is_demo:
+            what = "Parquet files" if any(e.endswith(".parquet") for e in entries) else "files"
             raise InputError(
-                f"Folder {out} holds Parquet files a demo does not write ({', '.join(foreign)}); not replacing "
+                f"Folder {out} already holds {what} that are not a demo dataset ({', '.join(entries[:3])}"
+                f"{', …' if len(entries) > 3 else ''}); choose an empty or new folder."
+            )
+        foreign = [e for e in entries if e not in DEMO_FILES and not re.fullmatch(r"\d{4}-\d{2}-\d{2}\.parquet", e)]
+        if foreign:
+            kind = "Parquet files" if all(e.endswith(".parquet") for e in foreign) else "files"
+            raise InputError(
+                f"Folder {out} holds {kind} a demo does not write ({', '.join(foreign)}); not replacing "
                 f"it. Move them away or choose another folder."
             )
-        if not is_demo:
-            raise InputError(
-                f"Folder {out} already holds Parquet files that are not a demo dataset; choose an empty or new folder."
-            )
-        for name in old:  # an earlier demo: replace it whole, never mix days of two runs
-            os.remove(os.path.join(out, name))
+        for name in entries:  # an earlier demo: replace it whole, never mix days of two runs
+            if name.endswith(".parquet"):
+                os.remove(os.path.join(out, name))
     rng = np.random.default_rng(seed)
     paths = []
     for day in trading_days(start, days):

@@ -479,7 +479,7 @@ class Harness:
         ms = self.metric_library.resolve(metrics)
         pair_list = self._pairs(pairs)
         names = self._experiment_names(experiments)
-        by_list = [by] if isinstance(by, str) else list(by or [])
+        by_list = list(dict.fromkeys([by] if isinstance(by, str) else (by or [])))
         run_executor = self._executor(executor, workers)
         self.last_run = RunStats()
         self.last_run.timings["listing"] = self.listing_seconds
@@ -566,7 +566,7 @@ class Harness:
         """
         from duckharness.engine.analysis import daily_series
 
-        names = [metrics] if isinstance(metrics, str) else list(metrics)
+        names = list(dict.fromkeys([metrics] if isinstance(metrics, str) else metrics))
         self._check_metric_names(names)
         _check_plot(plot)
         df = daily_series(
@@ -772,12 +772,12 @@ class Harness:
             isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(x, str) for x in pairs)
         ):
             pairs = [pairs]
-        return [Pair.parse(p) for p in pairs]
+        return list(dict.fromkeys(Pair.parse(p) for p in pairs))  # a pair given twice is one pair
 
     def _experiment_names(self, experiments: Sequence[str] | str | None) -> list[str]:
         if experiments is None:
             return self.experiments.names
-        names = [experiments] if isinstance(experiments, str) else list(experiments)
+        names = list(dict.fromkeys([experiments] if isinstance(experiments, str) else experiments))
         for n in names:
             if n not in self.experiments:
                 self.experiments.step(n)  # raises UnknownExperimentError naming it

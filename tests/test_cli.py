@@ -345,3 +345,53 @@ def test_top_level_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str
         assert name in out
         assert helps.get(name), f"subcommand {name} has no one-line help"
         assert helps[name] in " ".join(out.split())
+
+
+@pytest.mark.parametrize("repeated", [
+    ["--metric", "mse", "--metric", "mse", "--metric", "count"],
+    ["--metric", "mse", "--metric", "count", "--pair", "pred_10s", "--pair", "pred_10s:target_10s"],
+    ["--metric", "mse", "--metric", "count", "--by", "symbol", "--by", "symbol"],
+], ids=["metric", "pair", "by"])
+def test_an_option_given_twice_counts_once(demo: Path, repeated: list[str],
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    by = ["--by", "symbol"] if "--by" in repeated else []
+    assert main(["metrics", str(demo), "--metric", "mse", "--metric", "count", "--pair", PAIR, *by,
+                 "--format", "csv"]) == 0
+    once = capsys.readouterr().out
+    assert main(["metrics", str(demo), *repeated, *([] if "--pair" in repeated else ["--pair", PAIR]),
+                 "--format", "csv"]) == 0
+    twice = capsys.readouterr().out
+    assert twice == once and len(rows_of(once)) > 0
+
+
+@pytest.mark.parametrize("option", ["--a", "--b", "--metric"])
+def test_compare_refuses_a_single_valued_option_given_twice(demo: Path, option: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    args = {"--a": ["liquid"], "--b": ["baseline"], "--metric": ["mse"]}
+    args[option] = [*args[option], {"--a": "tight", "--b": "tight", "--metric": "corr"}[option]]
+    argv = ["compare", str(demo), "--experiments", str(demo / "experiments.sql")]
+    for name, values in args.items():
+        for v in values:
+            argv += [name, v]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert f"{option} given twice" in capsys.readouterr().err
+
+
+def test_a_window_without_a_dash_is_refused(demo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["metrics", str(demo), "--metric", "count", "--pair", PAIR, "--window", "10:00"]) == 1
+    assert "--window '10:00' must be START-END" in capsys.readouterr().err
+    assert main(["metrics", str(demo), "--metric", "count", "--pair", PAIR, "--window", "10:00-"]) == 0
+
+
+def test_demo_overwrite_keeps_a_users_own_metadata_and_experiments(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "metadata.json").write_text('{"timezone": "Europe/London", "model": "prod-v3"}')
+    (out / "experiments.sql").write_text("-- my experiments\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["demo", str(out), "--overwrite"]) == 1
+    assert "already holds files that are not a demo dataset (experiments.sql, metadata.json)" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

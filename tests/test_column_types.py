@@ -208,3 +208,20 @@ def test_per_day_scans_name_the_experiment_whose_sql_fails(tmp_path: Path, call:
         with pytest.raises(ExecutionError, match=r"Experiment 'bad' failed on .*2024-06-04\.parquet: Conversion") as e:
             getattr(h, call)("pred_a:target_a", experiments=["fine", "bad"])
     assert e.value.experiment == "bad"
+
+
+def test_a_pair_column_stored_as_text_in_one_file_is_refused_naming_that_file(tmp_path: Path) -> None:
+    from duckharness import InputError
+
+    rng = np.random.default_rng(8)
+    tables = {}
+    for i, day in enumerate(["2024-06-03", "2024-06-04", "2024-06-05"]):
+        p = rng.normal(size=50)
+        start = START + dt.timedelta(days=i)
+        tables[day] = pa.table({"ts": stamps(50, start=start), "target_a": rng.normal(size=50),
+                                "pred_a": pa.array([f"{v:.6f}" for v in p]) if i == 1 else p})
+    write_dataset(tmp_path, tables, {})
+    with Harness(tmp_path, cache=False) as h, pytest.raises(InputError) as info:
+        h.metrics(["mse"], pairs="pred_a:target_a")
+    assert (f"'pred_a' of experiment 'baseline' is VARCHAR, not numeric (the files' common type: it is VARCHAR "
+            f"in {tmp_path / '2024-06-04.parquet'});") in str(info.value)

@@ -220,3 +220,48 @@ def test_a_signal_ends_the_command_even_when_a_worker_thread_is_stuck(src: Path,
     assert (done.returncode, done.stderr, done.stdout) == (143, "Terminated.\n", "")
     assert timings[0] < 15
     assert os.listdir(work) == []
+
+
+SLOW_START = r"""
+import importlib.abc, pathlib, sys, time
+from duckharness.cli import main
+
+
+class SlowHarness(importlib.abc.MetaPathFinder):  # loading DuckDB and the engine takes a while
+    def find_spec(self, name, path=None, target=None):
+        if name == "duckharness.harness":
+            pathlib.Path(sys.argv[1]).write_text("loading")
+            time.sleep(1.5)
+        return None
+
+
+sys.meta_path.insert(0, SlowHarness())
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_engine_loads_ends_the_run_quietly(src: Path, tmp_path: Path, sig: signal.Signals) -> None:
+    """A signal while DuckDB's module loads is recorded, not raised inside it (where it aborts or
+    prints a traceback): the command stops before it runs, with the usual message and status."""
+    marker, script = tmp_path / "loading", tmp_path / "run.py"
+    script.write_text(SLOW_START)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(marker), "metrics", str(src), "--no-cache"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    expected = (143, "Terminated.\n") if sig == signal.SIGTERM else (130, "Interrupted.\n")
+    assert (proc.returncode, err, out) == (*expected, "")

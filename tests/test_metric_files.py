@@ -317,10 +317,49 @@ def test_two_files_defining_one_metric_name_are_refused(tmp_path: Path) -> None:
 
 
 def test_parse_metric_default_merge_is_sum() -> None:
-    m = parse_metric("-- stats\nSELECT count(*) AS n, min(pred) AS lo FROM input;\n"
-                     "-- final\nSELECT lo AS value FROM merged;\n", path="lo.sql")
+    m = parse_metric("-- stats\nSELECT count(*) AS n, sum(pred) - 2 * sum(target) / 4 AS s FROM input;\n"
+                     "-- final\nSELECT s / n AS value FROM merged;\n", path="lo.sql")
     assert m.name == "lo"
-    assert dict(m.merge) == {"n": "sum", "lo": "sum"}
+    assert dict(m.merge) == {"n": "sum", "s": "sum"}
+
+
+@pytest.mark.parametrize(("stat", "rule"), [
+    ("min(pred)", None),  # a minimum summed over batches
+    ("avg(abs(pred - target))", None),
+    ("median(pred)", None),
+    ("sum(pred) / count(*)", None),  # a ratio of sums: divide in the final query
+    ("sum(pred) * sum(target)", None),
+    ("sqrt(sum(pred * pred))", None),
+    ("CAST(string_agg(CAST(pred AS VARCHAR), ',') AS DOUBLE)", None),
+    ("sum(pred)", "max"),
+    ("max(pred)", "min"),
+])
+def test_a_stats_column_its_merge_rule_cannot_combine_is_refused(stat: str, rule: str | None) -> None:
+    """Partials of batches (files, parts of a file) are combined by the column's merge rule; a
+    column that rule cannot combine would give a wrong pooled value, so the file is refused."""
+    merge = f"-- merge\nSELECT {rule}(s) AS s FROM partials;\n" if rule else ""
+    text = f"-- stats\nSELECT {stat} AS s FROM input;\n{merge}-- final\nSELECT s AS value FROM merged;\n"
+    with pytest.raises(MetricError, match=rf"m\.sql: stats column 's' .* cannot be merged by {rule or 'sum'}"):
+        parse_metric(text, path="m.sql")
+
+
+@pytest.mark.parametrize(("stat", "rule"), [
+    ("count(*) FILTER (WHERE pred > 0)", "sum"), ("-sum(pred) + count_if(pred > target)", "sum"),
+    ("CAST(sum(pred) AS DOUBLE) * 0.5", "sum"), ("min(pred) FILTER (WHERE target > 0)", "min"),
+    ("max(abs(pred))", "max"),
+])
+def test_stats_columns_their_merge_rule_combines_are_accepted(stat: str, rule: str) -> None:
+    text = (f"-- stats\nSELECT {stat} AS s FROM input;\n-- merge\nSELECT {rule}(s) AS s FROM partials;\n"
+            f"-- final\nSELECT s AS value FROM merged;\n")
+    assert dict(parse_metric(text, path="m.sql").merge) == {"s": rule}
+
+
+def test_a_per_batch_mean_would_be_wrong_pooled_and_is_refused_when_loaded(data: Path, tmp_path: Path) -> None:
+    (tmp_path / "mae2.sql").write_text("-- metric: mae2\n-- stats\nSELECT avg(abs(pred - target)) AS m FROM input;\n"
+                                       "-- final\nSELECT m AS value FROM merged;\n")
+    with pytest.raises(MetricError, match=r"mae2\.sql: stats column 'm' .*cannot be merged by sum") as info:
+        Harness(data, metric_dirs=[tmp_path])
+    assert info.value.path == str(tmp_path / "mae2.sql")
 
 
 # -- unknown metric names -----------------------------------------------------------------------------
@@ -356,7 +395,7 @@ def test_a_final_query_that_gives_no_number_is_a_metric_error_naming_the_file(
 
 def test_a_long_driver_message_is_cut_to_one_short_line(data: Path, tmp_path: Path) -> None:
     (tmp_path / "agg.sql").write_text(
-        "-- stats\nSELECT CAST(string_agg(CAST(pred AS VARCHAR), ',') AS DOUBLE) AS s FROM input;\n"
+        "-- stats\nSELECT sum(CAST(CAST(pred AS VARCHAR) || 'x' AS DOUBLE)) AS s FROM input;\n"
         "-- final\nSELECT s AS value FROM merged;\n")
     with Harness(data, metric_dirs=[tmp_path]) as h, pytest.raises(MetricError, match="Conversion Error") as info:
         h.metrics(["count", "agg"], pairs=[PAIR])

@@ -180,6 +180,28 @@ def test_experiment_that_cannot_be_inlined_sees_the_same_window_and_days(eastern
     assert got == reference_counts(eastern, EASTERN, "09:30", "16:00")
 
 
+@pytest.mark.parametrize("n_days", [5, 9], ids=["few_days", "more_than_eight_days"])
+def test_rows_an_experiment_moves_out_of_the_window_keep_their_local_day(tmp_path: Path, n_days: int) -> None:
+    """Hourly bars (an experiment run on all data at once) put each day's 09:30-09:59 rows at
+    09:00, outside the window: they belong to their local date, not to a day of their own (NULL)."""
+    days = [dt.date(2026, 3, 2) + dt.timedelta(days=i) for i in range(n_days)]  # across 2026-03-08
+    folder = write_days(tmp_path, days, EASTERN, SESSION, step_s=600)
+    h = Harness(folder)
+    h.add_experiment("hourly", "SELECT date_trunc('hour', ts) AS ts, symbol, avg(pred_10s) AS pred_10s, "
+                     "avg(target_10s) AS target_10s FROM baseline GROUP BY ALL")
+    got = counts_by_day(h, "hourly")
+    assert "whole" in h.last_run.timings
+    z = zoneinfo.ZoneInfo(EASTERN)
+    bars: set[tuple[dt.date, int, str]] = set()
+    table = read_all(folder)
+    for t, sym in zip(table["ts"].to_pylist(), table["symbol"].to_pylist(), strict=True):
+        local = t.astimezone(z)
+        if dt.time(9, 30) <= local.time() <= dt.time(16, 0):
+            bars.add((local.date(), local.hour, sym))
+    assert got == dict(Counter(d for d, _, _ in bars))
+    assert None not in got and len(got) == n_days
+
+
 # --- other zones and time encodings ----------------------------------------------------------------
 
 @pytest.mark.parametrize(("start", "end"), [("08:00", "16:30"), ("00:30", "03:00"), ("16:00", None)],

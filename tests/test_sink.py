@@ -23,7 +23,7 @@ from sklearn.metrics import mean_squared_error, r2_score
 
 from duckharness import Harness
 from duckharness.demo import one_day, trading_days
-from duckharness.errors import InputError, TransformError, UnknownExperimentError
+from duckharness.errors import DuckHarnessWarning, InputError, TransformError, UnknownExperimentError
 from duckharness.execution.progress import Progress
 
 DAYS = trading_days(dt.date(2026, 3, 4), 5)  # crosses the DST switch of 2026-03-08
@@ -261,6 +261,47 @@ def test_existing_output_is_refused_without_overwrite_and_left_untouched(harness
         harness.sink("liquid", out)
     assert snapshot(out) == {"precious.txt": b"keep me"}
     assert os.listdir(tmp_path) == ["out"]
+
+
+@pytest.mark.parametrize("where", ["inside", "the_source", "around"])
+def test_a_sink_overlapping_a_source_folder_is_refused_and_nothing_is_written(
+        tmp_path: Path, where: str) -> None:
+    """A sink into a subfolder of a folder of nested day files would be listed as more of the
+    source (every row twice); into the source itself or a folder around it, it would replace it."""
+    rng = np.random.default_rng(4)
+    src = tmp_path / "src"
+    for d in DAYS[:2]:
+        write_dataset(src / "2026" / d.isoformat(), {"part": one_day(d, 300, rng)}, None)
+    (src / "metadata.json").write_text(json.dumps(META))
+    before = snapshot(tmp_path)
+    out = {"inside": src / "derived", "the_source": src, "around": tmp_path}[where]
+    with Harness(src) as h:
+        assert len(h.files) == 2
+        with pytest.raises(InputError, match=rf"Output {out} overlaps the source {src}.*outside it"):
+            h.sink("baseline", out, overwrite=True)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_sink_beside_a_single_source_file_is_allowed(folder: Path, tmp_path: Path) -> None:
+    day = sorted(folder.glob("*.parquet"))[0]
+    single = tmp_path / day.name
+    single.write_bytes(day.read_bytes())
+    with Harness(single, metadata=META) as h:
+        result = h.sink("baseline", tmp_path / "out")
+        assert result.rows == h.metrics(["count"], pairs="pred_10s:target_10s")["value"][0]
+
+
+def test_a_folder_with_files_of_its_own_warns_that_its_subfolders_are_not_read(folder: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    days = sorted(folder.glob("*.parquet"))
+    (src / days[0].name).write_bytes(days[0].read_bytes())
+    (src / "old").mkdir()
+    (src / "old" / days[1].name).write_bytes(days[1].read_bytes())
+    with pytest.warns(DuckHarnessWarning, match=r"subfolders are not read \(1 Parquet file\(s\) there, e\.g\. old/"):
+        h = Harness(src, metadata=META)
+    assert h.files == [str(src / days[0].name)]
+    h.close()
 
 
 def test_overwrite_replaces_the_whole_output_folder(harness: Harness, ref: pl.DataFrame, tmp_path: Path) -> None:

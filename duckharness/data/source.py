@@ -13,6 +13,7 @@ import glob as globlib
 import hashlib
 import os
 import posixpath
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +23,7 @@ from sqlglot import exp
 
 from duckharness import sqlbuild as sb
 from duckharness.data.metadata import Metadata, parse_metadata, parse_metadata_text
-from duckharness.errors import MetadataError, SourceError
+from duckharness.errors import DuckHarnessWarning, MetadataError, SourceError
 from duckharness.execution.connection import ConnectionConfig, fetch_all
 from duckharness.execution.executor import brief
 
@@ -67,6 +68,9 @@ class Dataset:
     root: str
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     filesystem: Any = field(default=None, repr=False)
+    # Whether the source is a folder or a glob, so that listing it again may find files added
+    # under ``root`` (a list of files, or one file, is those files only).
+    listed: bool = False
 
     @property
     def paths(self) -> list[str]:
@@ -129,8 +133,17 @@ def list_local(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
     path = os.path.abspath(text)
     if os.path.isdir(path):
         paths = sorted(globlib.glob(os.path.join(globlib.escape(path), "*.parquet")))
+        nested = sorted(globlib.glob(os.path.join(globlib.escape(path), "*", "**", "*.parquet"), recursive=True))
         if not paths:
-            paths = sorted(globlib.glob(os.path.join(globlib.escape(path), "**", "*.parquet"), recursive=True))
+            paths = nested
+        elif nested:
+            warnings.warn(
+                f"{path} has Parquet files of its own, so its subfolders are not read ({len(nested)} Parquet "
+                f"file(s) there, e.g. {os.path.relpath(nested[0], path)}); give a glob such as "
+                f"'{os.path.join(path, '**', '*.parquet')}' to read them all.",
+                DuckHarnessWarning,
+                stacklevel=2,
+            )
         if not paths:
             raise SourceError(f"No Parquet files in directory {path}.", path=path)
         return paths, path
@@ -420,7 +433,8 @@ def open_dataset(
                 change,
             )
         )
-    return Dataset(files, columns, meta, time_column, root, dict(storage_options or {}), fs)
+    listed = is_remote(source) or (not isinstance(source, (list, tuple)) and not os.path.isfile(os.fspath(source)))
+    return Dataset(files, columns, meta, time_column, root, dict(storage_options or {}), fs, listed)
 
 
 # --- remote sources through fsspec ---------------------------------------------------------------

@@ -301,8 +301,15 @@ class FusedScan:
                         )
                 for c in (pair.pred, pair.target):
                     if not _numeric(cols[c]):
+                        # A source column whose files disagree reads as their common type: say which
+                        # files made it so.
+                        odd = [f for f in dataset.files if c in f.columns and not _numeric(f.columns[c])]
+                        where = ""
+                        if odd and len(odd) < len(dataset.files):
+                            more = f" and {len(odd) - 1} more file(s)" if len(odd) > 1 else ""
+                            where = f" (the files' common type: it is {odd[0].columns[c]} in {odd[0].path}{more})"
                         raise InputError(
-                            f"Column {c!r} of experiment {name!r} is {cols[c]}, not numeric; "
+                            f"Column {c!r} of experiment {name!r} is {cols[c]}, not numeric{where}; "
                             f"pairs are numeric PRED:TARGET columns."
                         )
                 self.bound.append(
@@ -686,7 +693,11 @@ def window_and_day(
         return where, per_row_window(ts, aware, tz, window)[1]
     if window is None:
         return where, exp.Case(ifs=[exp.If(this=c, true=sb.date(d)) for c, d in branches], default=sb.date(ordered[-1]))
-    return where, exp.Case(ifs=[exp.If(this=c, true=sb.date(d)) for c, d in branches])
+    # Rows of the batch's files are all inside one of the windows; rows an experiment run on all
+    # data at once gives another time (``date_trunc('hour', ts)`` moves 09:30 to 09:00) fall
+    # through to the label written per row, which is what a batch of more days gives them too.
+    fallback = per_row_window(ts, aware, tz, window)[1]
+    return where, exp.Case(ifs=[exp.If(this=c, true=sb.date(d)) for c, d in branches], default=fallback)
 
 
 def per_row_window(

@@ -101,6 +101,63 @@ def _projections(tree: exp.Select, *, section: str, path: str) -> list[tuple[str
     return out
 
 
+# The aggregates whose partials merge by each rule: a stats column merged by sum must be a sum of
+# rows (SUM, COUNT, COUNT_IF, or such terms added, subtracted or scaled by constants), one merged
+# by min or max a MIN or MAX; ``avg(x)`` or ``median(x)`` of each batch cannot be combined into
+# the value over all rows by any of them.
+_MERGEABLE: dict[str, tuple[type[exp.Expr], ...]] = {
+    "sum": (exp.Sum, exp.Count, exp.CountIf),
+    "min": (exp.Min,),
+    "max": (exp.Max,),
+}
+
+
+def _is_constant(node: exp.Expr) -> bool:
+    return not any(isinstance(n, (exp.AggFunc, exp.Column, exp.Star)) for n in node.walk())
+
+
+def _mergeable(node: exp.Expr, rule: str) -> bool:
+    """Whether ``node`` (a stats column) merges by ``rule`` across any split of the rows."""
+    if isinstance(node, (exp.Paren, exp.Cast, exp.TryCast)):
+        return _mergeable(node.this, rule)
+    if isinstance(node, exp.Filter):  # sum(x) FILTER (WHERE ...)
+        return _mergeable(node.this, rule)
+    if isinstance(node, exp.AggFunc):
+        inner = [n for n in node.walk() if isinstance(n, exp.AggFunc) and n is not node]
+        return isinstance(node, _MERGEABLE[rule]) and not inner
+    if rule != "sum":
+        return False
+    if isinstance(node, exp.Neg):
+        return _mergeable(node.this, rule)
+    if isinstance(node, (exp.Add, exp.Sub)):
+        return _mergeable(node.this, rule) and _mergeable(node.expression, rule)
+    if isinstance(node, exp.Mul):
+        a, b = node.this, node.expression
+        return (_is_constant(a) and _mergeable(b, rule)) or (_is_constant(b) and _mergeable(a, rule))
+    if isinstance(node, exp.Div):
+        return _is_constant(node.expression) and _mergeable(node.this, rule)
+    return False
+
+
+def _check_mergeable(stat: str, node: exp.Expr, rule: str, path: str) -> None:
+    if _mergeable(node, rule):
+        return
+    if rule == "sum":
+        need = (
+            "a sum over rows: sum(...), count(...) or count_if(...), or such terms added, subtracted "
+            "or multiplied by constants"
+        )
+    else:
+        need = f"{rule}(...)"
+    raise _fail(
+        path,
+        f"stats column {stat!r} ({sb.render(node)}) cannot be merged by {rule} (its merge rule): the "
+        f"partials of the batches of rows are combined with {rule}(), so it must be {need}. Compute "
+        f"e.g. a mean as a sum and a count in the stats and divide in the final query; a median or "
+        f"quantile is not a metric of this kind.",
+    )
+
+
 def parse_metric(text: str, *, path: str) -> Metric:
     """Parse and validate the text of a metric file.
 
@@ -163,6 +220,9 @@ def parse_metric(text: str, *, path: str) -> Metric:
             if out not in merge:
                 raise _fail(path, f"merge column {out!r} is not a stats column ({', '.join(names)}).")
             merge[out] = MERGE_FUNCTIONS[fn]
+
+    for stat, node in stats:
+        _check_mergeable(stat, node, merge[stat], path)
 
     final_tree = _single_select("\n".join(sections["final"]), section="final", table="merged", path=path)
     finals = _projections(final_tree, section="final", path=path)
@@ -251,7 +311,11 @@ class MetricLibrary:
             return [self.get(n) for n in DEFAULT_METRICS if n in self._metrics]
         if isinstance(names, str):
             names = [names]
-        return [n if isinstance(n, Metric) else self.get(n) for n in names]
+        out: dict[str, Metric] = {}
+        for n in names:  # a metric named twice is one
+            m = n if isinstance(n, Metric) else self.get(n)
+            out.setdefault(m.name, m)
+        return list(out.values())
 
 
 DEFAULT_METRICS = ("count", "r2", "mse", "mae", "corr", "hit_rate")

@@ -92,6 +92,7 @@ def sink_experiment(
         )
     cols = h.experiments.columns(name)
     target = check_output(out, kind="folder", overwrite=overwrite)
+    _check_outside_source(h, target)
     if os.path.exists(target):
         _check_replaceable(h, target)
     tcol = h.dataset.time_column
@@ -317,11 +318,25 @@ def _move_remote(fs: Any, staging: str, remote: str, url: str, data: list[str]) 
     fs.invalidate_cache(remote)
 
 
+def _check_outside_source(h: Harness, target: str) -> None:
+    """A sink never goes inside the source's folder (a later listing of the source would read it
+    as more data: every row twice) nor around it."""
+    ds = h.dataset
+    if ds.remote:
+        return
+    src = os.path.abspath(ds.root)
+    inside = ds.listed and os.path.commonpath([target, src]) == src
+    holds = any(os.path.commonpath([target, p]) == target for p in ds.paths)
+    if inside or holds:
+        raise InputError(
+            f"Output {target} overlaps the source {ds.root} (a sink inside it would be read as more of the "
+            f"source); choose a folder outside it."
+        )
+
+
 def _check_replaceable(h: Harness, target: str) -> None:
     """``overwrite`` replaces an earlier sink or an empty folder, never the source or other data."""
-    src = h.dataset.root if not h.dataset.remote else ""
-    if src and (os.path.commonpath([target, os.path.abspath(src)]) in (target, os.path.abspath(src))):
-        raise InputError(f"Output {target} overlaps the source {src}; choose another folder.")
+    _check_outside_source(h, target)
     entries = os.listdir(target)
     if not entries:
         return
