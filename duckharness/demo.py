@@ -25,10 +25,12 @@ SELECT * FROM baseline WHERE volume > 1000;
 -- experiment: tight
 SELECT * FROM liquid WHERE spread < 0.02;
 -- experiment: clipped
+-- (least/greatest skip NULLs and rank NaN above every number: the if() keeps a missing
+-- prediction missing instead of turning it into 0.5)
 SELECT * REPLACE (
-    greatest(least(pred_1s, 0.5), -0.5) AS pred_1s,
-    greatest(least(pred_10s, 0.5), -0.5) AS pred_10s,
-    greatest(least(pred_60s, 0.5), -0.5) AS pred_60s
+    if(isfinite(pred_1s), greatest(least(pred_1s, 0.5), -0.5), pred_1s) AS pred_1s,
+    if(isfinite(pred_10s), greatest(least(pred_10s, 0.5), -0.5), pred_10s) AS pred_10s,
+    if(isfinite(pred_60s), greatest(least(pred_60s, 0.5), -0.5), pred_60s) AS pred_60s
 ) FROM baseline;
 """
 

@@ -123,7 +123,7 @@ def test_compare_costs_one_scan(folder: Path) -> None:
 
 def test_days_one_experiment_lacks_are_left_out_of_both_pools(make_panel: Callable[..., Path]) -> None:
     """Like for like: the pooled values, their difference and the bootstrap use the days both
-    experiments have rows, as the test does (before, b was pooled over all its days)."""
+    daily values are defined, as the test does (before, b was pooled over all its days)."""
     folder = make_panel(days=4)
     df = read_all(folder).to_pandas()
     with Harness(folder, cache=False) as h:
@@ -137,6 +137,28 @@ def test_days_one_experiment_lacks_are_left_out_of_both_pools(make_panel: Callab
     assert row["n_days"] == 2
     assert row["value_a"] == pytest.approx(err[early].mean(), rel=1e-12)
     assert row["value_b"] == pytest.approx(err[early].mean(), rel=1e-12)  # the same rows, those days
+    assert row["diff"] == pytest.approx(0, abs=1e-12)
+    assert row["ci_low"] == pytest.approx(0, abs=1e-12) and row["ci_high"] == pytest.approx(0, abs=1e-12)
+
+
+@pytest.mark.parametrize("blank", ["NULL", "'NaN'::DOUBLE"])
+def test_days_whose_predictions_are_all_missing_in_one_experiment_count_for_neither(
+        make_panel: Callable[..., Path], blank: str) -> None:
+    """Rows on such a day are all excluded, so its daily value is undefined: the pooled values,
+    their difference and the bootstrap leave the day out, as the test does. Otherwise a model
+    with an outage would look significantly different from itself."""
+    folder = make_panel(days=4)
+    df = read_all(folder).to_pandas()
+    with Harness(folder, cache=False) as h:
+        h.add_experiment("outage", f"SELECT * REPLACE (CASE WHEN ts >= TIMESTAMPTZ '2026-03-06 00:00:00+00' "
+                                   f"THEN {blank} ELSE pred_10s END AS pred_10s) FROM baseline")
+        c = h.compare("mse", "outage", "baseline", "pred_10s", n_boot=200, seed=3)
+    row = c.table.row(0, named=True)
+    ok = df[np.isfinite(df["pred_10s"]) & df["target_10s"].notna()]
+    kept = ok[ok["ts"] < pd.Timestamp("2026-03-06", tz="UTC")]
+    mse = float(((kept["pred_10s"].to_numpy(np.longdouble) - kept["target_10s"].to_numpy(np.longdouble)) ** 2).mean())
+    assert row["n_days"] == 2
+    assert row["value_a"] == pytest.approx(mse, rel=1e-12) and row["value_b"] == pytest.approx(mse, rel=1e-12)
     assert row["diff"] == pytest.approx(0, abs=1e-12)
     assert row["ci_low"] == pytest.approx(0, abs=1e-12) and row["ci_high"] == pytest.approx(0, abs=1e-12)
 

@@ -366,3 +366,31 @@ def test_corr_is_null_when_prediction_is_constant_within_a_group(tmp_path: Path)
     # r2 is defined for a constant prediction and must still match.
     assert r2 == pytest.approx({k: r2_score(target[g == k], levels[g[g == k]]) for k in range(8)}, rel=REL)
     assert corr == dict.fromkeys(range(8))
+
+
+@pytest.mark.parametrize("scale", [1e-150, 1.0, 1e150], ids=["1e-150", "1", "1e150"])
+def test_corr_is_right_at_extreme_scales(tmp_path: Path, scale: float) -> None:
+    """The product of the two variances would overflow at 1e150 (corr 0 before) and underflow at
+    1e-150 (corr inf): the square roots are taken apart."""
+    rng = np.random.default_rng(12)
+    z = rng.standard_normal(1000)
+    p, t = z + rng.standard_normal(1000), z + 2 * rng.standard_normal(1000)
+    write_dataset(tmp_path, {"a": pa.table({"pred_x": p * scale, "target_x": t * scale})}, {})
+    got = Harness(tmp_path, cache=False).metrics(["corr"])["value"][0]
+    assert got == pytest.approx(pearsonr(p, t).statistic, rel=1e-12)
+
+
+def test_corr_never_leaves_minus_one_to_one(tmp_path: Path) -> None:
+    """Groups of two rows (|r| = 1 exactly) and of nearly collinear rows: rounding can put the
+    formula a few ulps past ±1; the value is clamped."""
+    rng = np.random.default_rng(5)
+    n = 4000
+    g = np.repeat(np.arange(n // 2), 2)
+    p = rng.standard_normal(n) * 10.0 ** rng.integers(-3, 4, n)
+    t = np.where(g % 2 == 0, 3 * p + 1e-9 * rng.standard_normal(n), -p)
+    write_dataset(tmp_path, {"a": pa.table({"g": g, "pred_x": p, "target_x": t})}, {})
+    res = Harness(tmp_path, cache=False).metrics(["corr"], by="g").filter(metric="corr")
+    values = res["value"].drop_nulls().to_numpy()
+    assert len(values) > n // 4
+    assert np.all(np.abs(values) <= 1.0)
+    assert np.abs(values).max() == 1.0

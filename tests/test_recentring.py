@@ -222,3 +222,31 @@ def test_compare_scores_each_day_around_its_own_level_and_pools_exactly(
             assert row["n_days"] == 3
             assert row["value_a"] == pytest.approx(pooled[m], rel=1e-9), m
             assert row["value_b"] == pytest.approx(pooled[m], rel=1e-9), m
+
+
+@pytest.mark.parametrize("level", [0.0, 1e6], ids=["level_0", "level_1e6"])
+def test_a_sentinel_block_that_sets_the_shift_does_not_spoil_the_other_days(tmp_path: Path, level: float) -> None:
+    """The first rows of the first file are 1e300 sentinels, so the shift (a median of the first
+    rows) is 1e300 and every other day's squares overflow: those days are scanned again around
+    0, then, if that loses precision (a level of 1e6 with a spread of 1e-3), around their mean."""
+    from scipy.stats import pearsonr
+
+    rng = np.random.default_rng(0)
+    n, spread = 2000, 1e-3 if level else 1.0
+    tables, want = {}, {}
+    for i, day in enumerate(["2026-09-01", "2026-09-02", "2026-09-03"]):
+        ts = pa.array(np.datetime64(f"{day}T15:00:00", "us") + np.arange(n).astype("timedelta64[s]"),
+                      pa.timestamp("us", tz="UTC"))
+        z = rng.standard_normal(n)
+        p, t = level + spread * z, level + spread * (z + rng.standard_normal(n))
+        if i == 0:
+            p[:1500] = 1e300
+        else:
+            want[dt.date.fromisoformat(day)] = pearsonr(p, t).statistic
+        tables[day] = pa.table({"ts": ts, "pred": p, "target": t})
+    write_dataset(tmp_path, tables, {})
+    with Harness(tmp_path, cache=False) as h:
+        got = h.metrics(["corr"], pairs="pred:target", by="day").filter(metric="corr")
+        assert h.last_run.recentred >= 1
+    values = dict(got.select("day", "value").rows())
+    assert {d: values[d] for d in want} == pytest.approx(want, rel=1e-9)

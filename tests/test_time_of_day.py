@@ -96,3 +96,32 @@ def test_tod_needs_the_time_column(backtest: Path) -> None:
         h.add_experiment("no_time", "SELECT DISTINCT * EXCLUDE (ts) FROM baseline")  # run over its own rows
         with pytest.raises(UnknownColumnError, match="no time column"):
             h.metrics(["count"], pairs="pred_10s", experiments="no_time", by="tod:30min")
+
+
+@pytest.mark.parametrize("tz", ["UTC", None], ids=["aware", "naive"])
+def test_nanosecond_rows_just_before_a_bucket_boundary_stay_in_their_bucket(tmp_path: Path, tz: str | None) -> None:
+    """A bucket holds [start, start + width): a row half a microsecond or less before the next
+    bucket belongs to this one (a cast to microseconds would round it over)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # US/Eastern is UTC-5 on 2026-03-06: 04:59:59.999999999 UTC is 23:59:59.999999999 local.
+    stamps = ["2026-03-07T04:59:59.999999999", "2026-03-07T04:59:59.999999600", "2026-03-06T19:29:59.999999501",
+              "2026-03-06T19:30:00.000000000", "2026-03-06T19:00:00.000000001"]
+    ns = np.array(stamps, "datetime64[ns]")
+    pq.write_table(pa.table({"ts": pa.array(ns, pa.timestamp("ns", tz)), "pred_x": np.arange(5.0),
+                             "target_x": np.arange(5.0)}), tmp_path / "f.parquet")
+    (tmp_path / "metadata.json").write_text(json.dumps({"timezone": "US/Eastern"}))
+    local_ns = ns.astype(np.int64) - 5 * 3600 * 10**9  # the local wall clock, in ns since the epoch
+    width = 30 * 60 * 10**9
+    starts = (local_ns % (24 * 3600 * 10**9)) // width * width
+    want: dict[dt.time, int] = {}
+    for s in starts:
+        t = (dt.datetime(2000, 1, 1) + dt.timedelta(microseconds=int(s) // 1000)).time()
+        want[t] = want.get(t, 0) + 1
+    with Harness(tmp_path, cache=False) as h:
+        got = h.metrics(["count"], by="tod:30min", window=False).filter(metric="count")
+    assert dict(got.select("tod", "value").rows()) == want
+    assert want == {dt.time(23, 30): 2, dt.time(14, 0): 2, dt.time(14, 30): 1}

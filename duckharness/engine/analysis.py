@@ -122,13 +122,12 @@ class Comparison:
         metric, a, b: what was compared.
         daily: ``pred, target, day, value_a, value_b, diff`` (``diff = value_a − value_b``; null
             on a day where either is undefined).
-        table: one row per pair: pooled ``value_a``, ``value_b`` and ``diff`` over the days both
-            experiments have rows; ``n_days`` (days where both daily values are defined),
-            ``mean_daily_diff``, the Diebold–Mariano ``dm_stat`` and ``p_value`` (HLN-corrected,
-            Student t with T − 1 df) over those days, with its Newey–West ``lag``; and the
-            day-block bootstrap interval ``ci_low``–``ci_high`` of the pooled difference at
-            ``level`` (resampling the days both have rows), from ``n_boot`` resamples drawn with
-            ``seed``.
+        table: one row per pair, every figure over the ``n_days`` days where both daily values
+            are defined: pooled ``value_a``, ``value_b`` and ``diff``; ``mean_daily_diff``, the
+            Diebold–Mariano ``dm_stat`` and ``p_value`` (HLN-corrected, Student t with T − 1
+            df), with its Newey–West ``lag``; and the day-block bootstrap interval
+            ``ci_low``–``ci_high`` of the pooled difference at ``level``, from ``n_boot``
+            resamples drawn with ``seed``.
     """
 
     metric: str
@@ -304,9 +303,10 @@ def _row(
     seed: int | None,
     level: float,
 ) -> dict[str, Any]:
-    """The table row of one pair. The test runs on the days both daily values are defined; the
-    pooled values, their difference and its bootstrap on the days both experiments have stats
-    (rows; for rank IC, a defined value), so every figure compares like with like."""
+    """The table row of one pair. Every figure is over the same days, those where both daily
+    values are defined: the test, the pooled values, their difference and its bootstrap, so
+    each compares like with like (a day where one experiment's rows are all excluded, or its
+    metric is undefined, counts for neither)."""
     d = va - vb
     n_days = int(np.isfinite(d).sum())
     if lag is not None and n_days >= 2 and lag >= n_days - 1:  # the HLN factor is 0 at h = T
@@ -316,7 +316,7 @@ def _row(
         )
     _check_lag(lag, n_days, f"the comparison on {pair.pred} vs {pair.target}")
     dm = diebold_mariano(d, lag)
-    shared = ~np.all(np.isnan(sa), axis=1) & ~np.all(np.isnan(sb_), axis=1)
+    shared = np.isfinite(d)
     sa, sb_ = sa[shared], sb_[shared]
     boot = bootstrap_difference(sa, sb_, how, finalize, n_boot=n_boot, seed=seed, level=level)
     ones = np.ones((1, len(sa)), dtype=np.int64)

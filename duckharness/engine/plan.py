@@ -549,7 +549,13 @@ def time_of_day_bucket(dataset: Dataset, seconds: int) -> exp.Expr:
     assert dataset.time_column is not None
     ts = sb.column(dataset.time_column)
     instant = ts if dataset.time_is_aware else sb.func("timezone", sb.string("UTC"), ts)
-    local = sb.cast(sb.func("timezone", sb.string(dataset.metadata.timezone), instant), "TIMESTAMP")
+    local: exp.Expr = sb.func("timezone", sb.string(dataset.metadata.timezone), instant)
+    if "_NS" in dataset.columns[dataset.time_column].upper():
+        # Nanosecond instants: truncated to the microsecond (a cast would round 23:59:59.9999999995
+        # into the next bucket), as time_bucket needs.
+        local = sb.func("make_timestamp", sb.func("epoch_us", local))
+    else:
+        local = sb.cast(local, "TIMESTAMP")
     width = exp.Interval(this=sb.string(str(seconds)), unit=exp.var("SECOND"))
     return sb.cast(sb.func("time_bucket", width, local), "TIME")
 

@@ -484,16 +484,23 @@ def recentre(
         if f"s1_{role}" not in st.columns:
             continue
         s1, s2 = st.get_column(f"s1_{role}").to_numpy(), st.get_column(f"s2_{role}").to_numpy()
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # huge values: inf, no check
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             centred = s2 - s1 * s1 / n
             bad = (n > 0) & (s2 > 0) & np.isfinite(s2) & np.isfinite(s1) & (centred < RECENTRE_BELOW * s2)
+            # A shift so far off that the squares overflowed (the first rows of the first file a
+            # block of 1e300 sentinels, say): the sum around it is too coarse to give the mean
+            # (1e300 + (-1e300 + 0.3) is 0 or 1e284), so the next pass takes the plain sums, around
+            # 0, and the one after, if those lose precision, the mean they give.
+            overflowed = (n > 0) & ~np.isfinite(s2)
+            bad |= overflowed
         for i in np.flatnonzero(bad):
             t = merged.targets[i]
             key = (shift_role(t.experiment, t.roles[side]), tuple(keys[i]))
-            if key in current:  # already shifted by its own mean: what is left is its own spread
+            if current.get(key, 0.0) != 0.0:  # already its own mean: what is left is its own spread
                 continue
-            new = t.shifts[side] + float(s1[i]) / float(n[i])
-            if new != t.shifts[side]:
+            used = current.get(key, t.shifts[side])  # the shift these sums were taken around
+            new = 0.0 if overflowed[i] else used + float(s1[i]) / float(n[i])
+            if new != used:
                 best[key] = new
     if not best:
         return None
