@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from duckharness.engine.analysis import Comparison
 from duckharness.engine.cache import StatsCache, cache_disabled_by_env, default_cache_dir
 from duckharness.engine.plan import Pair, default_pairs, local_dates
 from duckharness.engine.run import RunStats, baseline_query, run_metrics
-from duckharness.errors import InputError, SourceError, UnknownMetricError
+from duckharness.errors import DuckHarnessWarning, InputError, SourceError, UnknownMetricError
 from duckharness.execution.connection import fetch_all
 from duckharness.execution.executor import EXECUTORS, Executor, make_executor
 from duckharness.experiments.chain import apply_python_step, build_chain, collect_step, relation_sql
@@ -542,6 +543,8 @@ class Harness:
             cache=self.cache,
         )
         self._record_run(t)
+        if cross_section:
+            _warn_without_sections(out)
         return out
 
     def series(
@@ -832,3 +835,20 @@ def _check_plot(plot: str | os.PathLike[str] | None) -> None:
         from duckharness.outputs.plots import check_plot_path
 
         check_plot_path(plot)
+
+
+def _warn_without_sections(ic: pl.DataFrame) -> None:
+    """Warn when a cross-sectional IC found rows but no timestamp shared by two of them (ticks
+    at each symbol's own times, say), naming the experiments: every value is null then."""
+    sections = ic.filter(pl.col("metric") == "n_sections").group_by("experiment").agg(pl.col("value").sum())
+    rows = ic.filter(pl.col("metric") == "n").group_by("experiment").agg(pl.col("value").sum())
+    joined = rows.join(sections, on="experiment", suffix="_sections")
+    empty = joined.filter((pl.col("value") > 0) & (pl.col("value_sections") == 0))["experiment"].sort().to_list()
+    if empty:
+        warnings.warn(
+            f"Cross-sectional rank IC of {', '.join(map(repr, empty))}: no timestamp holds two or more rows, "
+            f"so every value is null. The cross-section is the rows sharing one exact timestamp; round the "
+            f"time in an experiment (e.g. date_trunc('minute', ts) AS ts) to group rows into sections.",
+            DuckHarnessWarning,
+            stacklevel=3,
+        )

@@ -399,3 +399,14 @@ def test_names_differing_only_in_case_do_not_clobber_each_other(h: Harness) -> N
 def test_window_reference_is_not_trivial(cols: dict[str, np.ndarray]) -> None:
     inside = np.sum(cols["in_window"])
     assert 0.6 * len(cols["volume"]) < inside < 0.8 * len(cols["volume"])  # 6.5 of 9 hours
+
+
+def test_grouping_by_a_column_an_experiment_computes_says_so(backtest: Path) -> None:
+    from duckharness import UnknownColumnError
+
+    with Harness(backtest, cache=False) as h:
+        h.add_experiment("flagged", "SELECT *, volume > 1000 AS big FROM baseline")
+        with pytest.raises(UnknownColumnError, match=r"'big': it is a column of experiment 'flagged', not of the "
+                                                     r"source.*one WHERE big") as info:
+            h.metrics(["count"], by="big", experiments=["flagged"])
+    assert info.value.column == "big" and info.value.experiment == "flagged"

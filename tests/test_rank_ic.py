@@ -119,3 +119,17 @@ def test_cross_sectional_ic_on_a_hand_computed_case(tmp_path: Path) -> None:
 def test_rank_ic_is_not_a_mergeable_metric(make_panel: Callable[..., Path]) -> None:
     with Harness(make_panel(days=1), cache=False) as h, pytest.raises(UnknownMetricError, match=r"h\.rank_ic"):
         h.metrics(["corr", "rank_ic"])
+
+
+def test_a_cross_section_without_shared_timestamps_warns_and_a_panel_does_not(
+        backtest: Path, make_panel: Callable[..., Path]) -> None:
+    import warnings
+
+    from duckharness.errors import DuckHarnessWarning
+
+    with Harness(backtest, cache=False) as h, pytest.warns(DuckHarnessWarning, match=r"'baseline': no timestamp holds"):
+        got = h.rank_ic("pred_10s", cross_section=True)
+    assert got.filter(pl.col("metric") == "rank_ic")["value"].null_count() == got["day"].n_unique()
+    with Harness(make_panel(days=2, timestamps=4, symbols=5), cache=False) as h, warnings.catch_warnings():
+        warnings.simplefilter("error", DuckHarnessWarning)
+        h.rank_ic("pred_10s", cross_section=True)

@@ -282,6 +282,15 @@ class FusedScan:
                 self.by.append((TOD, time_of_day_bucket(dataset, parse_bucket(b))))
                 continue
             if b not in source_columns:
+                owners = [name for name, (_, cols) in experiments.items() if b in cols]
+                if owners:
+                    raise UnknownColumnError(
+                        f"Cannot group by {b!r}: it is a column of experiment {owners[0]!r}, not of the source, "
+                        f"and groups come from the source's rows. Make an experiment per value instead (e.g. "
+                        f"one WHERE {b}), or sink the experiment and group its output.",
+                        column=b,
+                        experiment=owners[0],
+                    )
                 raise UnknownColumnError(
                     f"Cannot group by {b!r}: no such column. Use 'day' or a column: {', '.join(source_columns)}.",
                     column=b,
