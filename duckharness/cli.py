@@ -28,7 +28,7 @@ def _harness(args: argparse.Namespace) -> Any:
         address=getattr(args, "address", None),
         retries=2 if getattr(args, "retries", None) is None else int(args.retries),
         metadata=getattr(args, "metadata", None),
-        metric_dirs=getattr(args, "metric_dir", None) or (),
+        metric_dirs=list(dict.fromkeys(getattr(args, "metric_dir", None) or ())),  # a folder given twice: once
         workers=getattr(args, "workers", None),
         tracer=(lambda sql: print(sql, file=sys.stderr)) if getattr(args, "trace", False) else None,
         progress=False if getattr(args, "quiet", False) else None,
@@ -67,13 +67,14 @@ def _storage_options(text: str | None) -> dict[str, Any] | None:
 def _window(args: argparse.Namespace) -> Any:
     if getattr(args, "no_window", False):
         return False
-    if getattr(args, "window", None):
-        start, dash, end = args.window.partition("-")
-        if not dash:
+    if getattr(args, "window", None) is not None:
+        start, dash, end = args.window.strip().partition("-")
+        if not dash or not (start.strip() or end.strip()):
             from duckharness.errors import InputError
 
             raise InputError(
-                f"--window {args.window!r} must be START-END, e.g. 09:30-16:00 (or 10:00- / -15:00 for one bound)."
+                f"--window {args.window!r} must be START-END, e.g. 09:30-16:00 (or 10:00- / --window=-15:00 for one "
+                f"bound; --no-window for none)."
             )
         return (start or None, end or None)
     return None
@@ -119,11 +120,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from duckharness.outputs.paths import check_output
+    from duckharness.outputs.paths import check_output, check_outside_source
     from duckharness.outputs.sample import write_parquet
 
     target = check_output(args.output, kind="file", overwrite=args.overwrite)  # before the work
     with _harness(args) as h:
+        check_outside_source(h.dataset, target, "Sample")
         df = h.sample(
             args.experiment,
             args.strategy,
@@ -260,11 +262,13 @@ class _Once(argparse.Action):
         values: Any,
         option_string: str | None = None,
     ) -> None:
-        if getattr(namespace, self.dest, None) is not None:
+        seen: set[str] = namespace.__dict__.setdefault("_given_once", set())
+        if self.dest in seen:
             parser.error(
                 f"{option_string} given twice ({getattr(namespace, self.dest)!r} and {values!r}); "
-                f"compare takes one of each (run it once per metric or pair of experiments)"
+                f"it takes one value (run the command once for each)"
             )
+        seen.add(self.dest)
         setattr(namespace, self.dest, values)
 
 
@@ -292,7 +296,7 @@ def _source_options(p: argparse.ArgumentParser, *, experiments: bool = True, win
         w.add_argument(
             "--window",
             metavar="HH:MM-HH:MM",
-            help="override the metadata session window (HH:MM- or -HH:MM for one bound)",
+            help="override the metadata session window (HH:MM- or --window=-HH:MM for one bound)",
         )
         w.add_argument("--no-window", action="store_true", help="ignore the session window")
     p.add_argument("--storage-options", metavar="JSON", help="fsspec options for remote sources, JSON or @file.json")
@@ -405,7 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Take a sample of an experiment's rows through its logic and write it to a Parquet file.",
     )
     _source_options(s)
-    s.add_argument("--experiment", default="baseline", metavar="NAME", help="experiment to sample (default baseline)")
+    s.add_argument(
+        "--experiment", default="baseline", action=_Once, metavar="NAME", help="experiment to sample (default baseline)"
+    )
     s.add_argument(
         "--strategy",
         default="random_days",
@@ -428,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
         "folder is itself a source. Streaming and atomic: nothing is left behind on failure.",
     )
     _source_options(k)
-    k.add_argument("--experiment", required=True, metavar="NAME", help="experiment to write")
+    k.add_argument("--experiment", required=True, action=_Once, metavar="NAME", help="experiment to write")
     k.add_argument("-o", "--output", required=True, metavar="DIR", help="output folder")
     k.add_argument("--partition-by", choices=["day"], help="one file per local day")
     k.add_argument("--overwrite", action="store_true", help="replace the output folder if it exists")

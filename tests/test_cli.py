@@ -395,3 +395,31 @@ def test_demo_overwrite_keeps_a_users_own_metadata_and_experiments(tmp_path: Pat
     assert main(["demo", str(out), "--overwrite"]) == 1
     assert "already holds files that are not a demo dataset (experiments.sql, metadata.json)" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_sink_and_sample_refuse_two_experiments(demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["sink", str(demo), "--experiment", "liquid", "--experiment", "baseline", "-o", str(tmp_path / "s")],
+                 ["sample", str(demo), "--experiment", "liquid", "--experiment", "baseline",
+                  "-o", str(tmp_path / "s.parquet")]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+        assert "--experiment given twice ('liquid' and 'baseline')" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("window", ["", "-", " - "])
+def test_a_window_with_no_bound_is_refused(demo: Path, window: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["metrics", str(demo), "--metric", "count", "--pair", PAIR, f"--window={window}"]) == 1
+    assert "must be START-END" in capsys.readouterr().err
+
+
+def test_a_metric_folder_given_twice_is_read_once(demo: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "gmin.sql").write_text("-- stats\nSELECT min(pred) AS lo FROM input;\n-- merge\n"
+                                       "SELECT min(lo) AS lo FROM partials;\n"
+                                       "-- final\nSELECT lo AS value FROM merged;\n")
+    assert main(["metrics", str(demo), "--metric-dir", str(tmp_path), "--metric-dir", str(tmp_path),
+                 "--metric", "gmin", "--pair", PAIR, "--format", "csv"]) == 0
+    captured = capsys.readouterr()
+    assert "Warning" not in captured.err and "gmin" in captured.out

@@ -722,3 +722,15 @@ def test_memory_filesystem_source_equals_the_local_run(data: dict) -> None:
             assert h.sample(n_days=1, seed=0).equals(local.sample(n_days=1, seed=0))
     finally:
         mem.rm(root, recursive=True)
+
+
+def test_overwrite_keeps_a_remote_sink_that_holds_a_users_own_objects(s3: S3) -> None:
+    out, prefix = f"s3://{BUCKET}/out/mine", "out/mine/"
+    with with_experiments(Harness(f"s3://{BUCKET}/run1/", storage_options=s3.options())) as h:
+        h.sink("tight", out)
+        s3.client().put_object(Bucket=BUCKET, Key=f"{prefix}notes/readme.txt", Body=b"mine")
+        before = s3.keys(BUCKET, prefix)
+        with pytest.raises(InputError, match=r"earlier sink, but it also holds objects a sink does not write "
+                                             r"\(notes/readme\.txt\)"):
+            h.sink("liquid", out, overwrite=True)
+    assert s3.keys(BUCKET, prefix) == before

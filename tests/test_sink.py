@@ -282,6 +282,34 @@ def test_a_sink_overlapping_a_source_folder_is_refused_and_nothing_is_written(
     assert snapshot(tmp_path) == before
 
 
+def test_a_link_to_the_source_folder_is_the_source_folder(folder: Path, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for day in sorted(folder.glob("*.parquet"))[:2]:
+        (src / day.name).write_bytes(day.read_bytes())
+    (tmp_path / "link").symlink_to(src)
+    with Harness(str(src / "*.parquet"), metadata=META) as h, pytest.raises(InputError, match="overlaps the source"):
+        h.sink("baseline", tmp_path / "link" / "new")
+    with Harness(tmp_path / "link", metadata=META) as h, pytest.raises(InputError, match="overlaps the source"):
+        h.sink("baseline", src / "new")
+    assert sorted(p.name for p in src.iterdir()) == sorted(p.name for p in sorted(folder.glob("*.parquet"))[:2])
+
+
+def test_a_sample_into_the_source_folder_is_refused(folder: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from duckharness.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for day in sorted(folder.glob("*.parquet"))[:2]:
+        (src / day.name).write_bytes(day.read_bytes())
+    (src / "metadata.json").write_text(json.dumps(META))
+    before = snapshot(src)
+    assert main(["sample", str(src), "-o", str(src / "sample.parquet")]) == 1
+    assert f"Sample {src / 'sample.parquet'} overlaps the source" in capsys.readouterr().err
+    assert snapshot(src) == before
+
+
 def test_a_sink_beside_a_single_source_file_is_allowed(folder: Path, tmp_path: Path) -> None:
     day = sorted(folder.glob("*.parquet"))[0]
     single = tmp_path / day.name
@@ -304,10 +332,21 @@ def test_a_folder_with_files_of_its_own_warns_that_its_subfolders_are_not_read(f
     h.close()
 
 
+def test_overwrite_keeps_an_earlier_sink_that_holds_a_users_own_files(harness: Harness, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    harness.sink("liquid", out)
+    (out / "my_results.csv").write_text("a,b\n1,2\n")
+    (out / "plots").mkdir()
+    before = snapshot(out)
+    with pytest.raises(InputError, match=r"earlier sink, but it also holds files a sink does not write "
+                                         r"\(my_results\.csv, plots\)"):
+        harness.sink("z_day", out, overwrite=True)
+    assert snapshot(out) == before and (out / "plots").is_dir()
+
+
 def test_overwrite_replaces_the_whole_output_folder(harness: Harness, ref: pl.DataFrame, tmp_path: Path) -> None:
     out = tmp_path / "out"
     harness.sink("liquid", out, partition_by="day")
-    (out / "stale.txt").write_text("old")
     result = harness.sink("z_day", out, overwrite=True)
     assert sorted(os.listdir(out)) == sorted([*(os.path.basename(f) for f in result.files), "metadata.json"])
     assert not any(n.endswith(".parquet") and n[:4] == "2026" for n in os.listdir(out))

@@ -124,7 +124,8 @@ def _mergeable(node: exp.Expr, rule: str) -> bool:
         return _mergeable(node.this, rule)
     if isinstance(node, exp.AggFunc):
         inner = [n for n in node.walk() if isinstance(n, exp.AggFunc) and n is not node]
-        return isinstance(node, _MERGEABLE[rule]) and not inner
+        distinct = isinstance(node.this, exp.Distinct)  # count(DISTINCT x) of batches does not add up
+        return isinstance(node, _MERGEABLE[rule]) and not inner and not (distinct and rule == "sum")
     if rule != "sum":
         return False
     if isinstance(node, exp.Neg):

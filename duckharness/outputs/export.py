@@ -30,7 +30,7 @@ from duckharness.errors import InputError
 from duckharness.execution.connection import ConnectionConfig
 from duckharness.experiments.steps import BASELINE
 from duckharness.metrics.library import Metric
-from duckharness.outputs.paths import check_output, write_error, written_atomically
+from duckharness.outputs.paths import check_output, check_outside_source, write_error, written_atomically
 
 if TYPE_CHECKING:
     from duckharness.harness import Harness
@@ -138,6 +138,7 @@ def export(
     materialized: dict[str, str] = {}
     if materialize is not None:
         root = check_output(materialize, kind="folder", overwrite=True)
+        check_outside_source(h.dataset, root, "The folder of materialized steps")
         python_steps = [n for n in h.experiments.names[1:] if h.experiments.step(n).is_python]
         for name in python_steps if os.path.isdir(root) else []:
             check_output(os.path.join(root, name), kind="folder", overwrite=overwrite)

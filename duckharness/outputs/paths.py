@@ -22,9 +22,12 @@ import re
 import sys
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from duckharness.errors import InputError
+
+if TYPE_CHECKING:
+    from duckharness.data.source import Dataset
 
 _REASONS = {
     errno.ENOSPC: "no space left on the device; free some space or write elsewhere",
@@ -195,3 +198,20 @@ def _load_renameat2() -> Any:
 
 
 _renameat2 = _load_renameat2()
+
+
+def check_outside_source(dataset: Dataset, target: str, what: str = "Output") -> None:
+    """Refuse an output inside the source's folder (a later listing of the source would read it
+    as more data: its rows twice), around it, or that is one of its files. Paths are compared
+    with symlinks resolved, so a link to the source folder is the source folder."""
+    if dataset.remote:
+        return
+    real = os.path.realpath(target)
+    src = os.path.realpath(dataset.root)
+    inside = dataset.listed and os.path.commonpath([real, src]) == src
+    holds = any(os.path.commonpath([real, os.path.realpath(p)]) == real for p in dataset.paths)
+    if inside or holds:
+        raise InputError(
+            f"{what} {target} overlaps the source {dataset.root} (inside it, it would be read as more of the "
+            f"source); choose a path outside it."
+        )

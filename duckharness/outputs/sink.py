@@ -38,6 +38,7 @@ from duckharness.execution.progress import Progress
 from duckharness.experiments.chain import build_chain
 from duckharness.outputs.paths import (
     check_output,
+    check_outside_source,
     concerns_output,
     is_exists_error,
     os_errno,
@@ -92,7 +93,7 @@ def sink_experiment(
         )
     cols = h.experiments.columns(name)
     target = check_output(out, kind="folder", overwrite=overwrite)
-    _check_outside_source(h, target)
+    check_outside_source(h.dataset, target)
     if os.path.exists(target):
         _check_replaceable(h, target)
     tcol = h.dataset.time_column
@@ -278,6 +279,18 @@ def _check_remote_target(fs: Any, remote: str, url: str, overwrite: bool, again:
         raise InputError(f"Output {url} already exists{extra}. Use overwrite=True (--overwrite) to replace it.")
     if state == "other":
         raise InputError(f"Output {url} holds objects that are not an earlier duckharness sink; not replacing it.")
+    if state == "sink":
+        found_keys = _remote_call(url, lambda: fs.find(remote))
+        added = sorted(
+            posixpath.relpath(k, remote)
+            for k in found_keys
+            if not (posixpath.dirname(k) == remote and (k.endswith(".parquet") or k.endswith("/metadata.json")))
+        )
+        if added:
+            raise InputError(
+                f"Output {url} is an earlier sink, but it also holds objects a sink does not write "
+                f"({', '.join(added[:5])}{', …' if len(added) > 5 else ''}); not replacing it."
+            )
     stranded = found.get("duckharness_sink_incomplete", {}).get("staging") if state == "incomplete" else None
     if isinstance(stranded, str) and fs._strip_protocol(stranded).startswith(f"{remote}.tmp-"):
         with contextlib.suppress(Exception):  # the staging prefix of the interrupted sink, if still there
@@ -318,25 +331,9 @@ def _move_remote(fs: Any, staging: str, remote: str, url: str, data: list[str]) 
     fs.invalidate_cache(remote)
 
 
-def _check_outside_source(h: Harness, target: str) -> None:
-    """A sink never goes inside the source's folder (a later listing of the source would read it
-    as more data: every row twice) nor around it."""
-    ds = h.dataset
-    if ds.remote:
-        return
-    src = os.path.abspath(ds.root)
-    inside = ds.listed and os.path.commonpath([target, src]) == src
-    holds = any(os.path.commonpath([target, p]) == target for p in ds.paths)
-    if inside or holds:
-        raise InputError(
-            f"Output {target} overlaps the source {ds.root} (a sink inside it would be read as more of the "
-            f"source); choose a folder outside it."
-        )
-
-
 def _check_replaceable(h: Harness, target: str) -> None:
     """``overwrite`` replaces an earlier sink or an empty folder, never the source or other data."""
-    _check_outside_source(h, target)
+    check_outside_source(h.dataset, target)
     entries = os.listdir(target)
     if not entries:
         return
@@ -349,6 +346,14 @@ def _check_replaceable(h: Harness, target: str) -> None:
         raise InputError(
             f"Output {target} holds files that are not an earlier duckharness sink; not replacing it. "
             f"Choose a new folder or remove it yourself."
+        )
+    ours = lambda e: e == "metadata.json" or (e.endswith(".parquet") and os.path.isfile(os.path.join(target, e)))  # noqa: E731
+    added = sorted(e for e in entries if not ours(e))
+    if added:
+        raise InputError(
+            f"Output {target} is an earlier sink, but it also holds files a sink does not write "
+            f"({', '.join(added[:5])}{', …' if len(added) > 5 else ''}); not replacing it. Move them away "
+            f"or choose a new folder."
         )
 
 
