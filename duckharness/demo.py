@@ -117,24 +117,39 @@ def write_demo_dataset(
                 f"Folder {out} holds {kind} a demo does not write ({', '.join(foreign)}); not replacing "
                 f"it. Move them away or choose another folder."
             )
+    # Everything is written to a hidden folder beside ``out`` first and moved in at the end, so an
+    # interruption (or a full disk) leaves ``out`` as it was.
+    import shutil
+
+    from duckharness.outputs.paths import temporary_name
+
+    staging = temporary_name(os.path.join(out, "demo"))
+    os.mkdir(staging)
+    try:
+        rng = np.random.default_rng(seed)
+        names = []
+        for day in trading_days(start, days):
+            names.append(f"{day.isoformat()}.parquet")
+            pq.write_table(
+                one_day(day, rows, rng), os.path.join(staging, names[-1]), row_group_size=max(1024, rows // 8)
+            )
+        meta = {
+            "start_time": "09:30:00",
+            "end_time": "16:00:00",
+            "timezone": "US/Eastern",
+            "model": "synthetic-demo",
+            "horizons": list(HORIZONS),
+        }
+        with open(os.path.join(staging, "metadata.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+        with open(os.path.join(staging, "experiments.sql"), "w") as f:
+            f.write(DEMO_EXPERIMENTS)
         for name in entries:  # an earlier demo: replace it whole, never mix days of two runs
             if name.endswith(".parquet"):
                 os.remove(os.path.join(out, name))
-    rng = np.random.default_rng(seed)
-    paths = []
-    for day in trading_days(start, days):
-        path = os.path.join(out, f"{day.isoformat()}.parquet")
-        pq.write_table(one_day(day, rows, rng), path, row_group_size=max(1024, rows // 8))
-        paths.append(path)
-    meta = {
-        "start_time": "09:30:00",
-        "end_time": "16:00:00",
-        "timezone": "US/Eastern",
-        "model": "synthetic-demo",
-        "horizons": list(HORIZONS),
-    }
-    with open(os.path.join(out, "metadata.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-    with open(os.path.join(out, "experiments.sql"), "w") as f:
-        f.write(DEMO_EXPERIMENTS)
+        for name in [*names, "experiments.sql", "metadata.json"]:  # metadata.json last: it marks a demo
+            os.replace(os.path.join(staging, name), os.path.join(out, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    paths = [os.path.join(out, n) for n in names]
     return paths

@@ -423,3 +423,26 @@ def test_a_metric_folder_given_twice_is_read_once(demo: Path, tmp_path: Path,
                  "--metric", "gmin", "--pair", PAIR, "--format", "csv"]) == 0
     captured = capsys.readouterr()
     assert "Warning" not in captured.err and "gmin" in captured.out
+
+
+@pytest.mark.parametrize("earlier", [False, True], ids=["new_folder", "over_an_earlier_demo"])
+def test_an_interrupted_demo_leaves_the_folder_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         earlier: bool) -> None:
+    import duckharness.demo as demo_mod
+
+    out = tmp_path / "d"
+    if earlier:
+        write_demo_dataset(out, days=2, rows=300)
+    before = {p.name: p.read_bytes() for p in out.iterdir()} if earlier else {}
+    real, calls = demo_mod.pq.write_table, []
+
+    def interrupted(*a: object, **kw: object) -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real(*a, **kw)
+
+    monkeypatch.setattr(demo_mod.pq, "write_table", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_demo_dataset(out, days=4, rows=300, overwrite=earlier)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no day of the new run, nothing hidden

@@ -202,6 +202,32 @@ def test_rows_an_experiment_moves_out_of_the_window_keep_their_local_day(tmp_pat
     assert None not in got and len(got) == n_days
 
 
+def test_hourly_bars_of_an_overnight_session_keep_the_day_their_session_began(tmp_path: Path) -> None:
+    """Session 18:30-04:00: the 18:00 bar holds 18:30-18:59 rows of the session that begins that
+    evening, so it belongs to that day, not the day before (no day before the first session)."""
+    days = [dt.date(2026, 3, 2) + dt.timedelta(days=i) for i in range(5)]  # across 2026-03-08
+    meta = {"start_time": "18:30", "end_time": "04:00", "timezone": EASTERN}
+    folder = write_days(tmp_path, days, EASTERN, meta, first="00:00", last="23:59", step_s=600)
+    h = Harness(folder)
+    h.add_experiment("hourly", "SELECT date_trunc('hour', ts) AS ts, symbol, avg(pred_10s) AS pred_10s, "
+                     "avg(target_10s) AS target_10s FROM baseline GROUP BY ALL")
+    got = counts_by_day(h, "hourly")
+    z = zoneinfo.ZoneInfo(EASTERN)
+    bars: set[tuple[dt.date, dt.datetime, str]] = set()
+    table = read_all(folder)
+    for t, sym in zip(table["ts"].to_pylist(), table["symbol"].to_pylist(), strict=True):
+        local = t.astimezone(z)
+        if local.time() >= dt.time(18, 30):
+            session = local.date()
+        elif local.time() <= dt.time(4, 0):
+            session = local.date() - dt.timedelta(days=1)
+        else:
+            continue
+        bars.add((session, local.replace(minute=0, second=0, microsecond=0), sym))
+    assert got == dict(Counter(d for d, _, _ in bars))
+    assert min(got) == days[0] - dt.timedelta(days=1)  # the night before the first file's day
+
+
 # --- other zones and time encodings ----------------------------------------------------------------
 
 @pytest.mark.parametrize(("start", "end"), [("08:00", "16:30"), ("00:30", "03:00"), ("16:00", None)],

@@ -738,9 +738,13 @@ def per_row_window(
     if window.overnight:
         where = sb.or_all(parts)
         assert window.start is not None
-        day: exp.Expr = exp.Case(
-            ifs=[exp.If(this=exp.GTE(this=local_time.copy(), expression=t(window.start)), true=local_date)],
-            default=exp.Sub(this=local_date.copy(), expression=exp.Interval(this=sb.string("1"), unit=exp.var("DAY"))),
-        )
+        # From the start on, the session of that date; up to the end, the one that began the day
+        # before; in between (only rows an experiment moves there: hourly bars put 18:30 at 18:00),
+        # the session that begins later that day.
+        before = exp.Sub(this=local_date.copy(), expression=exp.Interval(this=sb.string("1"), unit=exp.var("DAY")))
+        ifs = [exp.If(this=exp.GTE(this=local_time.copy(), expression=t(window.start)), true=local_date)]
+        if window.end is not None:
+            ifs.append(exp.If(this=exp.LTE(this=local_time.copy(), expression=t(window.end)), true=before))
+        day: exp.Expr = exp.Case(ifs=ifs, default=local_date.copy() if window.end is not None else before)
         return where, sb.cast(day, "DATE")
     return sb.and_all(parts), local_date
