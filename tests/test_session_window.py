@@ -228,6 +228,36 @@ def test_hourly_bars_of_an_overnight_session_keep_the_day_their_session_began(tm
     assert min(got) == days[0] - dt.timedelta(days=1)  # the night before the first file's day
 
 
+@pytest.mark.parametrize("shift", ["20 MINUTE", "-12 HOUR"])
+def test_an_experiment_that_moves_the_time_is_grouped_by_its_own_times(tmp_path: Path, shift: str) -> None:
+    """Row by row (inlined) or over all rows at once (a window function), an experiment that
+    changes ``ts`` is grouped by day and time of day of its new times, and sunk by them: the
+    window still picks the source rows (baseline is the windowed source)."""
+    days = [dt.date(2026, 3, 4), dt.date(2026, 3, 5), dt.date(2026, 3, 6)]
+    folder = write_days(tmp_path / "d", days, EASTERN, SESSION, step_s=120)
+    h = Harness(folder, cache=False)
+    h.add_experiment("rowwise", f"SELECT * REPLACE (ts + INTERVAL {shift} AS ts) FROM baseline")
+    h.add_experiment("allrows", f"SELECT * REPLACE (ts + INTERVAL {shift} AS ts), row_number() OVER () AS rn "
+                                f"FROM baseline")
+    z = zoneinfo.ZoneInfo(EASTERN)
+    n, unit = shift.split()
+    delta = dt.timedelta(**{unit.lower() + "s": int(n)})
+    moved = []
+    for t in read_all(folder)["ts"].to_pylist():
+        local = t.astimezone(z)
+        if dt.time(9, 30) <= local.time() <= dt.time(16, 0):
+            moved.append((t + delta).astimezone(z))
+    want_day = dict(Counter(m.date() for m in moved))
+    want_tod = dict(Counter(m.replace(minute=30 * (m.minute // 30), second=0).time() for m in moved))
+    for name in ("rowwise", "allrows"):
+        assert counts_by_day(h, name) == want_day, name
+        tod = h.metrics(["count"], pairs="pred_10s", experiments=[name], by="tod:30min").filter(metric="count")
+        assert {r["tod"]: r["value"] for r in tod.iter_rows(named=True) if r["value"]} == want_tod, name
+        out = h.sink(name, tmp_path / f"sink_{name}", partition_by="day")
+        assert {Path(f).stem: pq.read_metadata(f).num_rows for f in out.files} == {
+            d.isoformat(): c for d, c in want_day.items()}, name
+
+
 # --- other zones and time encodings ----------------------------------------------------------------
 
 @pytest.mark.parametrize(("start", "end"), [("08:00", "16:30"), ("00:30", "03:00"), ("16:00", None)],

@@ -24,7 +24,7 @@ from duckharness import sqlbuild as sb
 from duckharness.data.metadata import SessionWindow, day_bounds
 from duckharness.data.source import Dataset, FileInfo
 from duckharness.errors import InputError, UnknownColumnError
-from duckharness.experiments.steps import Inlined
+from duckharness.experiments.steps import Experiments, Inlined
 from duckharness.metrics.library import Metric
 
 DAY = "__day"
@@ -713,6 +713,28 @@ def window_and_day(
     # through to the label written per row, which is what a batch of more days gives them too.
     fallback = per_row_window(ts, aware, tz, window)[1]
     return where, exp.Case(ifs=[exp.If(this=c, true=sb.date(d)) for c, d in branches], default=fallback)
+
+
+def moves_time(dataset: Dataset, experiments: Experiments, name: str) -> bool:
+    """Whether experiment ``name`` may give rows another time than their source row's: it
+    replaces the time column, or it runs as views whose output times cannot be read off (GROUP BY,
+    window functions, Python steps). Its rows' days are then labelled from its own time column,
+    per row, like its time-of-day buckets, instead of by the file they came from."""
+    tcol = dataset.time_column
+    if tcol is None:
+        return False
+    inl = experiments.inline(name)
+    if inl is None:
+        return True
+    mapped = inl.mapping.get(tcol)
+    return mapped is not None and not (isinstance(mapped, exp.Column) and mapped.name == tcol and not mapped.table)
+
+
+def row_day(dataset: Dataset, window: SessionWindow | None) -> exp.Expr:
+    """The day label of each row from its own time (see :func:`per_row_window`)."""
+    assert dataset.time_column is not None
+    tz = window.timezone if window is not None else dataset.metadata.timezone
+    return per_row_window(sb.column(dataset.time_column), dataset.time_is_aware, tz, window)[1]
 
 
 def per_row_window(

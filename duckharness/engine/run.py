@@ -33,7 +33,9 @@ from duckharness.engine.plan import (
     Target,
     batch_relation,
     group_key,
+    moves_time,
     round_shift,
+    row_day,
     shift_role,
     window_and_day,
 )
@@ -219,9 +221,12 @@ def _map_partials(
     t0 = time.perf_counter()
     fused: dict[str, tuple[Inlined, Mapping[str, str]]] = {}
     whole: list[str] = []
+    labelled = any(b == "day" or b.startswith("tod:") for b in by)
     for n in names:
         inl = experiments.inline(n)
-        if inl is None:
+        # An experiment that changes the time column is grouped by its own times, which the
+        # fused scan (whose day and time-of-day come from the source rows) cannot do.
+        if inl is None or (labelled and moves_time(dataset, experiments, n)):
             whole.append(n)
         else:
             fused[n] = (inl, experiments.columns(n))
@@ -624,8 +629,12 @@ def _run_chain(
         )
     rel = exp.Table(this=sb.ident(name))
 
+    per_row = "day" in by and moves_time(dataset, experiments, name)
+
     def aggregate(files: Sequence[FileInfo]) -> str:
         _, day = window_and_day(dataset, files, window, need_day="day" in by)
+        if per_row:
+            day = row_day(dataset, window)
         sql = sb.render(scan.whole_query(rel, day))
         if not stats.queries or stats.queries[-1] != sql:
             stats.queries.append(sql)

@@ -30,7 +30,7 @@ from sqlglot import exp
 from duckharness import sqlbuild as sb
 from duckharness.data.metadata import SessionWindow
 from duckharness.data.source import FileInfo, is_remote, open_filesystem
-from duckharness.engine.plan import window_and_day
+from duckharness.engine.plan import moves_time, row_day, window_and_day
 from duckharness.errors import DuckHarnessError, ExecutionError, InputError
 from duckharness.execution.connection import fetch_all
 from duckharness.execution.executor import brief
@@ -367,7 +367,11 @@ def _write_parts(
     result: SinkResult,
 ) -> None:
     dataset = h.dataset
-    batchable = h.experiments.batchable(name)
+    # Days of an experiment's own times (see moves_time) are known only once its rows are made: it
+    # is written in one pass over all files, partitioned by each row's day, like one that needs
+    # all rows at once.
+    by_rows = partition_by == "day" and moves_time(dataset, h.experiments, name)
+    batchable = h.experiments.batchable(name) and not by_rows
     tz = window.timezone if window is not None else dataset.metadata.timezone
     rel = exp.Table(this=sb.ident(name))
     if not batchable:
@@ -385,6 +389,8 @@ def _write_parts(
                 build_chain(con, sub, h.experiments, name, files, window, h.tracer, h.batch_size)
                 if partition_by == "day" and not batchable:
                     _, day = window_and_day(sub, files, window, need_day=True)
+                    if by_rows:
+                        day = row_day(sub, window)
                     query = sb.select([exp.Star(), sb.alias(day, "__dh_day")], rel)
                     result.rows += _copy(con, query, os.path.join(tmp, "_parts"), h.tracer, partition="__dh_day")
                     _flatten_day_partitions(tmp, result)
