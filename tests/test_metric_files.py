@@ -333,6 +333,7 @@ def test_parse_metric_default_merge_is_sum() -> None:
     ("CAST(string_agg(CAST(pred AS VARCHAR), ',') AS DOUBLE)", None),
     ("count(DISTINCT sign(target))", None),  # distinct values of each batch do not add up
     ("sum(DISTINCT pred)", None),
+    ("fsum(pred)", "min"),
     ("sum(pred)", "max"),
     ("max(pred)", "min"),
 ])
@@ -348,7 +349,7 @@ def test_a_stats_column_its_merge_rule_cannot_combine_is_refused(stat: str, rule
 @pytest.mark.parametrize(("stat", "rule"), [
     ("count(*) FILTER (WHERE pred > 0)", "sum"), ("-sum(pred) + count_if(pred > target)", "sum"),
     ("CAST(sum(pred) AS DOUBLE) * 0.5", "sum"), ("min(pred) FILTER (WHERE target > 0)", "min"),
-    ("max(abs(pred))", "max"), ("max(DISTINCT pred)", "max"),
+    ("max(abs(pred))", "max"), ("max(DISTINCT pred)", "max"), ("fsum(pred) - kahan_sum(target)", "sum"),
 ])
 def test_stats_columns_their_merge_rule_combines_are_accepted(stat: str, rule: str) -> None:
     text = (f"-- stats\nSELECT {stat} AS s FROM input;\n-- merge\nSELECT {rule}(s) AS s FROM partials;\n"

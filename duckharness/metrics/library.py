@@ -112,8 +112,16 @@ _MERGEABLE: dict[str, tuple[type[exp.Expr], ...]] = {
 }
 
 
+# DuckDB's other sums (compensated, or without the overflow check), which sqlglot does not know.
+_SUMS = frozenset({"fsum", "kahan_sum", "sumkahan", "sum_no_overflow"})
+
+
+def _is_aggregate(node: exp.Expr) -> bool:
+    return isinstance(node, exp.AggFunc) or (isinstance(node, exp.Anonymous) and node.name.lower() in _SUMS)
+
+
 def _is_constant(node: exp.Expr) -> bool:
-    return not any(isinstance(n, (exp.AggFunc, exp.Column, exp.Star)) for n in node.walk())
+    return not any(_is_aggregate(n) or isinstance(n, (exp.Column, exp.Star)) for n in node.walk())
 
 
 def _mergeable(node: exp.Expr, rule: str) -> bool:
@@ -122,8 +130,11 @@ def _mergeable(node: exp.Expr, rule: str) -> bool:
         return _mergeable(node.this, rule)
     if isinstance(node, exp.Filter):  # sum(x) FILTER (WHERE ...)
         return _mergeable(node.this, rule)
+    if isinstance(node, exp.Anonymous) and node.name.lower() in _SUMS:
+        inner = [n for n in node.walk() if _is_aggregate(n) and n is not node]
+        return rule == "sum" and not inner
     if isinstance(node, exp.AggFunc):
-        inner = [n for n in node.walk() if isinstance(n, exp.AggFunc) and n is not node]
+        inner = [n for n in node.walk() if _is_aggregate(n) and n is not node]
         distinct = isinstance(node.this, exp.Distinct)  # count(DISTINCT x) of batches does not add up
         return isinstance(node, _MERGEABLE[rule]) and not inner and not (distinct and rule == "sum")
     if rule != "sum":
@@ -201,7 +212,7 @@ def parse_metric(text: str, *, path: str) -> Metric:
     stats_tree = _single_select("\n".join(sections["stats"]), section="stats", table="input", path=path)
     stats = _projections(stats_tree, section="stats", path=path)
     for stat, node in stats:
-        if not any(isinstance(n, exp.AggFunc) for n in node.walk()):
+        if not any(_is_aggregate(n) for n in node.walk()):
             raise _fail(path, f"stats column {stat!r} is not an aggregate (write e.g. sum(...) or count(*)).")
         if any(isinstance(n, exp.Window) for n in node.walk()):
             raise _fail(path, f"stats column {stat!r} may not use a window function.")
