@@ -96,8 +96,7 @@ def write_demo_dataset(
             f"Folder {out} is not empty; choose a new folder, or pass --overwrite (overwrite=True) to "
             f"replace an earlier demo dataset there."
         )
-    os.makedirs(out, exist_ok=True)
-    entries = sorted(os.listdir(out))
+    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
     if entries:  # --overwrite: only an earlier demo, whole, is replaced
         try:
             with open(os.path.join(out, "metadata.json")) as fh:
@@ -117,13 +116,15 @@ def write_demo_dataset(
                 f"Folder {out} holds {kind} a demo does not write ({', '.join(foreign)}); not replacing "
                 f"it. Move them away or choose another folder."
             )
-    # Everything is written to a hidden folder beside ``out`` first and moved in at the end, so an
-    # interruption (or a full disk) leaves ``out`` as it was.
+    # Everything is written to a hidden folder beside ``out`` first, which then takes its place
+    # (an earlier demo is moved aside and removed), so an interruption (or a full disk) leaves
+    # ``out`` as it was: absent, empty, or the earlier demo whole.
     import shutil
 
     from duckharness.outputs.paths import temporary_name
 
-    staging = temporary_name(os.path.join(out, "demo"))
+    out = os.path.abspath(os.fspath(out))
+    staging = temporary_name(out)
     os.mkdir(staging)
     try:
         rng = np.random.default_rng(seed)
@@ -144,11 +145,17 @@ def write_demo_dataset(
             json.dump(meta, f, indent=2)
         with open(os.path.join(staging, "experiments.sql"), "w") as f:
             f.write(DEMO_EXPERIMENTS)
-        for name in entries:  # an earlier demo: replace it whole, never mix days of two runs
-            if name.endswith(".parquet"):
-                os.remove(os.path.join(out, name))
-        for name in [*names, "experiments.sql", "metadata.json"]:  # metadata.json last: it marks a demo
-            os.replace(os.path.join(staging, name), os.path.join(out, name))
+        if os.path.isdir(out):  # empty, or an earlier demo (checked above)
+            old = f"{staging}.old"
+            os.rename(out, old)
+            try:
+                os.rename(staging, out)
+            except BaseException:
+                os.rename(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     paths = [os.path.join(out, n) for n in names]

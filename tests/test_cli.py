@@ -445,4 +445,8 @@ def test_an_interrupted_demo_leaves_the_folder_as_it_was(tmp_path: Path, monkeyp
     monkeypatch.setattr(demo_mod.pq, "write_table", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_demo_dataset(out, days=4, rows=300, overwrite=earlier)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no day of the new run, nothing hidden
+    if earlier:
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier demo whole
+    else:
+        assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == (["d"] if earlier else [])  # nothing hidden beside it

@@ -334,6 +334,7 @@ def test_parse_metric_default_merge_is_sum() -> None:
     ("count(DISTINCT sign(target))", None),  # distinct values of each batch do not add up
     ("sum(DISTINCT pred)", None),
     ("fsum(pred)", "min"),
+    ("fsum(DISTINCT abs(sign(pred)))", None),
     ("sum(pred)", "max"),
     ("max(pred)", "min"),
 ])
@@ -405,3 +406,18 @@ def test_a_long_driver_message_is_cut_to_one_short_line(data: Path, tmp_path: Pa
     assert len(str(info.value)) < 600 and "\n" not in str(info.value)
     assert str(info.value).startswith(f"Metric 'agg' ({tmp_path / 'agg.sql'}): its stats failed on ")
     assert info.value.metric == "agg"
+
+
+def test_a_metric_folder_spelled_two_ways_is_read_once(data: Path, tmp_path: Path) -> None:
+    import warnings
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "k.sql").write_text("-- stats\nSELECT count(*) AS n FROM input;\n"
+                                  "-- final\nSELECT n AS value FROM merged;\n")
+    (tmp_path / "link").symlink_to(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        h = Harness(data, metric_dirs=[folder, f"{folder}/", tmp_path / "link"])
+    assert "k" in h.metric_library.names
+    h.close()

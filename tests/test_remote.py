@@ -729,8 +729,9 @@ def test_overwrite_keeps_a_remote_sink_that_holds_a_users_own_objects(s3: S3) ->
     with with_experiments(Harness(f"s3://{BUCKET}/run1/", storage_options=s3.options())) as h:
         h.sink("tight", out)
         s3.client().put_object(Bucket=BUCKET, Key=f"{prefix}notes/readme.txt", Body=b"mine")
+        s3.client().put_object(Bucket=BUCKET, Key=f"{prefix}extra.parquet", Body=b"mine too")
         before = s3.keys(BUCKET, prefix)
         with pytest.raises(InputError, match=r"earlier sink, but it also holds objects a sink does not write "
-                                             r"\(notes/readme\.txt\)"):
+                                             r"\(extra\.parquet, notes/readme\.txt\)"):
             h.sink("liquid", out, overwrite=True)
     assert s3.keys(BUCKET, prefix) == before

@@ -256,6 +256,10 @@ def test_an_experiment_that_moves_the_time_is_grouped_by_its_own_times(tmp_path:
         out = h.sink(name, tmp_path / f"sink_{name}", partition_by="day")
         assert {Path(f).stem: pq.read_metadata(f).num_rows for f in out.files} == {
             d.isoformat(): c for d, c in want_day.items()}, name
+    # Per-day scans: each day whole (a day made of two source files' rows is ranked once).
+    ic = {n: h.rank_ic("pred_10s", [n]).filter(metric="n") for n in ("rowwise", "allrows")}
+    for name, frame in ic.items():
+        assert dict(frame.select("day", "value").rows()) == want_day, name
 
 
 # --- other zones and time encodings ----------------------------------------------------------------

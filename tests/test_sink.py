@@ -336,10 +336,11 @@ def test_overwrite_keeps_an_earlier_sink_that_holds_a_users_own_files(harness: H
     out = tmp_path / "out"
     harness.sink("liquid", out)
     (out / "my_results.csv").write_text("a,b\n1,2\n")
+    (out / "mine.parquet").write_bytes(b"a user's own Parquet file")
     (out / "plots").mkdir()
     before = snapshot(out)
     with pytest.raises(InputError, match=r"earlier sink, but it also holds files a sink does not write "
-                                         r"\(my_results\.csv, plots\)"):
+                                         r"\(mine\.parquet, my_results\.csv, plots\)"):
         harness.sink("z_day", out, overwrite=True)
     assert snapshot(out) == before and (out / "plots").is_dir()
 

@@ -30,7 +30,7 @@ from duckharness import sqlbuild as sb
 from duckharness.data.metadata import SessionWindow
 from duckharness.data.source import Dataset, FileInfo
 from duckharness.engine.cache import StatsCache
-from duckharness.engine.plan import DAY, Pair, local_dates, moves_time, row_day, window_and_day
+from duckharness.engine.plan import DAY, Pair, local_dates, moves_time, replaces_time, row_day, window_and_day
 from duckharness.engine.run import ChainTask, run_chain_task
 from duckharness.errors import ExecutionError, InputError, UnknownColumnError
 from duckharness.execution.executor import Executor, brief, retryable
@@ -322,9 +322,12 @@ def _run(
                 experiment=name,
             )
         rel = exp.Table(this=sb.ident(name))
-        per_group = groups if experiments.batchable(name) else [list(dataset.files)]
-        keyable = not experiments.has_python(name)  # a Python step has no SQL to key it by
         per_row = moves_time(dataset, experiments, name)
+        # An experiment whose rows land on other days than their files' is ranked in one pass
+        # over all files, so that each of its days is whole.
+        whole = not experiments.batchable(name) or replaces_time(dataset, experiments, name)
+        per_group = [list(dataset.files)] if whole else groups
+        keyable = not experiments.has_python(name)  # a Python step has no SQL to key it by
         for g in per_group:
             _, day = window_and_day(dataset, g, window, need_day=True)
             if per_row:  # days of its own times, not of the files (see moves_time)

@@ -715,19 +715,26 @@ def window_and_day(
     return where, exp.Case(ifs=[exp.If(this=c, true=sb.date(d)) for c, d in branches], default=fallback)
 
 
+def replaces_time(dataset: Dataset, experiments: Experiments, name: str) -> bool:
+    """Whether experiment ``name`` is row by row (inlined) and gives its rows other times than
+    their source rows' (``SELECT * REPLACE (ts + INTERVAL 1 HOUR AS ts) ...``): a row may then
+    land on another day than its file's, so per-day work on it reads all files in one pass."""
+    tcol = dataset.time_column
+    inl = experiments.inline(name) if tcol is not None else None
+    if inl is None or tcol is None:
+        return False
+    mapped = inl.mapping.get(tcol)
+    return mapped is not None and not (isinstance(mapped, exp.Column) and mapped.name == tcol and not mapped.table)
+
+
 def moves_time(dataset: Dataset, experiments: Experiments, name: str) -> bool:
     """Whether experiment ``name`` may give rows another time than their source row's: it
     replaces the time column, or it runs as views whose output times cannot be read off (GROUP BY,
     window functions, Python steps). Its rows' days are then labelled from its own time column,
     per row, like its time-of-day buckets, instead of by the file they came from."""
-    tcol = dataset.time_column
-    if tcol is None:
+    if dataset.time_column is None:
         return False
-    inl = experiments.inline(name)
-    if inl is None:
-        return True
-    mapped = inl.mapping.get(tcol)
-    return mapped is not None and not (isinstance(mapped, exp.Column) and mapped.name == tcol and not mapped.table)
+    return experiments.inline(name) is None or replaces_time(dataset, experiments, name)
 
 
 def row_day(dataset: Dataset, window: SessionWindow | None) -> exp.Expr:

@@ -132,7 +132,8 @@ def _mergeable(node: exp.Expr, rule: str) -> bool:
         return _mergeable(node.this, rule)
     if isinstance(node, exp.Anonymous) and node.name.lower() in _SUMS:
         inner = [n for n in node.walk() if _is_aggregate(n) and n is not node]
-        return rule == "sum" and not inner
+        distinct = any(isinstance(a, exp.Distinct) for a in node.expressions)
+        return rule == "sum" and not inner and not distinct
     if isinstance(node, exp.AggFunc):
         inner = [n for n in node.walk() if _is_aggregate(n) and n is not node]
         distinct = isinstance(node.this, exp.Distinct)  # count(DISTINCT x) of batches does not add up
@@ -156,8 +157,8 @@ def _check_mergeable(stat: str, node: exp.Expr, rule: str, path: str) -> None:
         return
     if rule == "sum":
         need = (
-            "a sum over rows: sum(...), count(...) or count_if(...), or such terms added, subtracted "
-            "or multiplied by constants"
+            "a sum over rows: sum(...), count(...), count_if(...) or fsum(...) (not DISTINCT), or such "
+            "terms added, subtracted or multiplied by constants"
         )
     else:
         need = f"{rule}(...)"
@@ -274,6 +275,7 @@ class MetricLibrary:
     def __init__(self, dirs: Iterable[str | os.PathLike[str]] = ()) -> None:
         self._metrics: dict[str, Metric] = {}
         self._origin: dict[str, str] = {}
+        self._dirs: set[str] = set()  # folders read, symlinks resolved: one given twice is read once
         self.add_dir(builtin_metric_dir(), shipped=True)
         for d in dirs:
             self.add_dir(d)
@@ -282,6 +284,9 @@ class MetricLibrary:
         folder = Path(folder)
         if not folder.is_dir():
             raise MetricError(f"Metric folder {folder} does not exist.", path=str(folder))
+        if os.path.realpath(folder) in self._dirs:
+            return
+        self._dirs.add(os.path.realpath(folder))
         seen: dict[str, str] = {}
         for f in sorted(folder.glob("*.sql")):
             m = load_metric_file(f)

@@ -212,6 +212,6 @@ def check_outside_source(dataset: Dataset, target: str, what: str = "Output") ->
     holds = any(os.path.commonpath([real, os.path.realpath(p)]) == real for p in dataset.paths)
     if inside or holds:
         raise InputError(
-            f"{what} {target} overlaps the source {dataset.root} (inside it, it would be read as more of the "
-            f"source); choose a path outside it."
+            f"{what} {target} overlaps the source {dataset.root} (inside it, an output would be read as more "
+            f"of the source; around it, it would replace it); choose a path outside it."
         )

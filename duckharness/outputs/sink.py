@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import posixpath
+import re
 import shutil
 import time
 import uuid
@@ -30,7 +31,7 @@ from sqlglot import exp
 from duckharness import sqlbuild as sb
 from duckharness.data.metadata import SessionWindow
 from duckharness.data.source import FileInfo, is_remote, open_filesystem
-from duckharness.engine.plan import moves_time, row_day, window_and_day
+from duckharness.engine.plan import moves_time, replaces_time, row_day, window_and_day
 from duckharness.errors import DuckHarnessError, ExecutionError, InputError
 from duckharness.execution.connection import fetch_all
 from duckharness.execution.executor import brief
@@ -281,10 +282,11 @@ def _check_remote_target(fs: Any, remote: str, url: str, overwrite: bool, again:
         raise InputError(f"Output {url} holds objects that are not an earlier duckharness sink; not replacing it.")
     if state == "sink":
         found_keys = _remote_call(url, lambda: fs.find(remote))
+        provenance = found.get("duckharness_sink")
         added = sorted(
             posixpath.relpath(k, remote)
             for k in found_keys
-            if not (posixpath.dirname(k) == remote and (k.endswith(".parquet") or k.endswith("/metadata.json")))
+            if not _sink_wrote(posixpath.relpath(k, remote), provenance, posixpath.dirname(k) == remote)
         )
         if added:
             raise InputError(
@@ -339,22 +341,38 @@ def _check_replaceable(h: Harness, target: str) -> None:
         return
     try:
         with open(os.path.join(target, "metadata.json"), encoding="utf-8") as f:
-            earlier_sink = "duckharness_sink" in json.load(f)
-    except (OSError, ValueError):
-        earlier_sink = False
+            provenance = json.load(f).get("duckharness_sink")
+        earlier_sink = isinstance(provenance, dict)
+    except (OSError, ValueError, AttributeError):
+        earlier_sink, provenance = False, None
     if not earlier_sink:
         raise InputError(
             f"Output {target} holds files that are not an earlier duckharness sink; not replacing it. "
             f"Choose a new folder or remove it yourself."
         )
-    ours = lambda e: e == "metadata.json" or (e.endswith(".parquet") and os.path.isfile(os.path.join(target, e)))  # noqa: E731
-    added = sorted(e for e in entries if not ours(e))
+    added = sorted(e for e in entries if not _sink_wrote(e, provenance, os.path.isfile(os.path.join(target, e))))
     if added:
         raise InputError(
             f"Output {target} is an earlier sink, but it also holds files a sink does not write "
             f"({', '.join(added[:5])}{', …' if len(added) > 5 else ''}); not replacing it. Move them away "
             f"or choose a new folder."
         )
+
+
+_SINK_FILE = re.compile(r"(part-\d+|\d{4}-\d{2}-\d{2}|data)\.parquet")
+
+
+def _sink_wrote(name: str, provenance: Any, is_file: bool) -> bool:
+    """Whether ``name`` in an earlier sink folder is one of its own files: listed in its
+    metadata.json (or, for a sink written before that list, named as sinks name their files)."""
+    if name == "metadata.json":
+        return True
+    if not is_file:
+        return False
+    listed = provenance.get("files") if isinstance(provenance, dict) else None
+    if isinstance(listed, list):
+        return name in listed
+    return bool(_SINK_FILE.fullmatch(name))
 
 
 def _write_parts(
@@ -367,11 +385,11 @@ def _write_parts(
     result: SinkResult,
 ) -> None:
     dataset = h.dataset
-    # Days of an experiment's own times (see moves_time) are known only once its rows are made: it
-    # is written in one pass over all files, partitioned by each row's day, like one that needs
-    # all rows at once.
+    # Days of an experiment's own times (see moves_time) are known only once its rows are made:
+    # one whose rows land on other days than their files' (replaces_time) is written in one pass
+    # over all files, partitioned by each row's day, like one that needs all rows at once.
     by_rows = partition_by == "day" and moves_time(dataset, h.experiments, name)
-    batchable = h.experiments.batchable(name) and not by_rows
+    batchable = h.experiments.batchable(name) and not (by_rows and replaces_time(dataset, h.experiments, name))
     tz = window.timezone if window is not None else dataset.metadata.timezone
     rel = exp.Table(this=sb.ident(name))
     if not batchable:
@@ -448,6 +466,7 @@ def _write_metadata(h: Harness, name: str, tmp: str, window: SessionWindow | Non
         "experiment": name,
         "chain": h.experiment_sql(name, window=used_window if used_window is not None else False),
         "rows": result.rows,
+        "files": sorted(os.path.basename(f) for f in result.files),  # what --overwrite may replace
         "written_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "duckharness_version": __version__,
     }
