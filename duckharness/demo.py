@@ -91,12 +91,12 @@ def write_demo_dataset(
 
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"{out} is a file; give a folder for the demo dataset.")
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    if entries and not overwrite:
         raise InputError(
             f"Folder {out} is not empty; choose a new folder, or pass --overwrite (overwrite=True) to "
             f"replace an earlier demo dataset there."
         )
-    entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
     if entries:  # --overwrite: only an earlier demo, whole, is replaced
         try:
             with open(os.path.join(out, "metadata.json")) as fh:
@@ -121,7 +121,7 @@ def write_demo_dataset(
     # ``out`` as it was: absent, empty, or the earlier demo whole.
     import shutil
 
-    from duckharness.outputs.paths import temporary_name
+    from duckharness.outputs.paths import rename_no_replace, replace_folder, temporary_name
 
     out = os.path.abspath(os.fspath(out))
     staging = temporary_name(out)
@@ -145,17 +145,8 @@ def write_demo_dataset(
             json.dump(meta, f, indent=2)
         with open(os.path.join(staging, "experiments.sql"), "w") as f:
             f.write(DEMO_EXPERIMENTS)
-        if os.path.isdir(out):  # empty, or an earlier demo (checked above)
-            old = f"{staging}.old"
-            os.rename(out, old)
-            try:
-                os.rename(staging, out)
-            except BaseException:
-                os.rename(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, out)
+        if not (os.path.isdir(out) and replace_folder(staging, out)):  # empty, or an earlier demo
+            rename_no_replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     paths = [os.path.join(out, n) for n in names]

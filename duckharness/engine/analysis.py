@@ -23,6 +23,7 @@ from duckharness.errors import InputError
 from duckharness.metrics.library import Metric
 from duckharness.metrics.significance import (
     bootstrap_difference,
+    check_lag,
     diebold_mariano,
     merge_resampled,
     summarize_series,
@@ -283,11 +284,14 @@ def _daily_frame(pair: Pair, days: list[Any], va: np.ndarray, vb: np.ndarray) ->
 
 
 def _check_lag(lag: int | None, n_days: int, what: str) -> None:
-    if lag is not None and n_days >= 1 and lag >= n_days:
+    """:func:`~duckharness.metrics.significance.check_lag`, as an error naming the series."""
+    try:
+        check_lag(lag, n_days)
+    except ValueError:
         raise InputError(
             f"lag={lag} needs more than {lag} days, but {what} has {n_days} days with a value. "
             f"Use a lag below {n_days} (or the default, which is at most T - 1)."
-        )
+        ) from None
 
 
 def _row(
@@ -308,7 +312,8 @@ def _row(
     each compares like with like (a day where one experiment's rows are all excluded, or its
     metric is undefined, counts for neither)."""
     d = va - vb
-    n_days = int(np.isfinite(d).sum())
+    shared = np.isfinite(d)
+    n_days = int(shared.sum())
     if lag is not None and n_days >= 2 and lag >= n_days - 1:  # the HLN factor is 0 at h = T
         raise InputError(
             f"lag={lag} leaves no Diebold-Mariano test for the comparison on {pair.pred} vs {pair.target}, "
@@ -316,7 +321,6 @@ def _row(
         )
     _check_lag(lag, n_days, f"the comparison on {pair.pred} vs {pair.target}")
     dm = diebold_mariano(d, lag)
-    shared = np.isfinite(d)
     sa, sb_ = sa[shared], sb_[shared]
     boot = bootstrap_difference(sa, sb_, how, finalize, n_boot=n_boot, seed=seed, level=level)
     ones = np.ones((1, len(sa)), dtype=np.int64)

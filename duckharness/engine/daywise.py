@@ -30,7 +30,7 @@ from duckharness import sqlbuild as sb
 from duckharness.data.metadata import SessionWindow
 from duckharness.data.source import Dataset, FileInfo
 from duckharness.engine.cache import StatsCache
-from duckharness.engine.plan import DAY, Pair, local_dates, moves_time, replaces_time, row_day, window_and_day
+from duckharness.engine.plan import DAY, Pair, local_dates, moves_time, replaces_time, window_and_day
 from duckharness.engine.run import ChainTask, run_chain_task
 from duckharness.errors import ExecutionError, InputError, UnknownColumnError
 from duckharness.execution.executor import Executor, brief, retryable
@@ -329,9 +329,7 @@ def _run(
         per_group = [list(dataset.files)] if whole else groups
         keyable = not experiments.has_python(name)  # a Python step has no SQL to key it by
         for g in per_group:
-            _, day = window_and_day(dataset, g, window, need_day=True)
-            if per_row:  # days of its own times, not of the files (see moves_time)
-                day = row_day(dataset, window)
+            _, day = window_and_day(dataset, g, window, need_day=True, day_per_row=per_row)
             sql = sb.render(build(rel, day, cols))
             tasks.append(ChainTask(dataset, experiments, name, list(g), window, batch_size, sql))
             labels.append(name)

@@ -662,12 +662,15 @@ def window_and_day(
     *,
     need_day: bool = True,
     max_window_days: int = MAX_WINDOW_DAYS,
+    day_per_row: bool = False,
 ) -> tuple[exp.Expr | None, exp.Expr]:
     """The WHERE condition of the session window and the day label for a batch of files.
 
     For files with time statistics the window is one ``BETWEEN`` of UTC bounds per local day
     (so row-group statistics can skip data) and the day label is a constant when the batch holds
-    one day. Batches that span many days, or files without statistics, convert rows to local time.
+    one day. Batches that span many days, or files without statistics, convert rows to local time;
+    so does ``day_per_row`` (for an experiment whose rows' times are not their files', see
+    :func:`moves_time`).
     """
     no_day = sb.cast(exp.Null(), "DATE")
     tcol = dataset.time_column
@@ -702,6 +705,8 @@ def window_and_day(
         where = sb.or_all(c for c, _ in branches)
     if not need_day:
         return where, no_day
+    if day_per_row:
+        return where, per_row_window(ts, aware, tz, window)[1]
     if len(ordered) == 1:
         return where, sb.date(ordered[0])
     if len(ordered) > MAX_DAY_BRANCHES:
@@ -735,13 +740,6 @@ def moves_time(dataset: Dataset, experiments: Experiments, name: str) -> bool:
     if dataset.time_column is None:
         return False
     return experiments.inline(name) is None or replaces_time(dataset, experiments, name)
-
-
-def row_day(dataset: Dataset, window: SessionWindow | None) -> exp.Expr:
-    """The day label of each row from its own time (see :func:`per_row_window`)."""
-    assert dataset.time_column is not None
-    tz = window.timezone if window is not None else dataset.metadata.timezone
-    return per_row_window(sb.column(dataset.time_column), dataset.time_is_aware, tz, window)[1]
 
 
 def per_row_window(

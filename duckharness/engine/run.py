@@ -35,7 +35,6 @@ from duckharness.engine.plan import (
     group_key,
     moves_time,
     round_shift,
-    row_day,
     shift_role,
     window_and_day,
 )
@@ -632,9 +631,7 @@ def _run_chain(
     per_row = "day" in by and moves_time(dataset, experiments, name)
 
     def aggregate(files: Sequence[FileInfo]) -> str:
-        _, day = window_and_day(dataset, files, window, need_day="day" in by)
-        if per_row:
-            day = row_day(dataset, window)
+        _, day = window_and_day(dataset, files, window, need_day="day" in by, day_per_row=per_row)
         sql = sb.render(scan.whole_query(rel, day))
         if not stats.queries or stats.queries[-1] != sql:
             stats.queries.append(sql)

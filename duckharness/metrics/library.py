@@ -130,14 +130,12 @@ def _mergeable(node: exp.Expr, rule: str) -> bool:
         return _mergeable(node.this, rule)
     if isinstance(node, exp.Filter):  # sum(x) FILTER (WHERE ...)
         return _mergeable(node.this, rule)
-    if isinstance(node, exp.Anonymous) and node.name.lower() in _SUMS:
-        inner = [n for n in node.walk() if _is_aggregate(n) and n is not node]
-        distinct = any(isinstance(a, exp.Distinct) for a in node.expressions)
-        return rule == "sum" and not inner and not distinct
-    if isinstance(node, exp.AggFunc):
-        inner = [n for n in node.walk() if _is_aggregate(n) and n is not node]
-        distinct = isinstance(node.this, exp.Distinct)  # count(DISTINCT x) of batches does not add up
-        return isinstance(node, _MERGEABLE[rule]) and not inner and not (distinct and rule == "sum")
+    if _is_aggregate(node):
+        inner = any(_is_aggregate(n) for n in node.walk() if n is not node)
+        args = node.expressions if isinstance(node, exp.Anonymous) else [node.this]
+        distinct = any(isinstance(a, exp.Distinct) for a in args)  # count(DISTINCT x) of batches does not add up
+        kind = isinstance(node, _MERGEABLE[rule]) or (isinstance(node, exp.Anonymous) and rule == "sum")
+        return kind and not inner and not (distinct and rule == "sum")
     if rule != "sum":
         return False
     if isinstance(node, exp.Neg):

@@ -185,6 +185,30 @@ def rename_no_replace(src: str, dst: str) -> None:
 _AT_FDCWD, _RENAME_NOREPLACE = -100, 1
 
 
+def replace_folder(tmp: str, target: str) -> bool:
+    """Put the finished folder ``tmp`` in place of the folder ``target``: ``target`` is moved
+    aside, ``tmp`` renamed in (never over something that appeared meanwhile) and the old folder
+    removed; if that rename fails the old one is put back (or, if something else took its place,
+    removed). False, with nothing done, when ``target`` is gone meanwhile."""
+    import shutil
+
+    old = f"{tmp}.old"
+    try:
+        os.rename(target, old)
+    except FileNotFoundError:
+        return False
+    try:
+        rename_no_replace(tmp, target)
+    except BaseException:
+        try:
+            rename_no_replace(old, target)
+        except OSError:
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return True
+
+
 def _load_renameat2() -> Any:
     if not sys.platform.startswith("linux"):
         return None

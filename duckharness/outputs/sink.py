@@ -31,7 +31,7 @@ from sqlglot import exp
 from duckharness import sqlbuild as sb
 from duckharness.data.metadata import SessionWindow
 from duckharness.data.source import FileInfo, is_remote, open_filesystem
-from duckharness.engine.plan import moves_time, replaces_time, row_day, window_and_day
+from duckharness.engine.plan import moves_time, replaces_time, window_and_day
 from duckharness.errors import DuckHarnessError, ExecutionError, InputError
 from duckharness.execution.connection import fetch_all
 from duckharness.execution.executor import brief
@@ -44,6 +44,7 @@ from duckharness.outputs.paths import (
     is_exists_error,
     os_errno,
     rename_no_replace,
+    replace_folder,
     temporary_name,
     write_error,
 )
@@ -334,8 +335,8 @@ def _move_remote(fs: Any, staging: str, remote: str, url: str, data: list[str]) 
 
 
 def _check_replaceable(h: Harness, target: str) -> None:
-    """``overwrite`` replaces an earlier sink or an empty folder, never the source or other data."""
-    check_outside_source(h.dataset, target)
+    """``overwrite`` replaces an earlier sink holding only its own files, or an empty folder,
+    never other data (nor the source: :func:`check_outside_source`, checked up front)."""
     entries = os.listdir(target)
     if not entries:
         return
@@ -406,9 +407,7 @@ def _write_parts(
                 sub = dataclasses.replace(dataset, files=list(files))
                 build_chain(con, sub, h.experiments, name, files, window, h.tracer, h.batch_size)
                 if partition_by == "day" and not batchable:
-                    _, day = window_and_day(sub, files, window, need_day=True)
-                    if by_rows:
-                        day = row_day(sub, window)
+                    _, day = window_and_day(sub, files, window, need_day=True, day_per_row=by_rows)
                     query = sb.select([exp.Star(), sb.alias(day, "__dh_day")], rel)
                     result.rows += _copy(con, query, os.path.join(tmp, "_parts"), h.tracer, partition="__dh_day")
                     _flatten_day_partitions(tmp, result)
@@ -494,19 +493,7 @@ def _move_into_place(h: Harness, tmp: str, target: str, overwrite: bool) -> None
         if not os.path.isdir(target):
             raise InputError(f"Output {target} exists and is not a folder; choose another path.")
         _check_replaceable(h, target)
-        old = f"{tmp}.old"
-        try:
-            os.rename(target, old)
-        except FileNotFoundError:  # removed meanwhile: try again
-            continue
-        try:
-            rename_no_replace(tmp, target)
-        except BaseException:
-            try:
-                rename_no_replace(old, target)
-            except OSError:  # another sink took its place meanwhile: the earlier one goes
-                shutil.rmtree(old, ignore_errors=True)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-        return
+        if replace_folder(tmp, target):
+            return
+        # removed meanwhile: try again
     raise InputError(f"Output {target} kept changing while this sink moved into place; not replacing it.")
