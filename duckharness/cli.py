@@ -64,18 +64,23 @@ def _storage_options(text: str | None) -> dict[str, Any] | None:
     return value
 
 
+def _window_text(text: str) -> str:
+    """``--window``'s shape (a dash and at least one bound), checked by argparse: a malformed
+    window is a usage error (exit 2), like any other malformed option."""
+    start, dash, end = text.strip().partition("-")
+    if not dash or not (start.strip() or end.strip()):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be START-END, e.g. 09:30-16:00 (or 10:00- / --window=-15:00 for one bound; "
+            f"--no-window for none)"
+        )
+    return text
+
+
 def _window(args: argparse.Namespace) -> Any:
     if getattr(args, "no_window", False):
         return False
     if getattr(args, "window", None) is not None:
-        start, dash, end = args.window.strip().partition("-")
-        if not dash or not (start.strip() or end.strip()):
-            from duckharness.errors import InputError
-
-            raise InputError(
-                f"--window {args.window!r} must be START-END, e.g. 09:30-16:00 (or 10:00- / --window=-15:00 for one "
-                f"bound; --no-window for none)."
-            )
+        start, _, end = args.window.strip().partition("-")
         return (start or None, end or None)
     return None
 
@@ -295,6 +300,7 @@ def _source_options(p: argparse.ArgumentParser, *, experiments: bool = True, win
         w = p.add_mutually_exclusive_group()
         w.add_argument(
             "--window",
+            type=_window_text,
             metavar="HH:MM-HH:MM",
             help="override the metadata session window (HH:MM- or --window=-HH:MM for one bound)",
         )

@@ -379,9 +379,12 @@ def test_compare_refuses_a_single_valued_option_given_twice(demo: Path, option: 
     assert f"{option} given twice" in capsys.readouterr().err
 
 
-def test_a_window_without_a_dash_is_refused(demo: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["metrics", str(demo), "--metric", "count", "--pair", PAIR, "--window", "10:00"]) == 1
-    assert "--window '10:00' must be START-END" in capsys.readouterr().err
+def test_a_window_without_a_dash_is_a_usage_error(demo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["metrics", str(demo), "--metric", "count", "--pair", PAIR, "--window", "10:00"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and "--window: '10:00' must be START-END" in err
     assert main(["metrics", str(demo), "--metric", "count", "--pair", PAIR, "--window", "10:00-"]) == 0
 
 
@@ -409,8 +412,11 @@ def test_sink_and_sample_refuse_two_experiments(demo: Path, tmp_path: Path, caps
 
 
 @pytest.mark.parametrize("window", ["", "-", " - "])
-def test_a_window_with_no_bound_is_refused(demo: Path, window: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["metrics", str(demo), "--metric", "count", "--pair", PAIR, f"--window={window}"]) == 1
+def test_a_window_with_no_bound_is_a_usage_error(demo: Path, window: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["metrics", str(demo), "--metric", "count", "--pair", PAIR, f"--window={window}"])
+    assert info.value.code == 2
     assert "must be START-END" in capsys.readouterr().err
 
 

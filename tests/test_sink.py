@@ -444,3 +444,24 @@ def test_sink_and_metrics_draw_progress_on_stderr_only_when_asked(
     harness.metrics(["count"], pairs=["pred_10s:target_10s"], experiments=["liquid", "z_day"], progress=True)
     err = capsys.readouterr().err
     assert "metrics [" in err and f"{2 * len(DAYS)}/{2 * len(DAYS)}" in err
+
+
+def test_rows_an_experiment_moves_out_of_the_window_are_kept_when_the_sink_is_read_back(
+        folder: Path, ref: pl.DataFrame, tmp_path: Path) -> None:
+    h = Harness(folder, workers=2)
+    h.add_experiment("later", "SELECT * REPLACE (ts + INTERVAL 30 MINUTE AS ts) FROM baseline WHERE volume > 1000")
+    want = ref_rows(ref, "liquid").with_columns(pl.col("ts") + pl.duration(minutes=30))
+    moved = want.filter(pl.col("ts").dt.convert_time_zone("US/Eastern").dt.time() > dt.time(16)).height
+    assert moved > 100
+    for partition_by in (None, "day"):
+        out = tmp_path / f"out-{partition_by}"
+        with pytest.warns(DuckHarnessWarning, match=f"moved {moved:,} of the {want.height:,} rows"):
+            h.sink("later", out, partition_by=partition_by)
+        assert_rows(read_back(out), want)
+        meta = json.loads((out / "metadata.json").read_text())
+        assert "start_time" not in meta and "end_time" not in meta and meta["timezone"] == "US/Eastern"
+        assert meta["duckharness_sink"]["rows_picked_by_window"] == "09:30:00–16:00:00 US/Eastern"
+        with Harness(out) as back:
+            assert back.metrics(["count"], pairs=["pred_10s:target_10s"])["value"][0] == want.height
+    h.close()
+

@@ -21,6 +21,7 @@ import re
 import shutil
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -31,8 +32,8 @@ from sqlglot import exp
 from duckharness import sqlbuild as sb
 from duckharness.data.metadata import SessionWindow
 from duckharness.data.source import FileInfo, is_remote, open_filesystem
-from duckharness.engine.plan import moves_time, replaces_time, window_and_day
-from duckharness.errors import DuckHarnessError, ExecutionError, InputError
+from duckharness.engine.plan import moves_time, per_row_window, replaces_time, window_and_day
+from duckharness.errors import DuckHarnessError, DuckHarnessWarning, ExecutionError, InputError
 from duckharness.execution.connection import fetch_all
 from duckharness.execution.executor import brief
 from duckharness.execution.progress import Progress
@@ -443,7 +444,7 @@ def _write_metadata(h: Harness, name: str, tmp: str, window: SessionWindow | Non
     from duckharness import __version__
 
     meta = h.dataset.metadata.as_dict()
-    used_window = window
+    used_window, moved_out = window, False
     has_time = h.dataset.time_column is not None and h.dataset.time_column in h.experiments.columns(name)
     if not has_time:  # e.g. an aggregate per symbol: no time column, so no window either
         for key in ("start_time", "end_time", "time_column"):
@@ -452,6 +453,21 @@ def _write_metadata(h: Harness, name: str, tmp: str, window: SessionWindow | Non
     elif window is None:  # rows were not windowed: the output must not be windowed later either
         meta.pop("start_time", None)
         meta.pop("end_time", None)
+    elif (outside := _rows_outside_window(h, name, result, window)) > 0:
+        # The window picked the source rows, and the experiment moved some of them out of it
+        # (`ts + INTERVAL 30 MINUTE`): a window in the output's metadata would drop them when
+        # it is read back, so the output has none and says which one picked its rows.
+        meta.pop("start_time", None)
+        meta.pop("end_time", None)
+        meta["timezone"] = window.timezone
+        moved_out = True
+        warnings.warn(
+            f"Experiment {name!r} moved {outside:,} of the {result.rows:,} rows it sank outside the session window "
+            f"({window.describe()}); the output's metadata.json has no session window, so they are kept when it "
+            f"is read back.",
+            DuckHarnessWarning,
+            stacklevel=4,
+        )
     else:
         meta["start_time"] = window.start.isoformat() if window.start else None
         meta["end_time"] = window.end.isoformat() if window.end else None
@@ -465,12 +481,37 @@ def _write_metadata(h: Harness, name: str, tmp: str, window: SessionWindow | Non
         "experiment": name,
         "chain": h.experiment_sql(name, window=used_window if used_window is not None else False),
         "rows": result.rows,
+        **({"rows_picked_by_window": window.describe()} if moved_out and window is not None else {}),
         "files": sorted(os.path.basename(f) for f in result.files),  # what --overwrite may replace
         "written_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "duckharness_version": __version__,
     }
     with open(os.path.join(tmp, "metadata.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2, default=str)
+
+
+def _rows_outside_window(h: Harness, name: str, result: SinkResult, window: SessionWindow) -> int:
+    """How many written rows of an experiment that may move times (see ``moves_time``) fall
+    outside ``window`` (or have no time): one pass over the output's time column. Rows of any
+    other experiment are the window's own rows, so 0 without reading anything."""
+    tcol = h.dataset.time_column
+    if tcol is None or not result.files or not moves_time(h.dataset, h.experiments, name):
+        return 0
+    import pyarrow.parquet as pq
+
+    field = pq.read_schema(result.files[0]).field(tcol)
+    aware = getattr(field.type, "tz", None) is not None
+    where, _ = per_row_window(sb.column(tcol), aware, window.timezone, window)
+    if where is None:
+        return 0
+    query = sb.select(
+        [exp.Count(this=exp.Star())],
+        sb.read_parquet(result.files),
+        where=exp.Not(this=exp.Paren(this=exp.Is(this=where, expression=exp.true()))),
+    )
+    with duckdb.connect(config={"threads": 1}) as con:
+        row = con.execute(sb.render(query)).fetchone()
+    return int(row[0]) if row else 0
 
 
 def _move_into_place(h: Harness, tmp: str, target: str, overwrite: bool) -> None:
