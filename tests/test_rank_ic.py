@@ -133,3 +133,24 @@ def test_a_cross_section_without_shared_timestamps_warns_and_a_panel_does_not(
     with Harness(make_panel(days=2, timestamps=4, symbols=5), cache=False) as h, warnings.catch_warnings():
         warnings.simplefilter("error", DuckHarnessWarning)
         h.rank_ic("pred_10s", cross_section=True)
+
+
+def later(lf: pl.LazyFrame) -> pl.LazyFrame:
+    return lf.with_columns(pl.col("ts") + pl.duration(hours=13, minutes=57))
+
+
+def test_a_python_step_that_moves_rows_to_another_files_day_ranks_that_day_whole(
+        make_panel: Callable[..., Path]) -> None:
+    folder = make_panel(days=4)
+    ref = reference_frame(folder)
+    ref["source_day"] = ref["day"]
+    ref["ts"] = ref["ts"] + pd.Timedelta(hours=13, minutes=57)
+    ref["day"] = ref["ts"].dt.tz_convert("US/Eastern").dt.date
+    assert (ref.groupby("day")["source_day"].nunique() > 1).any()  # a day made of two files' rows
+    want = spearman_by_day(ref, "pred_10s", "target_10s")
+    with Harness(folder, cache=False) as h:
+        h.add_experiment("later", later)
+        got = h.rank_ic("pred_10s", ["later"])
+    days = got.filter(pl.col("metric") == "rank_ic")["day"].to_list()
+    assert len(days) == len(set(days))  # each day once
+    assert ic_of(got, "later") == pytest.approx(want, abs=1e-12)

@@ -465,3 +465,27 @@ def test_rows_an_experiment_moves_out_of_the_window_are_kept_when_the_sink_is_re
             assert back.metrics(["count"], pairs=["pred_10s:target_10s"])["value"][0] == want.height
     h.close()
 
+
+
+def to_next_night(lf: pl.LazyFrame) -> pl.LazyFrame:
+    return lf.with_columns(pl.col("ts") + pl.duration(hours=13, minutes=57))
+
+
+def test_a_python_step_that_moves_rows_to_other_days_is_sunk_by_their_own_days(
+        folder: Path, ref: pl.DataFrame, tmp_path: Path) -> None:
+    h = Harness(folder, workers=2)
+    h.add_experiment("liquid", "volume > 1000")
+    h.add_experiment("night", to_next_night, base="liquid")
+    want = ref_rows(ref, "liquid").with_columns(pl.col("ts") + pl.duration(hours=13, minutes=57))
+    own_day = pl.col("ts").dt.convert_time_zone("US/Eastern").dt.date()
+    assert want.select((own_day != pl.col("_day")).sum()).item() > 1000  # rows moved to the next day
+    out = tmp_path / "out"
+    with pytest.warns(DuckHarnessWarning, match="outside the session window"):
+        h.sink("night", out, partition_by="day")
+    assert_rows(read_back(out), want)
+    for p in sorted(out.glob("*.parquet")):
+        days = pl.read_parquet(p).select(own_day.unique())["ts"].to_list()
+        assert [d.isoformat() for d in days] == [p.stem[:10]], p.name
+    assert sorted({p.stem[:10] for p in out.glob("*.parquet")}) == sorted(
+        {d.isoformat() for d in want.select(own_day)["ts"].to_list()})
+    h.close()

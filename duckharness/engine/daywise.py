@@ -4,7 +4,8 @@ Ranks and quantiles are not mergeable sums, so they are computed per day in SQL 
 functions and only then merged across days. Files are grouped so that no local day is split
 between two groups (a day that spans files is ranked as a whole; a group that holds several days
 partitions by the day label), and each group runs through the experiment's chain on a
-connection of its own, in parallel, like any batch. Rows whose pred or target is NULL, NaN or
+connection of its own, in parallel, like any batch. (An experiment whose Python steps move rows
+to another group's day has those groups run again as one.) Rows whose pred or target is NULL, NaN or
 ±infinite are left out, as for every metric.
 
 - **Rank IC**: within each day (or each timestamp cross-section of a day), the Pearson
@@ -21,6 +22,7 @@ connection of its own, in parallel, like any batch. Rows whose pred or target is
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import duckdb
 import polars as pl
@@ -321,7 +323,6 @@ def _run(
                 column=tcol,
                 experiment=name,
             )
-        rel = exp.Table(this=sb.ident(name))
         per_row = moves_time(dataset, experiments, name)
         # An experiment whose rows land on other days than their files' is ranked in one pass
         # over all files, so that each of its days is whole.
@@ -329,13 +330,11 @@ def _run(
         per_group = [list(dataset.files)] if whole else groups
         keyable = not experiments.has_python(name)  # a Python step has no SQL to key it by
         for g in per_group:
-            _, day = window_and_day(dataset, g, window, need_day=True, day_per_row=per_row)
-            sql = sb.render(build(rel, day, cols))
-            tasks.append(ChainTask(dataset, experiments, name, list(g), window, batch_size, sql))
+            tasks.append(_task(dataset, experiments, name, g, window, batch_size, build, per_row, cols))
             labels.append(name)
             if cache is not None and keyable:
                 rows = sb.render(experiments.query(name, source_query(dataset, g, window)))
-                keys.append(cache.key(f"{rows}\0{sql}", g))
+                keys.append(cache.key(f"{rows}\0{tasks[-1].sql}", g))
             else:
                 keys.append(None)
     stored = iter(cache.get_many([k for k in keys if k is not None]) if cache is not None else [])
@@ -362,6 +361,23 @@ def _run(
         frames[i] = frame
         if cache is not None and (key := keys[i]) is not None:
             cache.put(key, frame)
+    # An experiment whose times only its Python steps can move may put rows of one day in two
+    # groups' frames; such groups are run again as one, so that every day it ranks is whole.
+    for name in dict.fromkeys(labels):
+        mine = [i for i, n in enumerate(labels) if n == name]
+        merged = _groups_sharing_days([frames[i] for i in mine], [tasks[i].files for i in mine])
+        if merged is None:
+            continue
+        cols, per_row = experiments.columns(name), moves_time(dataset, experiments, name)
+        redo = [_task(dataset, experiments, name, g, window, batch_size, build, per_row, cols) for g in merged]
+        try:
+            again = executor.map(run_chain_task, redo, describe=lambda t: [f.path for f in t.files])
+        except ExecutionError as e:
+            raise _name_experiment(e, redo) from e.__cause__
+        for i in mine:
+            frames[i] = None
+        labels += [name] * len(again)
+        frames += again
     out = [
         f.with_columns(pl.lit(n).alias("experiment"))
         for n, f in zip(labels, frames, strict=True)
@@ -370,6 +386,58 @@ def _run(
     if not out:
         return pl.DataFrame(schema={"experiment": pl.String, PAIR: pl.Int64, DAY: pl.Date})
     return pl.concat(out, how="diagonal_relaxed")
+
+
+def _task(
+    dataset: Dataset,
+    experiments: Experiments,
+    name: str,
+    files: Sequence[FileInfo],
+    window: SessionWindow | None,
+    batch_size: int,
+    build: Callable[[exp.Expr, exp.Expr, dict[str, str]], exp.Expr],
+    per_row: bool,
+    cols: dict[str, str],
+) -> ChainTask:
+    _, day = window_and_day(dataset, files, window, need_day=True, day_per_row=per_row)
+    sql = sb.render(build(exp.Table(this=sb.ident(name)), day, cols))
+    return ChainTask(dataset, experiments, name, list(files), window, batch_size, sql)
+
+
+def _groups_sharing_days(
+    frames: Sequence[pl.DataFrame | None], groups: Sequence[Sequence[FileInfo]]
+) -> list[list[FileInfo]] | None:
+    """The file groups joined wherever two groups' frames hold the same day (in file order), or
+    None when every day is in one group's frame only.
+
+    Example (groups' days {1}, {1, 2}, {3}):
+        >>> _groups_sharing_days(frames, [[a], [b], [c]])  # doctest: +SKIP
+        [[a, b], [c]]
+    """
+    owner: dict[Any, int] = {}
+    parent = list(range(len(groups)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    joined = False
+    for i, f in enumerate(frames):
+        if f is None or not f.height:
+            continue
+        for d in f.get_column(DAY).unique().to_list():
+            j = owner.setdefault(d, i)
+            if root(j) != root(i):
+                parent[root(i)] = root(j)
+                joined = True
+    if not joined:
+        return None
+    out: dict[int, list[FileInfo]] = {}
+    for i, g in enumerate(groups):
+        out.setdefault(root(i), []).extend(g)
+    return list(out.values())
 
 
 def _label_pairs(frame: pl.DataFrame, pairs: Sequence[Pair]) -> pl.DataFrame:

@@ -407,11 +407,14 @@ def _write_parts(
             for stem, files in groups:
                 sub = dataclasses.replace(dataset, files=list(files))
                 build_chain(con, sub, h.experiments, name, files, window, h.tracer, h.batch_size)
-                if partition_by == "day" and not batchable:
+                if partition_by == "day" and (by_rows or not batchable):
+                    # Each row goes to its own day's file (a batch's rows may land on another
+                    # batch's day: a Python step that moves times); the days are joined at the end.
                     _, day = window_and_day(sub, files, window, need_day=True, day_per_row=by_rows)
                     query = sb.select([exp.Star(), sb.alias(day, "__dh_day")], rel)
-                    result.rows += _copy(con, query, os.path.join(tmp, "_parts"), h.tracer, partition="__dh_day")
-                    _flatten_day_partitions(tmp, result)
+                    parts = os.path.join(tmp, "_parts", stem)
+                    os.makedirs(os.path.dirname(parts), exist_ok=True)
+                    result.rows += _copy(con, query, parts, h.tracer, partition="__dh_day")
                 elif partition_by == "day":
                     _, day = window_and_day(sub, files, window, need_day=True)
                     query = sb.select([exp.Star()], rel, where=sb.eq(day, sb.date(dt.date.fromisoformat(stem))))
@@ -425,17 +428,25 @@ def _write_parts(
                 bar.advance()
     finally:
         con.close()
+    if os.path.isdir(os.path.join(tmp, "_parts")):
+        _flatten_day_partitions(tmp, result)
 
 
 def _flatten_day_partitions(tmp: str, result: SinkResult) -> None:
-    """``_parts/__dh_day=2026-03-04/data_0.parquet`` -> ``2026-03-04.parquet``."""
+    """``_parts/GROUP/__dh_day=2026-03-04/data_0.parquet`` -> ``2026-03-04.parquet`` (or
+    ``2026-03-04-0.parquet``, ``-1``, ... when several groups or files hold rows of that day)."""
     parts = os.path.join(tmp, "_parts")
-    for entry in sorted(os.listdir(parts)):
-        day = entry.split("=", 1)[1]
-        files = sorted(os.listdir(os.path.join(parts, entry)))
+    by_day: dict[str, list[str]] = {}
+    for group in sorted(os.listdir(parts)):
+        for entry in sorted(os.listdir(os.path.join(parts, group))):
+            folder = os.path.join(parts, group, entry)
+            by_day.setdefault(entry.split("=", 1)[1], []).extend(
+                os.path.join(folder, f) for f in sorted(os.listdir(folder))
+            )
+    for day, files in sorted(by_day.items()):
         for i, f in enumerate(files):
             dest = os.path.join(tmp, f"{day}.parquet" if len(files) == 1 else f"{day}-{i}.parquet")
-            os.replace(os.path.join(parts, entry, f), dest)
+            os.replace(f, dest)
             result.files.append(dest)
     shutil.rmtree(parts)
 
