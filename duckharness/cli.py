@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import re
 import signal
 import sys
 import threading
@@ -524,31 +523,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_TRACEBACK_OF_INTERRUPT = re.compile(r"^(KeyboardInterrupt|SystemExit)\b", re.MULTILINE)
-
-
 def _is_interruption(e: BaseException) -> bool:
-    """Whether ``e`` is, or was caused by, an interruption: KeyboardInterrupt; DuckDB's
-    ``InterruptException``; the ``RuntimeError('Query interrupted')`` DuckDB raises when a signal
-    arrives during a query; or a DuckDB error whose text is the traceback of a KeyboardInterrupt
-    raised inside a Python filesystem (fsspec) that DuckDB was reading through."""
-    import duckdb
+    from duckharness.execution.executor import caused_by_interruption
 
-    from duckharness.execution.executor import is_interruption
-
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [e]
-    while todo:
-        x = todo.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        if is_interruption(x):
-            return True
-        if isinstance(x, duckdb.Error | OSError) and _TRACEBACK_OF_INTERRUPT.search(str(x)):
-            return True
-        todo += [x.__cause__, x.__context__]
-    return False
+    return caused_by_interruption(e)
 
 
 def _interrupt_on_signals(received: list[int], armed: list[bool]) -> Callable[[], None]:

@@ -7,6 +7,10 @@ attributes so that callers can act on it without parsing the message.
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 
 class DuckHarnessError(Exception):
     """Root of every error raised by duckharness."""
@@ -14,6 +18,19 @@ class DuckHarnessError(Exception):
 
 class DuckHarnessWarning(UserWarning):
     """Root of every warning duckharness gives (a run that went on, e.g. without caching)."""
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn(message: str) -> None:
+    """Give a :class:`DuckHarnessWarning` that points at the caller's own line: the first frame
+    outside this package, however deep in it the warning arose (Python 3.11 has no
+    ``skip_file_prefixes``)."""
+    level, frame = 2, sys._getframe(1)  # stacklevel 2 is the frame that called warn()
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE):
+        level, frame = level + 1, frame.f_back  # type: ignore[assignment]
+    warnings.warn(message, DuckHarnessWarning, stacklevel=level)
 
 
 class InputError(DuckHarnessError, ValueError):

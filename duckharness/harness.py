@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import polars as pl
@@ -21,9 +21,9 @@ from duckharness.engine.analysis import Comparison
 from duckharness.engine.cache import StatsCache, cache_disabled_by_env, default_cache_dir
 from duckharness.engine.plan import Pair, default_pairs, local_dates
 from duckharness.engine.run import RunStats, baseline_query, run_metrics
-from duckharness.errors import DuckHarnessWarning, InputError, SourceError, UnknownMetricError
+from duckharness.errors import InputError, SourceError, UnknownMetricError, warn
 from duckharness.execution.connection import fetch_all
-from duckharness.execution.executor import EXECUTORS, Executor, make_executor
+from duckharness.execution.executor import EXECUTORS, Executor, caused_by_interruption, make_executor
 from duckharness.experiments.chain import apply_python_step, build_chain, collect_step, relation_sql
 from duckharness.experiments.steps import BASELINE, Experiments, Step, parse_experiments_file
 from duckharness.metrics.library import Metric, MetricLibrary
@@ -31,6 +31,28 @@ from duckharness.outputs.export import ExportResult
 from duckharness.outputs.sink import SinkResult
 
 WindowArg = SessionWindow | tuple[str, str] | bool | None
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _interruptible(method: _F) -> _F:
+    """A Ctrl-C during the call reaches the caller as KeyboardInterrupt, whatever DuckDB or a
+    worker made of it on the way (``InterruptException``, ``RuntimeError('Query interrupted')``,
+    a failed batch), once the call has cleaned up (no half-written output)."""
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:
+            if caused_by_interruption(e):
+                raise KeyboardInterrupt from e
+            raise
+
+    return call  # type: ignore[return-value]
 
 
 class Harness:
@@ -61,6 +83,7 @@ class Harness:
         >>> h.metrics(["r2", "corr"], pairs=["pred_10s:target_10s"])      # doctest: +SKIP
     """
 
+    @_interruptible
     def __init__(
         self,
         source: Any,
@@ -299,6 +322,7 @@ class Harness:
         )
         return con.sql(relation_sql(name))
 
+    @_interruptible
     def lazyframe(self, name: str = BASELINE, *, window: WindowArg = None) -> pl.LazyFrame:
         """A Polars LazyFrame of an experiment's rows that reads the files only when collected.
 
@@ -317,6 +341,7 @@ class Harness:
         q = sb.select([exp.Star()], exp.Table(this=sb.ident(name))).limit(0)
         return self._schema_con.sql(sb.render(q)).pl().schema
 
+    @_interruptible
     def sample(
         self,
         experiment: str = BASELINE,
@@ -342,6 +367,7 @@ class Harness:
             self, experiment, strategy, n=n, n_days=n_days, step=step, seed=seed, window=self._window(window)
         )
 
+    @_interruptible
     def sink(
         self,
         experiment: str,
@@ -374,6 +400,7 @@ class Harness:
         self.last_run = RunStats(timings=dict(result.timings), files=len(self.dataset.files))
         return result
 
+    @_interruptible
     def export(
         self,
         sql: str | os.PathLike[str] | None = None,
@@ -401,6 +428,7 @@ class Harness:
 
         return export(self, sql, db, window=self._window(window), materialize=materialize, overwrite=overwrite)
 
+    @_interruptible
     def info(self) -> dict[str, Any]:
         """A summary of the source: files, days, rows, columns with roles, metadata, window."""
         files = self.dataset.files
@@ -439,6 +467,7 @@ class Harness:
         return self._data_con
 
     # -- metrics ----------------------------------------------------------------------------
+    @_interruptible
     def metrics(
         self,
         metrics: Sequence[str | Metric] | str | None = None,
@@ -503,6 +532,7 @@ class Harness:
             )
 
     # -- research statistics ------------------------------------------------------------------
+    @_interruptible
     def rank_ic(
         self,
         pairs: Sequence[str | tuple[str, str] | Pair] | str | None = None,
@@ -547,6 +577,7 @@ class Harness:
             _warn_without_sections(out)
         return out
 
+    @_interruptible
     def series(
         self,
         metrics: Sequence[str] | str = "rank_ic",
@@ -581,6 +612,7 @@ class Harness:
             plot_series(df, plot, rolling=rolling)
         return df
 
+    @_interruptible
     def summary(
         self,
         metrics: Sequence[str] | str = "rank_ic",
@@ -614,6 +646,7 @@ class Harness:
         )
         return summarize(series, lag=lag)
 
+    @_interruptible
     def compare(
         self,
         metric: str,
@@ -674,6 +707,7 @@ class Harness:
             result.plot(plot)
         return result
 
+    @_interruptible
     def deciles(
         self,
         pairs: Sequence[str | tuple[str, str] | Pair] | str | None = None,
@@ -845,10 +879,8 @@ def _warn_without_sections(ic: pl.DataFrame) -> None:
     joined = rows.join(sections, on="experiment", suffix="_sections")
     empty = joined.filter((pl.col("value") > 0) & (pl.col("value_sections") == 0))["experiment"].sort().to_list()
     if empty:
-        warnings.warn(
+        warn(
             f"Cross-sectional rank IC of {', '.join(map(repr, empty))}: no timestamp holds two or more rows, "
             f"so every value is null. The cross-section is the rows sharing one exact timestamp; round the "
-            f"time in an experiment (e.g. date_trunc('minute', ts) AS ts) to group rows into sections.",
-            DuckHarnessWarning,
-            stacklevel=3,
+            f"time in an experiment (e.g. date_trunc('minute', ts) AS ts) to group rows into sections."
         )

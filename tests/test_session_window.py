@@ -21,6 +21,7 @@ import pytest
 from conftest import SESSION, read_all, write_dataset
 
 from duckharness import Harness
+from duckharness.errors import DuckHarnessWarning
 
 EASTERN = "US/Eastern"
 LONDON = "Europe/London"
@@ -253,7 +254,8 @@ def test_an_experiment_that_moves_the_time_is_grouped_by_its_own_times(tmp_path:
         assert counts_by_day(h, name) == want_day, name
         tod = h.metrics(["count"], pairs="pred_10s", experiments=[name], by="tod:30min").filter(metric="count")
         assert {r["tod"]: r["value"] for r in tod.iter_rows(named=True) if r["value"]} == want_tod, name
-        out = h.sink(name, tmp_path / f"sink_{name}", partition_by="day")
+        with pytest.warns(DuckHarnessWarning, match="outside the session window"):
+            out = h.sink(name, tmp_path / f"sink_{name}", partition_by="day")
         assert {Path(f).stem: pq.read_metadata(f).num_rows for f in out.files} == {
             d.isoformat(): c for d, c in want_day.items()}, name
     # Per-day scans: each day whole (a day made of two source files' rows is ranked once).

@@ -480,8 +480,9 @@ def test_a_python_step_that_moves_rows_to_other_days_is_sunk_by_their_own_days(
     own_day = pl.col("ts").dt.convert_time_zone("US/Eastern").dt.date()
     assert want.select((own_day != pl.col("_day")).sum()).item() > 1000  # rows moved to the next day
     out = tmp_path / "out"
-    with pytest.warns(DuckHarnessWarning, match="outside the session window"):
+    with pytest.warns(DuckHarnessWarning, match="outside the session window") as caught:
         h.sink("night", out, partition_by="day")
+    assert {w.filename for w in caught} == {__file__}  # the warning points at the caller's line
     assert_rows(read_back(out), want)
     for p in sorted(out.glob("*.parquet")):
         days = pl.read_parquet(p).select(own_day.unique())["ts"].to_list()

@@ -13,7 +13,6 @@ import glob as globlib
 import hashlib
 import os
 import posixpath
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +22,7 @@ from sqlglot import exp
 
 from duckharness import sqlbuild as sb
 from duckharness.data.metadata import Metadata, parse_metadata, parse_metadata_text
-from duckharness.errors import DuckHarnessWarning, MetadataError, SourceError
+from duckharness.errors import MetadataError, SourceError, warn
 from duckharness.execution.connection import ConnectionConfig, fetch_all
 from duckharness.execution.executor import brief
 
@@ -137,12 +136,10 @@ def list_local(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
         if not paths:
             paths = nested
         elif nested:
-            warnings.warn(
+            warn(
                 f"{path} has Parquet files of its own, so its subfolders are not read ({len(nested)} Parquet "
                 f"file(s) there, e.g. {os.path.relpath(nested[0], path)}); give a glob such as "
-                f"'{os.path.join(path, '**', '*.parquet')}' to read them all.",
-                DuckHarnessWarning,
-                stacklevel=2,
+                f"'{os.path.join(path, '**', '*.parquet')}' to read them all."
             )
         if not paths:
             raise SourceError(f"No Parquet files in directory {path}.", path=path)

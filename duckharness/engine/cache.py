@@ -18,14 +18,13 @@ import json
 import os
 import re
 import uuid
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import polars as pl
 
 from duckharness.data.source import FileInfo
-from duckharness.errors import DuckHarnessWarning, InputError
+from duckharness.errors import InputError, warn
 
 ENV = "DUCKHARNESS_CACHE"
 
@@ -172,11 +171,7 @@ class StatsCache:
             if not self._warned:  # once per cache, not once per entry
                 self._warned = True
                 reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[-1]
-                warnings.warn(
-                    f"Cannot write to the cache folder {str(self.folder)!r} ({reason}); results are not cached.",
-                    DuckHarnessWarning,
-                    stacklevel=4,
-                )
+                warn(f"Cannot write to the cache folder {str(self.folder)!r} ({reason}); results are not cached.")
         finally:
             with contextlib.suppress(OSError):
                 if tmp.exists():

@@ -39,7 +39,7 @@ from duckharness.engine.plan import (
     window_and_day,
 )
 from duckharness.errors import ExecutionError, InputError, MetricError, UnknownColumnError
-from duckharness.execution.connection import ConnectionConfig, fetch_all
+from duckharness.execution.connection import ConnectionConfig, fetch_all, interruptible
 from duckharness.execution.executor import Executor, brief, retryable
 from duckharness.execution.progress import Progress
 from duckharness.experiments.chain import build_chain
@@ -77,9 +77,12 @@ def make_batches(files: Sequence[FileInfo], batch_size: int) -> list[list[FileIn
 def _frame(con: duckdb.DuckDBPyConnection, sql: str, tracer: Tracer | None) -> pl.DataFrame:
     if tracer is not None:
         tracer(sql)
-    cur = con.execute(sql)
-    names = [d[0] for d in cur.description]
-    rows = cur.fetchall()
+
+    def fetch() -> tuple[list[str], list[tuple]]:
+        cur = con.execute(sql)
+        return [d[0] for d in cur.description], cur.fetchall()
+
+    names, rows = interruptible(con, fetch)
     frame = pl.DataFrame(rows, schema=names, orient="row", infer_schema_length=None)
     # Give empty batches (no rows in the window) the same types as the others.
     fixed: dict[str, type[pl.DataType]] = {n: pl.Float64 for n in names if n.startswith("__s") or n == ROWS}

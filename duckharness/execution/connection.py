@@ -10,9 +10,11 @@ import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
+
+_T = TypeVar("_T")
 
 # Every connection and cursor this process set up, so a Ctrl-C or SIGTERM can stop the queries
 # running on them at once (see :func:`interrupt_all`); weak, so closing and dropping one is enough.
@@ -78,8 +80,45 @@ def interrupt_all() -> int:
     return len(live)
 
 
+def interruptible(con: duckdb.DuckDBPyConnection, fn: Callable[[], _T]) -> _T:
+    """``fn()``, a query on ``con``; on the main thread it runs on a helper thread while the main
+    thread waits, so that a Ctrl-C (KeyboardInterrupt, raised in the waiting main thread)
+    interrupts ``con`` at once and returns when its query has stopped. DuckDB alone checks for a
+    signal only between tasks: a long COPY of a Parquet sink would run on for many seconds."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn()
+    outcome: list[Any] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome.append((True, fn()))
+        except BaseException as e:  # handed to the caller below
+            outcome.append((False, e))
+        finally:
+            done.set()
+
+    # Waits on an Event, not Thread.join: Python 3.11's join, interrupted by a KeyboardInterrupt,
+    # marks a thread that is still running as stopped, so a later join returns at once and the
+    # process can exit while DuckDB still runs on that thread (which aborts it).
+    threading.Thread(target=run, name="duckharness-query", daemon=True).start()
+    try:
+        while not done.wait(0.1):  # short waits: a signal the OS hands to another thread is seen too
+            pass
+    except BaseException:
+        with contextlib.suppress(duckdb.Error):
+            con.interrupt()
+        done.wait()
+        raise
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
 def fetch_all(con: duckdb.DuckDBPyConnection, sql: str, tracer: Callable[[str], None] | None = None) -> list[tuple]:
-    """Run ``sql`` and return all rows (DuckDB 2.0 results stream and must be drained)."""
+    """Run ``sql`` and return all rows (DuckDB 2.0 results stream and must be drained); a Ctrl-C
+    stops it promptly (:func:`interruptible`)."""
     if tracer is not None:
         tracer(sql)
-    return con.execute(sql).fetchall()
+    return interruptible(con, lambda: con.execute(sql).fetchall())

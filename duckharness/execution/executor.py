@@ -13,11 +13,12 @@ are, and DuckDB's errors about the query itself (a type mismatch, an overflow) f
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import duckdb
@@ -63,6 +64,28 @@ def is_interruption(e: BaseException) -> bool:
     if isinstance(e, KeyboardInterrupt | duckdb.InterruptException):
         return True
     return isinstance(e, RuntimeError) and str(e).strip() == "Query interrupted"
+
+
+_TRACEBACK_OF_INTERRUPT = re.compile(r"^(KeyboardInterrupt|SystemExit)\b", re.MULTILINE)
+
+
+def caused_by_interruption(e: BaseException) -> bool:
+    """Whether ``e`` is, or was caused by, an interruption (:func:`is_interruption`), or is a
+    DuckDB error whose text is the traceback of a KeyboardInterrupt raised inside a Python
+    filesystem (fsspec) that DuckDB was reading through."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if is_interruption(x):
+            return True
+        if isinstance(x, duckdb.Error | OSError) and _TRACEBACK_OF_INTERRUPT.search(str(x)):
+            return True
+        todo += [x.__cause__, x.__context__]
+    return False
 
 
 def retryable(e: BaseException) -> bool:
@@ -154,6 +177,8 @@ class Executor:
                         on_done()
                     continue
                 attempts[i] += 1
+                if caused_by_interruption(value):  # Ctrl-C stopped this batch's query
+                    raise KeyboardInterrupt from value
                 if isinstance(value, ImportError):
                     raise ExecutionError(
                         f"A {self.name} worker cannot import {getattr(value, 'name', None) or value}: install it on "
@@ -215,10 +240,25 @@ class ThreadExecutor(Executor):
                 return False, e
 
         try:
-            if self.workers == 1 or len(tasks) <= 1:
+            if not tasks or (
+                threading.current_thread() is not threading.main_thread() and (self.workers == 1 or len(tasks) <= 1)
+            ):
                 return [run(t) for t in tasks]
-            with ThreadPoolExecutor(max_workers=min(self.workers, len(tasks))) as pool:
-                return list(pool.map(run, tasks))
+            pool = ThreadPoolExecutor(max_workers=min(self.workers, len(tasks)))
+            try:
+                futures = [pool.submit(run, t) for t in tasks]
+                while wait(futures, timeout=0.1).not_done:  # short waits: see interruptible()
+                    pass
+                return [f.result() for f in futures]
+            except BaseException:  # Ctrl-C while waiting: stop the threads' queries, not wait for them
+                with lock:
+                    running = list(opened)
+                for con in running:
+                    with contextlib.suppress(duckdb.Error):
+                        con.interrupt()
+                raise
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
         finally:
             for con in opened:
                 con.close()

@@ -21,7 +21,7 @@ from duckharness.data.metadata import SessionWindow
 from duckharness.data.source import Dataset, FileInfo
 from duckharness.engine.plan import MAX_VIEW_WINDOW_DAYS, batch_relation, window_and_day
 from duckharness.errors import TransformError
-from duckharness.execution.connection import fetch_all
+from duckharness.execution.connection import fetch_all, interruptible
 from duckharness.experiments.steps import BASELINE, Experiments, Step
 
 Tracer = Callable[[str], None]
@@ -138,7 +138,7 @@ def _per_day(
     con: duckdb.DuckDBPyConnection, dataset: Dataset, step: Step, base_sql: str, window: SessionWindow | None
 ) -> pl.DataFrame:
     """Apply a per-batch step to each local day of its base, when the base needs all rows first."""
-    base = con.sql(base_sql).pl()
+    base = interruptible(con, lambda: con.sql(base_sql).pl())
     tcol = dataset.time_column
     if tcol is None or tcol not in base.columns:
         raise TransformError(

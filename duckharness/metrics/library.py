@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -35,7 +34,7 @@ from pathlib import Path
 from sqlglot import exp
 
 from duckharness import sqlbuild as sb
-from duckharness.errors import DuckHarnessWarning, MetricError, UnknownMetricError
+from duckharness.errors import MetricError, UnknownMetricError, warn
 
 ROLES = ("pred", "target", "pred_c", "target_c")
 MERGE_FUNCTIONS = {"sum": "sum", "min": "min", "max": "max"}
@@ -296,11 +295,9 @@ class MetricLibrary:
                 )
             seen[m.name] = str(f)
             if m.name in self._origin:
-                warnings.warn(
+                warn(
                     f"Metric {m.name!r} from {f} replaces the one from {self._origin[m.name]}; "
-                    f"rename its '-- metric:' header to keep both.",
-                    DuckHarnessWarning,
-                    stacklevel=2,
+                    f"rename its '-- metric:' header to keep both."
                 )
             self._metrics[m.name] = m
             self._origin[m.name] = "the shipped metrics" if shipped else str(f)

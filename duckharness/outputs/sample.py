@@ -22,6 +22,7 @@ from duckharness.data.metadata import SessionWindow
 from duckharness.data.source import FileInfo
 from duckharness.engine.plan import file_days, local_dates
 from duckharness.errors import InputError
+from duckharness.execution.connection import interruptible
 from duckharness.experiments.chain import build_chain
 from duckharness.outputs.paths import write_error, written_atomically
 
@@ -145,7 +146,7 @@ def _frames(
             sql = sb.render(q)
             if h.tracer is not None:
                 h.tracer(sql)
-            yield con.sql(sql).pl()
+            yield interruptible(con, lambda sql=sql: con.sql(sql).pl())  # type: ignore[misc]
     finally:
         con.close()
 

@@ -21,7 +21,6 @@ import re
 import shutil
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -33,7 +32,7 @@ from duckharness import sqlbuild as sb
 from duckharness.data.metadata import SessionWindow
 from duckharness.data.source import FileInfo, is_remote, open_filesystem
 from duckharness.engine.plan import moves_time, per_row_window, replaces_time, window_and_day
-from duckharness.errors import DuckHarnessError, DuckHarnessWarning, ExecutionError, InputError
+from duckharness.errors import DuckHarnessError, ExecutionError, InputError, warn
 from duckharness.execution.connection import fetch_all
 from duckharness.execution.executor import brief
 from duckharness.execution.progress import Progress
@@ -472,12 +471,10 @@ def _write_metadata(h: Harness, name: str, tmp: str, window: SessionWindow | Non
         meta.pop("end_time", None)
         meta["timezone"] = window.timezone
         moved_out = True
-        warnings.warn(
+        warn(
             f"Experiment {name!r} moved {outside:,} of the {result.rows:,} rows it sank outside the session window "
             f"({window.describe()}); the output's metadata.json has no session window, so they are kept when it "
-            f"is read back.",
-            DuckHarnessWarning,
-            stacklevel=4,
+            f"is read back."
         )
     else:
         meta["start_time"] = window.start.isoformat() if window.start else None
