@@ -381,3 +381,49 @@ def test_session_window_lets_parquet_statistics_skip_row_groups_outside_the_sess
     assert len(batch) == len(EASTERN_DAYS)
     got = [_row_groups_scanned(s, tmp_path / f"c{i}.json") for i, s in enumerate(batch)]
     assert (sum(s for s, _ in got), sum(t for _, t in got)) == (overlapping, total)
+
+
+def _day_counts(h: Harness, experiments: list[str], pairs: list[str]) -> dict[tuple[str, str, dt.date], float]:
+    df = h.metrics(["count"], pairs=pairs, experiments=experiments, by="day").filter(metric="count")
+    return {(r["experiment"], r["pred"], r["day"]): r["value"] for r in df.iter_rows(named=True)}
+
+
+def test_by_day_lists_the_same_days_for_an_experiment_whatever_else_the_call_asks(tmp_path: Path) -> None:
+    """A day with rows only outside the window, and a day where ``liquid`` keeps no rows, are
+    listed (count 0) for every experiment and pair, asked alone or together: before, a day
+    whose rows all lay outside the window was listed only when the call's query had no cell
+    keys (one experiment, one complete pair)."""
+    from duckharness.demo import one_day
+
+    rng = np.random.default_rng(11)
+    z = zoneinfo.ZoneInfo(EASTERN)
+    d1, d2, d3 = dt.date(2026, 3, 4), dt.date(2026, 3, 5), dt.date(2026, 3, 6)
+    early = one_day(d2, 400, rng)
+    local = [t.astimezone(z).time() for t in early["ts"].to_pylist()]
+    early = early.filter(pa.array([t < dt.time(9, 30) for t in local]))  # rows, none in the window
+    illiquid = one_day(d3, 400, rng)
+    illiquid = illiquid.set_column(illiquid.schema.get_field_index("volume"), "volume",
+                                   pa.array(np.minimum(illiquid["volume"].to_numpy(), 1000)))
+    tables = {d1.isoformat(): one_day(d1, 400, rng), d2.isoformat(): early, d3.isoformat(): illiquid}
+    write_dataset(tmp_path, tables, SESSION)
+    tables[d1.isoformat()] = tables[d1.isoformat()].drop_columns(["pred_60s"])  # a pair some files lack
+    write_dataset(tmp_path, {d1.isoformat(): tables[d1.isoformat()]})
+    assert early.num_rows > 0
+
+    want: dict[tuple[str, str, dt.date], float] = {}
+    for day, table in zip((d1, d2, d3), tables.values(), strict=True):
+        rows = table.to_pylist()
+        for pred in ("pred_10s", "pred_60s"):
+            for name, keep in (("baseline", lambda r: True), ("liquid", lambda r: r["volume"] > 1000)):
+                want[name, pred, day] = float(sum(
+                    1 for r in rows
+                    if dt.time(9, 30) <= r["ts"].astimezone(z).time() <= dt.time(16, 0) and keep(r)
+                    and r.get(pred) is not None and np.isfinite(r[pred])
+                    and np.isfinite(r[pred.replace("pred", "target")])))
+    h = Harness(tmp_path, workers=1)
+    h.add_experiment("liquid", "volume > 1000")
+    assert want["liquid", "pred_10s", d3] == 0 and want["baseline", "pred_10s", d2] == 0
+    for experiments in (["baseline"], ["liquid"], ["baseline", "liquid"]):
+        for pairs in (["pred_10s"], ["pred_10s", "pred_60s"]):
+            got = _day_counts(h, experiments, pairs)
+            assert got == {k: v for k, v in want.items() if k[0] in experiments and k[1] in pairs}, (experiments, pairs)

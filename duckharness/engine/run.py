@@ -7,6 +7,7 @@ evaluates each metric's final SQL on the merged rows.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from duckharness.engine.plan import (
     ShiftTable,
     Target,
     batch_relation,
+    file_days,
     group_key,
     moves_time,
     round_shift,
@@ -117,7 +119,7 @@ def run_metrics(
     queries: the shifts and the final formulas; without one, the run opens its own."""
     stats = stats if stats is not None else RunStats()
     with _control(dataset, control) as con:
-        refined, out_keys = _map_partials(
+        refined, out_keys, days = _map_partials(
             dataset,
             experiments,
             names,
@@ -135,7 +137,7 @@ def run_metrics(
             modes=(True,),
         )
         t3 = time.perf_counter()
-        tidy = finalize(refined[True], metrics, out_keys, names, pairs, tracer, con)
+        tidy = finalize(refined[True], metrics, out_keys, names, pairs, tracer, con, days=days)
     stats.timings["reduce"] = time.perf_counter() - t3
     return tidy
 
@@ -170,7 +172,7 @@ def run_stats(
     where its check asks for it."""
     stats = stats if stats is not None else RunStats()
     with _control(dataset, control) as con:
-        refined, out_keys = _map_partials(
+        refined, out_keys, days = _map_partials(
             dataset,
             experiments,
             names,
@@ -190,7 +192,7 @@ def run_stats(
     t3 = time.perf_counter()
 
     def stats_of(results: list[tuple[list[Target], pl.DataFrame]]) -> dict[str, pl.DataFrame]:
-        per_metric = merge_results(results, metrics, out_keys).per_metric()
+        per_metric = merge_results(results, metrics, out_keys, days=days).per_metric()
         return {n: f.rename({DAY: "day"}) if DAY in f.columns else f for n, f in per_metric.items()}
 
     mergeable = stats_of(refined[False])
@@ -215,7 +217,7 @@ def _map_partials(
     cache: StatsCache | None,
     control: duckdb.DuckDBPyConnection,
     modes: Sequence[bool] = (True,),
-) -> tuple[dict[bool, list[tuple[list[Target], pl.DataFrame]]], list[str]]:
+) -> tuple[dict[bool, list[tuple[list[Target], pl.DataFrame]]], list[str], list[dt.date]]:
     """The map phase: partial stats of every batch, for each group of targets, refined for each
     of ``modes`` from the same first pass: groups far from the shift get a further pass (see
     :func:`recentre`), each group around its own mean (mode ``True``: exact per group), or each
@@ -284,7 +286,30 @@ def _map_partials(
             results = kept + run.passes(fused, whole, shifts, table)
         refined[per_group] = results
     run.bar.close()
-    return refined, out_keys
+    days: list[dt.date] = []
+    if out_keys == [DAY]:
+        days = listed_days(dataset, batches, window, [f for t, f in base if t and t[0].experiment in fused])
+    return refined, out_keys, days
+
+
+def listed_days(
+    dataset: Dataset, batches: Sequence[Sequence[FileInfo]], window: SessionWindow | None, fused: Sequence[pl.DataFrame]
+) -> list[dt.date]:
+    """The days a run by day lists for every experiment and pair, whichever experiments it runs:
+    the days of the source's rows inside the session window (every row is in some cell of the fused
+    scan, whatever the experiments' conditions), and the day of each one-day batch of files that
+    has rows, none of them inside the window."""
+    days: set[dt.date] = set()
+    for frame in fused:
+        days.update(frame.get_column(DAY).drop_nulls().to_list())
+    if dataset.time_column is not None:
+        tz = window.timezone if window is not None else dataset.metadata.timezone
+        for files in batches:
+            if sum(f.rows for f in files) and all(f.time_min is not None and f.time_max is not None for f in files):
+                one = {d for f in files for d in file_days(f, tz, window)}
+                if len(one) == 1:
+                    days |= one
+    return sorted(days)
 
 
 @dataclass
@@ -761,9 +786,11 @@ def finalize(
     pairs: Sequence[Pair],
     tracer: Tracer | None = None,
     con: duckdb.DuckDBPyConnection | None = None,
+    *,
+    days: Sequence[dt.date] = (),
 ) -> pl.DataFrame:
     """Merge each target's cells and evaluate every metric's final query; tidy output."""
-    merged = merge_results(results, metrics, out_keys)
+    merged = merge_results(results, metrics, out_keys, days=days)
     values = evaluate_finals(metrics, merged.stats, con, tracer)
     label_cols = ["experiment", "pred", "target", *out_keys]
     frames = [
@@ -805,7 +832,11 @@ class Merged:
 
 
 def merge_results(
-    results: Sequence[tuple[list[Target], pl.DataFrame]], metrics: Sequence[Metric], out_keys: Sequence[str]
+    results: Sequence[tuple[list[Target], pl.DataFrame]],
+    metrics: Sequence[Metric],
+    out_keys: Sequence[str],
+    *,
+    days: Sequence[dt.date] = (),
 ) -> Merged:
     """Merge each target's cells: the stats of its valid cells, per group, and the count of the
     rows in its invalid cells (``n_excluded``).
@@ -815,6 +846,9 @@ def merge_results(
     merge in a fixed order, by group and then by position (:func:`duckharness.metrics.merge.reduce_runs`),
     so the same partials give the same bits. Each partials frame is turned into one matrix, and
     each target is a row selection and a column selection of it.
+
+    Grouped by day alone, every target also gets a row for each of ``days`` it has no rows on
+    (:func:`listed_days`): no rows, sums 0, minima and maxima null.
     """
     out_keys = list(out_keys)
     label_parts: list[pl.DataFrame] = []
@@ -879,6 +913,9 @@ def merge_results(
                 idx = [where[t.stats[m.name][s]] for s in m.stat_names]
                 stat_parts[m.name].append(merged[:, idx])
                 seen_parts[m.name].append(seen[:, idx])
+    if days:
+        assert out_keys == [DAY]
+        _add_empty_days(results, metrics, days, label_parts, stat_parts, seen_parts, excluded_parts, owners)
     labels = (
         pl.concat(label_parts, how="vertical_relaxed")
         if label_parts
@@ -898,6 +935,45 @@ def merge_results(
         stats[m.name] = pl.DataFrame(columns)
     excluded = np.concatenate(excluded_parts) if excluded_parts else np.zeros(0)
     return Merged(labels, stats, excluded, owners)
+
+
+def _add_empty_days(
+    results: Sequence[tuple[list[Target], pl.DataFrame]],
+    metrics: Sequence[Metric],
+    days: Sequence[dt.date],
+    label_parts: list[pl.DataFrame],
+    stat_parts: dict[str, list[np.ndarray]],
+    seen_parts: dict[str, list[np.ndarray]],
+    excluded_parts: list[np.ndarray],
+    owners: list[Target],
+) -> None:
+    """Append to the parts :func:`merge_results` builds a row for each (target, day) of ``days``
+    that has none: a target's rows may come from several results (a re-centring pass)."""
+    have: dict[tuple[str, str, str], set[dt.date]] = {}
+    first: dict[tuple[str, str, str], Target] = {}
+    for targets, _ in results:
+        for t in targets:
+            first.setdefault((t.experiment, t.pair.pred, t.pair.target), t)
+    for part in label_parts:
+        for e, p, tg, d in part.select("experiment", "pred", "target", DAY).iter_rows():
+            have.setdefault((e, p, tg), set()).add(d)
+    for key, t in first.items():
+        missing = [d for d in days if d not in have.get(key, ())]
+        if not missing:
+            continue
+        n = len(missing)
+        label_parts.append(
+            pl.DataFrame(
+                {"experiment": [key[0]] * n, "pred": [key[1]] * n, "target": [key[2]] * n, DAY: missing},
+                schema={"experiment": pl.String, "pred": pl.String, "target": pl.String, DAY: pl.Date},
+            )
+        )
+        for m in metrics:
+            width = len(m.stat_names)
+            stat_parts[m.name].append(np.zeros((n, width)))
+            seen_parts[m.name].append(np.zeros((n, width), dtype=bool))
+        excluded_parts.append(np.zeros(n))
+        owners.extend([t] * n)
 
 
 def _matrix(frame: pl.DataFrame, exprs: Sequence[pl.Expr], dtype: type) -> np.ndarray:
