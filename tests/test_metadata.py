@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from conftest import write_dataset
 
 from duckharness import Harness, MetadataError, SessionWindow
 from duckharness.data.metadata import DEFAULT_TIMEZONE, parse_metadata, parse_metadata_text
+from duckharness.errors import DuckHarnessWarning
 
 UTC = dt.UTC
 
@@ -88,6 +90,29 @@ def test_unknown_keys_are_kept_in_extra(tmp_path: Path) -> None:
         extra = {k: raw[k] for k in ("model", "horizons", "params")}
         assert h.metadata.as_dict() == {"start_time": "09:30:00", "end_time": "16:00:00",
                                         "timezone": "US/Eastern", **extra}
+
+
+@pytest.mark.parametrize(("key", "meant"), [("start", "start_time"), ("Start_Time", "start_time"),
+                                           ("end_tme", "end_time"), ("tz", "timezone")])
+def test_a_misspelled_key_warns_naming_the_key_it_looks_like(tmp_path: Path, key: str, meant: str) -> None:
+    """Before, {"start": "09:30", "end": "16:00"} silently ran with no session window at all."""
+    raw = {"start_time": "09:30", "end_time": "16:00", "timezone": "US/Eastern"}
+    raw.pop(meant)
+    folder = folder_with_metadata(tmp_path, json.dumps({**raw, key: "US/Eastern" if meant == "timezone" else "10:00"}))
+    with pytest.warns(DuckHarnessWarning, match=rf"Key '{key}' in .*metadata.json .*did you mean '{meant}'") as caught:
+        Harness(folder).close()
+    assert {w.filename for w in caught} == {__file__}
+    with pytest.warns(DuckHarnessWarning, match=rf"Key '{key}' in the metadata .*'{meant}'"):
+        Harness(folder, metadata={**raw, key: "10:00"}).close()
+
+
+def test_other_keys_and_near_names_of_other_things_do_not_warn(tmp_path: Path) -> None:
+    raw = {"start_time": "09:30", "end_time": "16:00", "start_date": "2026-01-02", "end_date": "2026-03-31",
+           "model": "gbm", "horizons": ["1s"], "time_zone_note": "exchange time"}
+    folder = folder_with_metadata(tmp_path, json.dumps(raw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DuckHarnessWarning)
+        Harness(folder).close()
 
 
 def test_metadata_mapping_passed_to_harness_replaces_the_file(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ statistics skip data) instead of converting every row to local time.
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import functools
 import itertools
 import json
@@ -18,10 +19,21 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from duckharness.errors import MetadataError
+from duckharness.errors import MetadataError, warn
 
 DEFAULT_TIMEZONE = "US/Eastern"
 KNOWN_KEYS = ("start_time", "end_time", "timezone", "time_column")
+# Keys users write for the known ones (compared without case, spaces, dashes or underscores).
+_ALIASES = {
+    "start": "start_time",
+    "sessionstart": "start_time",
+    "end": "end_time",
+    "sessionend": "end_time",
+    "tz": "timezone",
+    "zone": "timezone",
+    "timecol": "time_column",
+    "timestampcolumn": "time_column",
+}
 _TIME_RE = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2})(?:\.(\d{1,6}))?)?$")
 
 
@@ -237,7 +249,35 @@ def parse_metadata(raw: Any, *, path: str | None = None) -> Metadata:
     if time_column is not None and (not isinstance(time_column, str) or not time_column):
         raise MetadataError(f"Key 'time_column' in{where} must be a column name.", path=path, key="time_column")
     extra = {k: v for k, v in raw.items() if k not in KNOWN_KEYS}
+    for key in extra:
+        meant = meant_key(key)
+        if meant is not None and meant not in raw:
+            warn(
+                f"Key {key!r} in{where or ' the metadata'} is not one duckharness reads (did you mean {meant!r}?): "
+                f"it is kept with the other keys and has no effect."
+            )
     return Metadata(start, end, tz_name, time_column, extra, path)
+
+
+def meant_key(key: str) -> str | None:
+    """The known key that ``key`` looks like a misspelling of, or None.
+
+    Example:
+        >>> meant_key("Start_Time"), meant_key("start"), meant_key("timezon"), meant_key("start_date")
+        ('start_time', 'start_time', 'timezone', None)
+    """
+
+    def norm(k: str) -> str:
+        return re.sub(r"[\s_\-]", "", k.lower())
+
+    known = {norm(k): k for k in KNOWN_KEYS}
+    n = norm(key)
+    if n in known:
+        return known[n]
+    if n in _ALIASES:
+        return _ALIASES[n]
+    close = difflib.get_close_matches(n, list(known), n=1, cutoff=0.85)
+    return known[close[0]] if close else None
 
 
 def parse_metadata_text(text: str | bytes, *, path: str) -> Metadata:
