@@ -125,9 +125,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from duckharness.outputs.paths import check_output, check_outside_source
-    from duckharness.outputs.sample import write_parquet
+    from duckharness.outputs.sample import sample_format, write_sample
 
     target = check_output(args.output, kind="file", overwrite=args.overwrite)  # before the work
+    sample_format(target)
     with _harness(args) as h:
         check_outside_source(h.dataset, target, "Sample")
         df = h.sample(
@@ -139,7 +140,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             seed=args.seed,
             window=_window(args),
         )
-    write_parquet(df, target, overwrite=args.overwrite)
+    write_sample(df, target, overwrite=args.overwrite)
     print(f"Wrote {df.height:,} rows x {df.width} columns of {args.experiment!r} ({args.strategy}) to {args.output}")
     return 0
 
@@ -428,7 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=_positive, default=100_000, help="rows for head (default 100000)")
     s.add_argument("--step", type=_positive, default=100, help="N for gather_every (default 100)")
     s.add_argument("--seed", type=int, help="random seed (random_days)")
-    s.add_argument("-o", "--output", required=True, metavar="OUT.parquet", help="Parquet file to write")
+    s.add_argument(
+        "-o", "--output", required=True, metavar="OUT.parquet", help="file to write: Parquet (.parquet) or CSV (.csv)"
+    )
     s.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     s.set_defaults(func=cmd_sample)
 

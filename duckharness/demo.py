@@ -88,9 +88,11 @@ def write_demo_dataset(
     Returns the paths of the Parquet files written.
     """
     from duckharness.errors import InputError
+    from duckharness.outputs.paths import check_output
 
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"{out} is a file; give a folder for the demo dataset.")
+    check_output(out, kind="folder", overwrite=True)  # a missing or unwritable parent, named
     entries = sorted(os.listdir(out)) if os.path.isdir(out) else []
     if entries and not overwrite:
         raise InputError(

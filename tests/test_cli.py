@@ -110,6 +110,17 @@ def test_demo_into_a_folder_with_data_refuses_and_keeps_it(tmp_path: Path, capsy
     assert capsys.readouterr().err == f"Error: {day_file} is a file; give a folder for the demo dataset.\n"
 
 
+def test_demo_into_a_missing_folder_names_it_and_writes_nothing(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Before, an OSError naming the demo's hidden staging folder reached the user."""
+    assert main(["demo", str(tmp_path / "nodir" / "x"), "--days", "1", "--rows", "100"]) == 1
+    assert capsys.readouterr().err == (
+        f"Error: Cannot write {tmp_path / 'nodir' / 'x'}: folder {tmp_path / 'nodir'} does not exist. "
+        "Create it first or choose another path.\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_closed_output_pipe_ends_quietly_like_other_unix_tools(demo: Path) -> None:
     """``duckharness info DATA | head -1`` printed ``Error: BrokenPipeError`` and exited 1."""
     read, write = os.pipe()

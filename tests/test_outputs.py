@@ -125,6 +125,28 @@ def test_sample_to_a_folder_is_refused_before_sampling(src: Path, work: Path, mo
     one_error_line(err, f"Output {work} is a folder; give a file path")
 
 
+def test_a_sample_is_written_in_the_format_its_extension_names(src: Path, work: Path) -> None:
+    """Before, ``-o s.csv`` silently wrote Parquet."""
+    for name in ("s.csv", "s.parquet"):
+        code, _, err = run(src, "sample", "--experiment", "baseline", "--strategy", "head", "--n", "50",
+                           "-o", str(work / name))
+        assert code == 0, err
+    csv, parquet = pl.read_csv(work / "s.csv", try_parse_dates=True), pl.read_parquet(work / "s.parquet")
+    assert (work / "s.csv").read_bytes()[:4] != b"PAR1" and csv.height == parquet.height == 50
+    assert csv.columns == parquet.columns
+    assert np.allclose(csv["pred_10s"].to_numpy(), parquet["pred_10s"].to_numpy(), rtol=1e-15, atol=0)
+
+
+def test_a_sample_to_another_extension_is_refused_before_sampling(src: Path, work: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    sampled = []
+    monkeypatch.setattr(Harness, "sample", lambda *a, **kw: sampled.append(1))
+    code, _, err = run(src, "sample", "-o", str(work / "s.txt"))
+    assert code == 1 and sampled == []
+    one_error_line(err, f"Cannot write {work / 's.txt'}: a sample is written as Parquet (.parquet, .pq) or CSV")
+    assert list(work.iterdir()) == []
+
+
 # --- the file system refuses while writing ----------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 import random
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -151,11 +152,36 @@ def _frames(
         con.close()
 
 
-def write_parquet(df: pl.DataFrame, target: str, *, overwrite: bool) -> None:
-    """Write a sample to ``target`` (a path from :func:`duckharness.outputs.paths.check_output`) under a
-    temporary name, then move it into place: a failure leaves nothing, and names ``target``."""
+SAMPLE_FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+
+
+def sample_format(target: str) -> str:
+    """The format a sample is written in, from the output's extension (``.parquet``, ``.pq`` or
+    ``.csv``); any other is refused before any work, rather than written as something else.
+
+    Example:
+        >>> sample_format("out/s.CSV"), sample_format("s.parquet")
+        ('csv', 'parquet')
+    """
+    ext = os.path.splitext(target)[1].lower()
+    if ext not in SAMPLE_FORMATS:
+        raise InputError(
+            f"Cannot write {target}: a sample is written as Parquet (.parquet, .pq) or CSV (.csv), chosen by "
+            f"the extension; give one of those."
+        )
+    return SAMPLE_FORMATS[ext]
+
+
+def write_sample(df: pl.DataFrame, target: str, *, overwrite: bool) -> None:
+    """Write a sample to ``target`` (a path from :func:`duckharness.outputs.paths.check_output`), as
+    Parquet or CSV by its extension (:func:`sample_format`), under a temporary name, then move it
+    into place: a failure leaves nothing, and names ``target``."""
+    fmt = sample_format(target)
     with written_atomically(target, overwrite=overwrite) as tmp:
         try:
-            df.write_parquet(tmp)
+            if fmt == "csv":
+                df.write_csv(tmp)
+            else:
+                df.write_parquet(tmp)
         except pl.exceptions.PolarsError as e:
             raise write_error(e, target, tmp) from e
