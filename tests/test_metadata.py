@@ -219,6 +219,22 @@ def test_time_column_that_is_not_a_timestamp_is_an_error(tmp_path: Path) -> None
     assert info.value.key == "time_column"
 
 
+@pytest.mark.parametrize(("columns", "why"), [
+    ({"when": pa.array(["2026-03-05 14:00"] * 3)}, r"the data has no timestamp column\. Columns: when VARCHAR"),
+    ({"ts": pa.array(["2026-03-05 14:00"] * 3)}, r"column 'ts' is VARCHAR, not a timestamp"),
+    ({"a": pa.array([dt.datetime(2026, 3, 5)] * 3), "b": pa.array([dt.datetime(2026, 3, 5)] * 3)},
+     r"the time column is ambiguous \(timestamp columns: a, b\); set 'time_column'"),
+])
+def test_a_window_without_one_timestamp_column_says_what_the_data_has(tmp_path: Path, columns: dict,
+                                                                      why: str) -> None:
+    """Before, a source with no timestamp column was said to have an 'ambiguous' one."""
+    table = pa.table({**columns, "pred_a": [0.1, 0.2, 0.3], "target_a": [0.3, 0.2, 0.1]})
+    folder = folder_with_metadata(tmp_path, json.dumps({"start_time": "09:30"}), table)
+    with pytest.raises(MetadataError, match=r"metadata\.json sets a session window but " + why) as info:
+        Harness(folder)
+    assert info.value.key == "time_column"
+
+
 def test_time_column_that_is_not_a_string_is_an_error() -> None:
     with pytest.raises(MetadataError, match="time_column") as info:
         parse_metadata({"time_column": 5})

@@ -339,10 +339,17 @@ def detect_time_column(columns: Mapping[str, str], metadata: Metadata) -> str | 
     if len(stamps) == 1:
         return stamps[0]
     if metadata.session_window is not None:
-        found = ", ".join(stamps) if stamps else "none"
+        where = f"Metadata {metadata.path}" if metadata.path else "The metadata"
+        if stamps:
+            why = f"the time column is ambiguous (timestamp columns: {', '.join(stamps)}); set 'time_column'"
+        elif "ts" in columns:
+            why = f"column 'ts' is {columns['ts']}, not a timestamp, and no other column is one"
+        else:
+            why = "the data has no timestamp column"
+        listed = [f"{c} {t}" for c, t in columns.items()]
+        more = f", … ({len(listed)} in all)" if len(listed) > 12 else ""
         raise MetadataError(
-            f"Metadata {metadata.path or ''} sets a session window but the time column is ambiguous "
-            f"(timestamp columns: {found}); set 'time_column'.",
+            f"{where} sets a session window but {why}. Columns: {', '.join(listed[:12])}{more}.",
             path=metadata.path,
             key="time_column",
         )
