@@ -67,11 +67,23 @@ def _window_text(text: str) -> str:
     """``--window``'s shape (a dash and at least one bound), checked by argparse: a malformed
     window is a usage error (exit 2), like any other malformed option."""
     start, dash, end = text.strip().partition("-")
+    shape = (
+        f"{text!r} must be START-END, e.g. 09:30-16:00 (or 10:00- / --window=-15:00 for one bound; "
+        f"--no-window for none)"
+    )
     if not dash or not (start.strip() or end.strip()):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} must be START-END, e.g. 09:30-16:00 (or 10:00- / --window=-15:00 for one bound; "
-            f"--no-window for none)"
-        )
+        raise argparse.ArgumentTypeError(shape)
+    from duckharness.data.metadata import parse_wall_time
+    from duckharness.errors import MetadataError
+
+    for bound in (start, end):
+        if bound.strip():
+            try:
+                parse_wall_time(bound, key="window", label=f"{bound.strip()!r}")
+            except MetadataError as e:
+                raise argparse.ArgumentTypeError(f"{text!r}: {str(e).rstrip('.')}") from None
+    if start.strip() and start.strip() == end.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: starts and ends at one time; a window needs two")
     return text
 
 
@@ -284,6 +296,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _not_negative(text: str) -> int:
+    value = _whole(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _at_least_2(text: str) -> int:
     value = _whole(text)
     if value < 2:
@@ -359,8 +378,11 @@ def _export(h: Any, args: argparse.Namespace) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from duckharness import __version__
+
     p = argparse.ArgumentParser(prog="duckharness", description="SQL-first evaluation of backtests on DuckDB.")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of short error messages")
+    p.add_argument("--version", action="version", version=f"duckharness {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser(
@@ -421,9 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--strategy",
         default="random_days",
-        choices=["random_days", "head", "gather_every", "random_rows"],
-        help="random_days (whole days; default), head (first N rows), gather_every (every N-th row); "
-        "random_rows is refused",
+        choices=["random_days", "head", "gather_every"],
+        help="random_days (whole days; default), head (first N rows), gather_every (every N-th row); rows "
+        "picked at random are not offered: they break the time series",
     )
     s.add_argument("--days", type=_positive, default=5, help="days for random_days (default 5)")
     s.add_argument("--n", type=_positive, default=100_000, help="rows for head (default 100000)")
@@ -462,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     su.add_argument("--metric", action="append", metavar="NAME", help="rank_ic or a metric name (repeatable)")
     su.add_argument("--metric-dir", action="append", metavar="DIR", help="folder of your own metric SQL files")
     su.add_argument("--pair", action="append", metavar="PRED:TARGET", help=pair_help)
-    su.add_argument("--lag", type=int, metavar="L", help="Newey–West lag (default floor(4 (T/100)^(2/9)))")
+    su.add_argument("--lag", type=_not_negative, metavar="L", help="Newey–West lag (default floor(4 (T/100)^(2/9)))")
     su.add_argument("--cross-section", action="store_true", help="rank IC within each timestamp across symbols")
     su.add_argument("--plot", metavar="FILE.png", help="save the per day series chart (PNG; .pdf, .svg by extension)")
     su.add_argument("--rolling", type=_positive, default=20, help="rolling-mean window in days (default 20)")
@@ -484,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--metric-dir", action="append", metavar="DIR", help="folder of your own metric SQL files")
     c.add_argument("--pair", action="append", metavar="PRED:TARGET", help=pair_help)
-    c.add_argument("--lag", type=int, metavar="L", help="Newey–West lag (default floor(4 (T/100)^(2/9)))")
+    c.add_argument("--lag", type=_not_negative, metavar="L", help="Newey–West lag (default floor(4 (T/100)^(2/9)))")
     c.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     c.add_argument("--n-boot", type=_positive, default=2000, help="bootstrap resamples (default 2000)")
     c.add_argument("--level", type=float, default=0.95, help="confidence level of the interval (default 0.95)")
@@ -523,6 +545,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace output files (and materialized folders) that exist"
     )
     e.set_defaults(func=cmd_export)
+    for command in sub.choices.values():  # --debug after the command too (not given: the one before it)
+        command.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks instead of short errors"
+        )
     return p
 
 

@@ -803,7 +803,9 @@ class Harness:
         if pairs is None:
             found = default_pairs(self.dataset.columns)
             if not found:
-                raise InputError("No pred_X/target_X column pairs found; pass pairs=['PRED:TARGET'].")
+                raise InputError(
+                    "No pred_X/target_X column pairs found; name them: pairs=['PRED:TARGET'] (--pair PRED:TARGET)."
+                )
             return found
         if isinstance(pairs, (str, Pair)) or (
             isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(x, str) for x in pairs)

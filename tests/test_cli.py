@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
 import pytest
+from conftest import write_dataset
 
 from duckharness import Harness
 from duckharness.cli import build_parser, main
@@ -267,7 +269,6 @@ ERROR_CASES = {
     "unknown_experiment": (["{demo}", "--experiment", "ghost"], None, "Unknown experiment 'ghost'"),
     "bad_pair": (["{demo}", "--pair", "garbage"], None, "must be written PRED:TARGET"),
     "pair_with_two_colons": (["{demo}", "--pair", "a:b:c"], None, "Pair 'a:b:c' must be written PRED:TARGET"),
-    "bad_window": (["{demo}", "--window", "9.30-16:00"], None, "Window start must be a wall-clock time"),
 }
 
 
@@ -420,6 +421,61 @@ def test_sink_and_sample_refuse_two_experiments(demo: Path, tmp_path: Path, caps
         assert info.value.code == 2
         assert "--experiment given twice ('liquid' and 'baseline')" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("window", "why"), [
+    ("9.30-16:00", "'9.30' must be a wall-clock time 'HH:MM'"),
+    ("10-11", "'10' must be a wall-clock time 'HH:MM'"),
+    ("25:00-26:00", "'25:00' is not a valid time of day"),
+    ("10:00-10:00", "starts and ends at one time"),
+])
+def test_a_malformed_window_time_is_a_usage_error_like_a_malformed_shape(
+        demo: Path, window: str, why: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before, '10-11' and '25:00-26:00' were library errors (exit 1) while 'abc' was a usage error."""
+    with pytest.raises(SystemExit) as info:
+        main(["metrics", str(demo), "--metric", "count", "--pair", PAIR, "--window", window])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and f"--window: {window!r}: {why}" in err
+
+
+@pytest.mark.parametrize(("command", "args", "why"), [
+    ("summary", ["--lag", "-1"], "--lag: must be 0 or more, got -1"),
+    ("compare", ["--a", "baseline", "--b", "liquid", "--metric", "mse", "--lag", "-2"], "--lag: must be 0 or more"),
+    ("sample", ["--strategy", "random_rows", "-o", "x.parquet"], "invalid choice: 'random_rows'"),
+])
+def test_option_values_the_command_cannot_use_are_usage_errors(demo: Path, command: str, args: list[str], why: str,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([command, str(demo), *args])
+    assert info.value.code == 2 and why in capsys.readouterr().err
+
+
+def test_debug_may_follow_the_command_and_version_is_printed(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                             ) -> None:
+    from duckharness import SourceError, __version__
+
+    with pytest.raises(SourceError, match="nowhere"):
+        main(["metrics", str(tmp_path / "nowhere"), "--debug"])
+    assert main(["metrics", str(tmp_path / "nowhere")]) == 1  # without it: the error line
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out == f"duckharness {__version__}\n"
+
+
+def test_a_metric_folder_that_is_a_file_says_so(demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                ) -> None:
+    f = tmp_path / "mine.sql"
+    f.write_text("-- stats\nSELECT count(*) AS n FROM input;\n-- final\nSELECT n AS value FROM merged;\n")
+    assert main(["metrics", str(demo), "--metric-dir", str(f), "--pair", PAIR]) == 1
+    assert capsys.readouterr().err == (
+        f"Error: Metric folder {f} is a file; give the folder that holds metric .sql files.\n")
+
+
+def test_no_pairs_found_names_the_option_too(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_dataset(tmp_path / "src", {"d": pa.table({"x": [1.0, 2.0], "y": [2.0, 1.0]})}, {})
+    assert main(["metrics", str(tmp_path / "src")]) == 1
+    assert "pairs=['PRED:TARGET'] (--pair PRED:TARGET)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("window", ["", "-", " - "])

@@ -219,7 +219,6 @@ def test_sink_with_window_option_keeps_only_rows_in_that_window(
 # --- errors ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["sample", "{src}", "--strategy", "random_rows", "-o", "{out}"], "Error: Strategy 'random_rows' is refused"),
     (["sample", "{src}", "--experiments", "{exps}", "--experiment", "nope", "-o", "{out}"],
      "Error: Unknown experiment 'nope'"),
     (["sample", "{src}", "--experiments", "{missing}", "-o", "{out}"], "Error: Cannot read experiments file"),
@@ -253,8 +252,8 @@ def test_sink_in_a_subprocess_writes_a_folder_that_opens_as_a_harness(
 
 def test_refused_sample_in_a_subprocess_exits_1_without_traceback(src: Path, tmp_path: Path) -> None:
     out = tmp_path / "s.parquet"
-    proc = run_cli("sample", str(src), "--strategy", "random_rows", "--seed", "1", "-o", str(out))
+    proc = run_cli("sample", str(src), "--experiment", "ghost", "--seed", "1", "-o", str(out))
     assert proc.returncode == 1
-    assert proc.stderr.startswith("Error: Strategy 'random_rows' is refused")
-    assert "time series" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("Error: Unknown experiment 'ghost'")
+    assert "Traceback" not in proc.stderr
     assert not out.exists()

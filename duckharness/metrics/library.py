@@ -280,7 +280,8 @@ class MetricLibrary:
     def add_dir(self, folder: str | os.PathLike[str], *, shipped: bool = False) -> None:
         folder = Path(folder)
         if not folder.is_dir():
-            raise MetricError(f"Metric folder {folder} does not exist.", path=str(folder))
+            what = "is a file; give the folder that holds metric .sql files" if folder.exists() else "does not exist"
+            raise MetricError(f"Metric folder {folder} {what}.", path=str(folder))
         if os.path.realpath(folder) in self._dirs:
             return
         self._dirs.add(os.path.realpath(folder))
