@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import sqlglot
 from sqlglot import exp
-from sqlglot.errors import ParseError
+from sqlglot.dialects.dialect import Dialect
+from sqlglot.errors import ParseError, TokenError
 
 DIALECT = "duckdb"
 
@@ -142,11 +143,22 @@ def is_valid_number(node: exp.Expr, type_sql: str) -> exp.Expr:
 
 
 def parse_statement(sql: str) -> exp.Expr:
-    """Parse exactly one SQL statement; raise :class:`SQLParseError` with the parser's message."""
+    """Parse exactly one SQL statement; raise :class:`SQLParseError` with the parser's message.
+
+    Whitespace, comments and extra semicolons around the statement are not statements: sqlglot
+    gives an empty statement (``;;``) as None and comments after a ``;`` as an ``exp.Semicolon``
+    holding them, and both are left out of the count. The tokenizer decides what is a comment,
+    so ``--`` or ``/*`` inside a string literal or a quoted identifier stays part of the SQL.
+
+    Example:
+        >>> render(parse_statement("SELECT * FROM t WHERE note = 'a -- b'; -- why"))
+        "SELECT * FROM t WHERE note = 'a -- b'"
+    """
     try:
-        trees = [t for t in sqlglot.parse(sql, dialect=DIALECT) if t is not None]
+        parsed = sqlglot.parse(sql, dialect=DIALECT)
     except ParseError as e:
         raise SQLParseError(_first_error(e)) from None
+    trees = [t for t in parsed if t is not None and not isinstance(t, exp.Semicolon)]
     if len(trees) != 1:
         raise SQLParseError(f"expected one SQL statement, found {len(trees)}")
     return trees[0]
@@ -158,6 +170,40 @@ def parse_expression(sql: str) -> exp.Expr:
         return sqlglot.parse_one(sql, dialect=DIALECT, into=exp.Condition)
     except ParseError as e:
         raise SQLParseError(_first_error(e)) from None
+
+
+def one_line(sql: str) -> str:
+    """The user's SQL text without its comments, on one line (runs of whitespace made one space),
+    for listings and reprs. Comments are found by the tokenizer, so a ``--`` or ``/*`` inside a
+    string literal or a quoted identifier is kept.
+
+    Example:
+        >>> one_line("-- keep liquid names\\nSELECT *  /* all */ FROM baseline\\n  WHERE note <> 'a -- b'; -- end")
+        "SELECT * FROM baseline WHERE note <> 'a -- b';"
+    """
+    try:
+        tokens = Dialect.get_or_raise(DIALECT).tokenize(sql)
+    except TokenError:  # not SQL the tokenizer accepts: shown as it is
+        return " ".join(sql.split())
+    parts: list[str] = []
+    end = -1
+    for token in tokens:
+        # What lies between two tokens is whitespace and comments: one space if anything.
+        if parts and token.start > end + 1:
+            parts.append(" ")
+        parts.append(sql[token.start : token.end + 1])
+        end = token.end
+    return " ".join("".join(parts).split())
+
+
+def is_blank(sql: str) -> bool:
+    """Whether SQL text holds nothing but whitespace, comments and semicolons.
+
+    Example:
+        >>> is_blank("-- to do\\n;"), is_blank("SELECT '-- not a comment'")
+        (True, False)
+    """
+    return not one_line(sql).strip(" ;")
 
 
 def _first_error(e: ParseError) -> str:

@@ -11,10 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
-from conftest import write_dataset
+from conftest import read_all, write_dataset
 
 from duckharness import Harness
 from duckharness.cli import build_parser, main
@@ -246,6 +247,28 @@ def test_user_metric_dir_option(demo: Path, tmp_path: Path, capsys: pytest.Captu
 
 
 # -- errors --------------------------------------------------------------------------------------------
+
+def test_info_shows_each_experiments_sql_not_its_leading_comment(demo: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(demo), "--experiments", str(demo / "experiments.sql")]) == 0
+    clipped = next(line for line in capsys.readouterr().out.splitlines() if "clipped" in line)
+    assert clipped.split("clipped", 1)[1].strip().startswith("SQL: SELECT * REPLACE (")
+    assert "--" not in clipped
+
+
+def test_an_experiments_file_with_comments_after_its_statements_runs(demo: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    f = tmp_path / "f.sql"
+    f.write_text("-- experiment: liquid\nSELECT * FROM baseline WHERE volume > 1000;   -- trailing note\n"
+                 "-- a comment line after it\n")
+    assert main(["metrics", str(demo), "--experiments", str(f), "--metric", "count", "--pair", PAIR,
+                 "--experiment", "liquid", "--no-window", "--format", "csv", "--no-cache"]) == 0
+    t = read_all(demo)
+    ok = np.isfinite(t["pred_10s"].to_numpy()) & np.isfinite(t["target_10s"].to_numpy())
+    expected = np.sum((t["volume"].to_numpy() > 1000) & ok)
+    rows = [r for r in rows_of(capsys.readouterr().out) if r["metric"] == "count"]
+    assert [(r["experiment"], float(r["value"])) for r in rows] == [("liquid", expected)]
+
 
 def test_missing_source_subprocess_prints_error_without_traceback(tmp_path: Path) -> None:
     proc = run_cli("metrics", str(tmp_path / "nowhere"))

@@ -222,9 +222,11 @@ def test_baseline_is_a_reserved_name(h: Harness) -> None:
     ("volume >", "does not parse"),
     ("SELECT * FROM baseline WHERE (volume > 1", "does not parse"),
     ("SELECT * FROM baseline; SELECT * FROM baseline", "does not parse"),
+    ("SELECT * FROM baseline; -- the next one too\nSELECT * FROM baseline", "expected one SQL statement, found 2"),
     ("DROP TABLE baseline", "WHERE condition or a SELECT"),
     ("SELECT 1 AS x", "must read FROM its base"),
     ("   ", "has no SQL"),
+    ("-- to do: a liquidity filter\n;", "has no SQL"),
 ])
 def test_sql_that_is_not_a_step_is_experiment_sql_error(h: Harness, sql: str, why: str) -> None:
     with pytest.raises(ExperimentSQLError, match=why) as info:
@@ -239,6 +241,47 @@ def test_incomplete_condition_error_says_where_without_parser_internals(h: Harne
     with pytest.raises(ExperimentSQLError, match=expected) as info:
         h.add_experiment("half", "volume >> ")
     assert "<class" not in str(info.value) and "sqlglot" not in str(info.value)
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT * FROM baseline WHERE volume > 1000;   -- trailing note",
+    "SELECT * FROM baseline WHERE volume > 1000;\n-- a comment line after it\n",
+    "SELECT * FROM baseline WHERE volume > 1000; /* a block\n comment */",
+    "SELECT * FROM baseline WHERE volume > 1000;;",
+    "volume > 1000; -- a condition with a note",
+], ids=["line_comment", "comment_line", "block_comment", "extra_semicolon", "condition"])
+def test_comments_and_semicolons_after_a_step_are_ignored(h: Harness, cols: dict[str, np.ndarray], sql: str) -> None:
+    h.add_experiment("liquid", sql)
+    assert count_of(h, "liquid") == np.sum(cols["in_window"] & (cols["volume"] > 1000))
+
+
+def test_comment_markers_inside_strings_and_quoted_identifiers_are_sql(
+        h: Harness, cols: dict[str, np.ndarray]) -> None:
+    h.add_experiment("noted", "SELECT *, 'it''s -- not a comment' AS \"note /* kept */\" FROM baseline\n"
+                              "WHERE volume > 1000 AND symbol <> 'x /* y'; -- a real comment, it's ignored")
+    rel = h.relation("noted")
+    assert "note /* kept */" in rel.columns
+    notes = rel.select('"note /* kept */"').distinct().fetchall()
+    assert notes == [("it's -- not a comment",)]
+    assert count_of(h, "noted") == np.sum(cols["in_window"] & (cols["volume"] > 1000))
+
+
+def test_step_repr_is_one_line_with_name_base_kind_and_sql(h: Harness) -> None:
+    step = h.add_experiment("liquid", "-- why\nSELECT *\n  FROM baseline\n  WHERE volume > 1000; -- note")
+    assert repr(step) == ("Step(name='liquid', base='baseline', kind='sql', "
+                          "sql='SELECT * FROM baseline WHERE volume > 1000;')")
+    long = h.add_experiment("wide", "SELECT * FROM baseline WHERE " + " AND ".join(["volume > 1"] * 20))
+    assert "\n" not in repr(long) and len(repr(long)) < 160 and repr(long).endswith("...')")
+
+
+def test_experiment_tree_shows_each_steps_sql_without_its_comments(h: Harness) -> None:
+    h.add_experiment("clipped", "-- (clip the predictions: least/greatest skip NULLs)\n"
+                                "SELECT * REPLACE (greatest(least(pred_10s, 0.5), -0.5) AS pred_10s)\n"
+                                "FROM baseline; -- done")
+    assert h.experiment_tree().splitlines() == [
+        "baseline",
+        "└── clipped  SQL: SELECT * REPLACE (greatest(least(pred_10s, 0.5), -0.5) AS pred_10s) FROM baseline;",
+    ]
 
 
 def test_sql_duckdb_cannot_bind_is_experiment_sql_error(h: Harness) -> None:
@@ -307,6 +350,24 @@ SELECT * FROM tight WHERE pred_10s > 0
     mask = cols["in_window"] & (cols["volume"] > 1000) & (cols["spread"] < 0.02)
     assert count_of(h, "tight") == np.sum(mask)
     assert count_of(h, "up") == np.sum(mask & (cols["pred_10s"] > 0))
+
+
+def test_experiments_file_with_comments_after_and_between_statements(
+        h: Harness, tmp_path: Path, cols: dict[str, np.ndarray]) -> None:
+    f = tmp_path / "exp.sql"
+    f.write_text("""\
+-- experiment: liquid
+SELECT * FROM baseline WHERE volume > 1000;   -- trailing note
+-- a comment line between two experiments
+/* and a block
+   comment */
+-- experiment: tight
+SELECT * FROM liquid WHERE spread < 0.02 AND symbol <> 'a -- b'; /* it's tight */
+""")
+    assert h.load_experiments(f) == ["liquid", "tight"]
+    mask = cols["in_window"] & (cols["volume"] > 1000)
+    assert count_of(h, "liquid") == np.sum(mask)
+    assert count_of(h, "tight") == np.sum(mask & (cols["spread"] < 0.02))
 
 
 def test_experiments_file_steps_may_build_on_existing_experiments(h: Harness, tmp_path: Path) -> None:

@@ -253,6 +253,27 @@ def test_the_cli_prints_the_override_warning_as_one_line(data: Path, tmp_path: P
     assert err.startswith(f"Warning: Metric 'mse' from {tmp_path / 'mse.sql'} replaces the one from the shipped")
 
 
+def test_comments_after_each_query_of_a_metric_file_are_ignored(data: Path, cols: dict[str, np.ndarray],
+                                                                tmp_path: Path) -> None:
+    (tmp_path / "worst.sql").write_text("""\
+-- metric: worst
+-- stats
+SELECT max(abs(pred - target)) AS worst,
+       count(*) FILTER (WHERE 'not -- a comment' <> '/* nor this */') AS n
+FROM input;   -- it's the largest error
+-- merge
+SELECT max(worst) AS worst, sum(n) AS n FROM partials; /* max of the maxima */
+-- final
+SELECT worst AS value FROM merged;;
+-- a comment line after the last query
+""")
+    with Harness(data, metric_dirs=[tmp_path]) as h:
+        assert h.metric_library.get("worst").merge == {"worst": "max", "n": "sum"}
+        df = h.metrics(["worst"], pairs=[PAIR])
+    m = cols["in_window"]
+    assert df.filter(df["metric"] == "worst")["value"][0] == np.max(np.abs(cols["pred_10s"] - cols["target_10s"])[m])
+
+
 def test_missing_metric_folder_is_named(tmp_path: Path) -> None:
     with pytest.raises(MetricError, match="does not exist") as info:
         MetricLibrary([tmp_path / "nope"])
@@ -284,6 +305,11 @@ MALFORMED = {
                          r"does not parse"),
     "final_aggregates": ("-- stats\nSELECT count(*) AS n FROM input;\n-- final\nSELECT sum(n) AS value FROM merged;\n",
                          r"may not aggregate"),
+    "stats_only_comments": ("-- stats\n-- to do\n;\n-- final\nSELECT 1 AS value FROM merged;\n",
+                            r"missing the '-- stats' section"),
+    "two_statements_around_a_comment": ("-- stats\nSELECT count(*) AS n FROM input; -- and\n"
+                                        "SELECT count(*) AS m FROM input;\n-- final\nSELECT n AS value FROM merged;\n",
+                                        r"stats query does not parse: expected one SQL statement, found 2"),
     "sql_before_marker": ("SELECT 1;\n-- stats\nSELECT count(*) AS n FROM input;\n"
                           "-- final\nSELECT n AS value FROM merged;\n",
                           r"SQL before the first"),

@@ -34,7 +34,7 @@ _MARKER = re.compile(r"^\s*--\s*experiment\s*:\s*(.+?)\s*$", re.IGNORECASE)
 _NAME = re.compile(r"^[^\x00\"]+$")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Step:
     """One experiment: its name and base, and either SQL (the user's text and the normalised
     SELECT over the base) or a Python function on a Polars LazyFrame.
@@ -61,7 +61,17 @@ class Step:
         if self.fn is not None:
             mode = "per batch" if self.per_batch else "whole data"
             return f"python: {function_name(self.fn)} ({mode})"
-        return "SQL: " + " ".join(self.sql.split())
+        return "SQL: " + sb.one_line(self.sql)
+
+    def __repr__(self) -> str:
+        # The parsed tree's own repr runs to a dozen lines; the user's SQL on one line says it all.
+        if self.fn is not None:
+            what = f"fn={function_name(self.fn)!r}, per_batch={self.per_batch}"
+        else:
+            sql = sb.one_line(self.sql)
+            what = f"sql={sql if len(sql) <= 80 else sql[:77] + '...'!r}"
+        kind = "python" if self.fn is not None else "sql"
+        return f"Step(name={self.name!r}, base={self.base!r}, kind={kind!r}, {what})"
 
     def render(self, *, pretty: bool = True) -> str:
         if self.query is None:
@@ -113,7 +123,7 @@ def parse_step(name: str, sql: str, base: str | None) -> Step:
     if name.lower() == BASELINE:
         raise DuplicateExperimentError("'baseline' is the windowed source; choose another name.", experiment=name)
     text = sql.strip().rstrip(";").strip()
-    if not text:
+    if sb.is_blank(text):
         raise ExperimentSQLError(f"Experiment {name!r} has no SQL.", experiment=name)
     try:
         tree = sb.parse_statement(text)

@@ -201,7 +201,7 @@ def parse_metric(text: str, *, path: str) -> Metric:
         else:
             sections[current].append(line)
     for required in ("stats", "final"):
-        if required not in sections or not "".join(sections[required]).strip():
+        if sb.is_blank("\n".join(sections.get(required, []))):
             raise _fail(path, f"missing the '-- {required}' section.")
     name = header.get("metric") or Path(path).stem
     if not _NAME.match(name):
@@ -220,7 +220,7 @@ def parse_metric(text: str, *, path: str) -> Metric:
     names = [n for n, _ in stats]
 
     merge = {n: "sum" for n in names}
-    if "merge" in sections and "".join(sections["merge"]).strip():
+    if not sb.is_blank("\n".join(sections.get("merge", []))):
         merge_tree = _single_select("\n".join(sections["merge"]), section="merge", table="partials", path=path)
         for out, node in _projections(merge_tree, section="merge", path=path):
             fn = node.key if isinstance(node, exp.AggFunc) else None
