@@ -249,6 +249,7 @@ class Harness:
         base: str | None = None,
         *,
         per_batch: bool = True,
+        replace: bool = False,
     ) -> Step:
         """Add an experiment step over ``base`` (default ``baseline``).
 
@@ -256,14 +257,21 @@ class Harness:
         taking and returning a Polars LazyFrame. A Python step runs on each file batch (one day,
         by default) unless ``per_batch=False``, in which case it sees all rows at once; use that
         for logic that crosses days (rolling windows over days, whole-sample ranks). The step is
-        validated at once; errors name the experiment and the culprit.
+        validated at once; errors name the experiment and the culprit. A name already defined is
+        refused unless ``replace=True`` (a notebook cell run again): the experiments built on it
+        are then validated on the new step, and if one no longer binds nothing changes.
 
         Example:
             >>> h.add_experiment("liquid", "volume > 1000")                       # doctest: +SKIP
+            >>> h.add_experiment("liquid", "volume > 2000", replace=True)         # doctest: +SKIP
             >>> h.add_experiment("z", lambda lf: lf.with_columns(                 # doctest: +SKIP
             ...     (pl.col("pred_10s") / pl.col("pred_10s").std()).alias("pred_z")), base="liquid")
         """
-        return self.experiments.add(name, step, base, per_batch=per_batch)
+        return self.experiments.add(name, step, base, per_batch=per_batch, replace=replace)
+
+    def remove_experiment(self, name: str) -> None:
+        """Remove an experiment; refused while other experiments are built on it (it names them)."""
+        self.experiments.remove(name)
 
     def load_experiments(self, path: str | os.PathLike[str]) -> list[str]:
         """Add every ``-- experiment: NAME`` statement of a SQL file; returns their names."""

@@ -156,10 +156,39 @@ def test_removing_a_step_that_others_use_is_refused(h: Harness) -> None:
     h.add_experiment("liquid", "volume > 1000")
     h.add_experiment("tight", "spread < 0.02", base="liquid")
     with pytest.raises(ExperimentError, match=r"'liquid' is the base of tight"):
-        h.experiments.remove("liquid")
-    h.experiments.remove("tight")
-    h.experiments.remove("liquid")
+        h.remove_experiment("liquid")
+    h.remove_experiment("tight")
+    h.remove_experiment("liquid")
     assert h.experiments.names == ["baseline"]
+    h.add_experiment("liquid", "volume > 3000")  # the name is free again
+    assert h.experiments.step("liquid").sql == "volume > 3000"
+
+
+def test_replacing_a_step_reruns_what_is_built_on_it(h: Harness, cols: dict[str, np.ndarray]) -> None:
+    """A notebook cell run again with another threshold: before, only remove-then-add (with no
+    public remove) could change a step."""
+    h.add_experiment("liquid", "volume > 1000")
+    h.add_experiment("tight", "SELECT * FROM liquid WHERE spread < 0.02")
+    h.add_experiment("other", "volume < 10")
+    h.add_experiment("liquid", "SELECT * FROM other WHERE spread < 0.03", replace=True)  # reads a later step
+    w, vol, spread = cols["in_window"], cols["volume"], cols["spread"]
+    assert count_of(h, "liquid") == np.sum(w & (vol < 10) & (spread < 0.03))
+    assert count_of(h, "tight") == np.sum(w & (vol < 10) & (spread < 0.02))
+    names = h.experiments.names
+    assert names.index("other") < names.index("liquid") < names.index("tight")  # each after what it reads
+
+
+def test_a_replacement_that_breaks_a_step_built_on_it_changes_nothing(h: Harness,
+                                                                      cols: dict[str, np.ndarray]) -> None:
+    h.add_experiment("wide", "SELECT *, volume * 2 AS vol2 FROM baseline")
+    h.add_experiment("big", "vol2 > 4000", base="wide")
+    with pytest.raises(UnknownColumnError, match=r"'big' reads column 'vol2'"):
+        h.add_experiment("wide", "volume > 1", replace=True)
+    assert h.experiments.step("wide").sql == "SELECT *, volume * 2 AS vol2 FROM baseline"
+    assert count_of(h, "big") == np.sum(cols["in_window"] & (cols["volume"] * 2 > 4000))
+    with pytest.raises(ExperimentCycleError, match=r"'wide' reads from big, which is built on 'wide'"):
+        h.add_experiment("wide", "SELECT * FROM big", replace=True)
+    assert count_of(h, "big") == np.sum(cols["in_window"] & (cols["volume"] * 2 > 4000))
 
 
 # -- errors ------------------------------------------------------------------------------------------
@@ -207,7 +236,7 @@ def test_asking_for_an_unknown_experiment_names_it(h: Harness) -> None:
 
 def test_duplicate_name_is_refused(h: Harness) -> None:
     h.add_experiment("liquid", "volume > 1000")
-    with pytest.raises(DuplicateExperimentError, match=r"'liquid' already exists") as info:
+    with pytest.raises(DuplicateExperimentError, match=r"'liquid' already exists. Use replace=True") as info:
         h.add_experiment("liquid", "volume > 2000")
     assert info.value.experiment == "liquid"
     assert h.experiments.step("liquid").sql == "volume > 1000"

@@ -261,32 +261,71 @@ class Experiments:
         return dict(self._columns[name])
 
     def add(
-        self, name: str, sql: str | Callable[[Any], Any], base: str | None = None, *, per_batch: bool = True
+        self,
+        name: str,
+        sql: str | Callable[[Any], Any],
+        base: str | None = None,
+        *,
+        per_batch: bool = True,
+        replace: bool = False,
     ) -> Step:
         """Parse, validate and register one step: SQL (see :func:`parse_step`) or a Python function
-        on a Polars LazyFrame (see :func:`python_step`)."""
+        on a Polars LazyFrame (see :func:`python_step`). With ``replace``, a step of that name is
+        replaced and the experiments built on it are validated again on the new one (if any of
+        them no longer binds, nothing changes)."""
         step = (
             parse_step(name, sql, base) if isinstance(sql, str) else python_step(name, sql, base, per_batch=per_batch)
         )
         # DuckDB names are case-insensitive: "Liquid" and "liquid" would be the same view.
         clash = next((n for n in self._steps if n.lower() == name.lower()), None)
-        if clash is not None:
+        if clash is not None and not (replace and clash == name):
             same = "already exists" if clash == name else f"clashes with {clash!r} (names are case-insensitive)"
+            hint = "Use replace=True to replace it" if clash == name else "Remove it first"
             raise DuplicateExperimentError(
-                f"Experiment {name!r} {same}. Remove it first or choose another name.", experiment=name
+                f"Experiment {name!r} {same}. {hint} (remove_experiment), or choose another name.", experiment=name
             )
+        users = self._built_on(name) if clash is not None else []
         for dep in step.depends:
-            if dep == name:
-                raise ExperimentCycleError(f"Experiment {name!r} reads from itself.", cycle=[name, name])
+            if dep == name or dep in users:
+                cycle = [name, name] if dep == name else [name, dep, name]
+                raise ExperimentCycleError(
+                    f"Experiment {name!r} reads from {'itself' if dep == name else dep}"
+                    + ("." if dep == name else f", which is built on {name!r}."),
+                    cycle=cycle,
+                )
             if dep not in self:
                 raise UnknownExperimentError(
                     f"Experiment {name!r} reads from {dep!r}, which is not an experiment "
                     f"(defined: {', '.join(self.names)}).",
                     experiment=dep,
                 )
-        self._columns[name] = self._bind_step(step)
-        self._steps[name] = step
+        if clash is None:
+            self._columns[name] = self._bind_step(step)
+            self._steps[name] = step
+            return step
+        # Replace: the step, then the experiments built on it, in order, after everything they
+        # read (the new step may read an experiment defined after the old one).
+        before, columns = dict(self._steps), dict(self._columns)
+        try:
+            self._columns[name] = self._bind_step(step)
+            for n in users:
+                self._columns[n] = self._bind_step(before[n])
+        except BaseException:
+            self._columns = columns
+            for s in [before[name], *(before[n] for n in users)]:  # the views as they were
+                self._bind_step(s)
+            raise
+        order = [s for n, s in before.items() if n != name and n not in users] + [step]
+        self._steps = {s.name: s for s in [*order, *(before[n] for n in users)]}
         return step
+
+    def _built_on(self, name: str) -> list[str]:
+        """The experiments whose chains read ``name``, in definition order."""
+        out: list[str] = []
+        for n, s in self._steps.items():
+            if any(d == name or d in out for d in s.depends):
+                out.append(n)
+        return out
 
     def add_all(self, steps: Iterable[Step]) -> None:
         for s in order_steps(steps, known=self.names):
