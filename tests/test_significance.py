@@ -61,9 +61,10 @@ def test_newey_west_variance_matches_the_double_sum(lag: int) -> None:
     assert long_run_variance(x, lag) == pytest.approx(nw_direct(x, lag), rel=1e-12)
 
 
-def test_default_lag_is_floor_4_t_over_100_to_the_2_9() -> None:
-    for t in (2, 5, 20, 60, 99, 100, 250, 1000, 5000):
-        assert newey_west_lag(t) == math.floor(4 * (t / 100) ** (2 / 9))
+def test_default_lag_is_floor_4_t_over_100_to_the_2_9_with_four_days_per_lag() -> None:
+    for t in (2, 5, 8, 20, 60, 99, 100, 250, 1000, 5000):
+        assert newey_west_lag(t) == min(math.floor(4 * (t / 100) ** (2 / 9)), t // 4)
+    assert newey_west_lag(20) == math.floor(4 * (20 / 100) ** (2 / 9))  # the cap only acts below ~8 days
 
 
 def test_student_t_tail_matches_scipy() -> None:
@@ -173,7 +174,8 @@ def test_diebold_mariano_with_too_few_days_for_its_lag_gives_no_test() -> None:
 def test_default_lag_is_at_most_t_minus_1_and_a_longer_one_is_refused() -> None:
     from duckharness.metrics.significance import newey_west_lag, summarize_series
 
-    assert [newey_west_lag(n) for n in (1, 2, 3, 20)] == [0, 1, 1, 2]  # floor(4 (1/100)^(2/9)) = 1 > T - 1
+    # floor(4 (T/100)^(2/9)), at most floor(T/4): [0, 1, 1, 2, 2, 2, 2, 2, 4] uncapped
+    assert [newey_west_lag(n) for n in (1, 2, 3, 4, 5, 8, 9, 20, 100)] == [0, 0, 0, 1, 1, 2, 2, 2, 4]
     assert summarize_series([0.3], None).lag == 0
     for fn in (summarize_series, diebold_mariano, long_run_variance):
         with pytest.raises(ValueError, match="lag 3 needs more than 3 values, got 3"):

@@ -37,15 +37,16 @@ RESOLUTION = 1e-12
 
 def newey_west_lag(n: int) -> int:
     """The default Newey–West lag ``floor(4 (T/100)^(2/9))`` for a series of ``n`` values, at
-    most ``n − 1``.
+    most ``floor(T/4)``: at least four values per lag, so a series of a few days gets lag 0 (on
+    2 days lag 1 gave t = 23, p = 0.03 out of two numbers).
 
     Example:
-        >>> newey_west_lag(1), newey_west_lag(20), newey_west_lag(100), newey_west_lag(250)
-        (0, 2, 4, 4)
+        >>> newey_west_lag(2), newey_west_lag(5), newey_west_lag(20), newey_west_lag(100), newey_west_lag(250)
+        (0, 1, 2, 4, 4)
     """
     if n < 1:
         return 0
-    return min(math.floor(4 * (n / 100) ** (2 / 9)), n - 1)
+    return min(math.floor(4 * (n / 100) ** (2 / 9)), n // 4)
 
 
 def check_lag(lag: int | None, n: int) -> None:
