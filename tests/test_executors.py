@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -157,9 +158,10 @@ def count_attempts(ex: Executor, monkeypatch: pytest.MonkeyPatch, path: str) -> 
     def touches(task: Any) -> bool:
         return path in task if isinstance(task, str) else any(f.path == path for f in task.files)
 
-    def counted(fn: Callable[..., Any], tasks: list[Any], home: Any = None) -> list[tuple[bool, Any]]:
+    def counted(fn: Callable[..., Any], tasks: list[Any], home: Any = None,
+                on_done: Any = None) -> list[tuple[bool, Any]]:
         attempts.append(sum(touches(t) for t in tasks))
-        return real(fn, tasks, home)
+        return real(fn, tasks, home, on_done)
 
     monkeypatch.setattr(ex, "_round", counted)
     return attempts
@@ -235,9 +237,10 @@ def count_rounds(ex: Executor | str, monkeypatch: pytest.MonkeyPatch) -> list[in
     if isinstance(ex, Executor):
         real = ex._round
 
-        def counted(fn: Callable[..., Any], tasks: list[Any], home: Any = None) -> list[tuple[bool, Any]]:
+        def counted(fn: Callable[..., Any], tasks: list[Any], home: Any = None,
+                    on_done: Any = None) -> list[tuple[bool, Any]]:
             rounds.append(len(tasks))
-            return real(fn, tasks, home)
+            return real(fn, tasks, home, on_done)
 
         monkeypatch.setattr(ex, "_round", counted)
     return rounds
@@ -290,6 +293,94 @@ def test_remote_source_on_the_dask_executor_gives_the_local_values(
         assert h.dataset.remote and len(h.files) == len(DAYS)
         got = h.metrics(METRICS, by="day", experiments=names, executor=ex)
     assert_identical(got, reference["day"].filter(pl.col("experiment").is_in(names)))
+
+
+# --- each finished batch is reported as it finishes ---------------------------------------------------
+# (what moves the progress bar: a user's bar stood at 0/8 for a whole run, then jumped to 8/8)
+
+def test_on_done_fires_for_a_finished_batch_while_another_batch_still_runs() -> None:
+    release = threading.Event()
+    held_when_reported: list[bool] = []
+
+    def task(con: Any, name: str) -> str:
+        if name == "held":  # runs until the other batch has been reported (or gives up)
+            return "released" if release.wait(timeout=20) else "never released"
+        return name
+
+    def on_done() -> None:
+        held_when_reported.append(not release.is_set())
+        release.set()
+
+    out = ThreadExecutor(2).map(task, ["held", "quick"], on_done=on_done)
+    assert out == ["released", "quick"]  # in task order, though "quick" finished first
+    assert held_when_reported == [True, False]  # "quick" was reported while "held" still ran
+
+
+def test_one_worker_off_the_main_thread_reports_each_batch_before_the_next_starts() -> None:
+    """A worker thread with one worker runs its batches in turn, on its own thread."""
+    reported: list[int] = []
+    seen: dict[int, int] = {}
+
+    def task(con: Any, i: int) -> int:
+        seen[i] = len(reported)  # batches reported when this one started
+        return i
+
+    out: list[Any] = []
+    worker = threading.Thread(target=lambda: out.extend(
+        ThreadExecutor(1).map(task, [0, 1, 2], on_done=lambda: reported.append(1))))
+    worker.start()
+    worker.join(timeout=30)
+    assert out == [0, 1, 2] and seen == {0: 0, 1: 1, 2: 2} and len(reported) == 3
+
+
+def test_a_retried_batch_is_reported_once_when_it_succeeds() -> None:
+    failed: set[int] = set()
+    reported: list[int] = []
+
+    def flaky(con: Any, i: int) -> int:
+        if i == 1 and i not in failed:
+            failed.add(i)
+            raise OSError("transient")
+        return i * 10
+
+    def on_done() -> None:
+        reported.append(1)
+
+    assert ThreadExecutor(2, retries=1).map(flaky, [0, 1, 2], on_done=on_done) == [0, 10, 20]
+    assert failed == {1} and len(reported) == 3  # 0 and 2 in the first round, 1 in its retry only
+
+
+def wait_for_gate(con: Any, task: tuple[str, str]) -> str:
+    """``held`` runs until the file ``gate`` exists (made by the map's on_done) or 20 s pass;
+    any other task returns at once. (Workers in other processes share no Event with the test.)"""
+    import time
+
+    name, gate = task
+    if name != "held":
+        return name
+    deadline = time.monotonic() + 20
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            return "never released"
+        time.sleep(0.01)
+    return "released"
+
+
+@pytest.mark.parametrize("kind", ["processes", "ray", "dask"])
+def test_cluster_executors_report_a_finished_batch_while_another_batch_still_runs(
+        kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    ex = executor_for(kind, request)
+    assert isinstance(ex, Executor)
+    gate = tmp_path / "gate"
+    held_when_reported: list[bool] = []
+
+    def on_done() -> None:
+        held_when_reported.append(not gate.exists())
+        gate.touch()
+
+    out = ex.map(wait_for_gate, [("held", str(gate)), ("quick", str(gate))], on_done=on_done)
+    assert out == ["released", "quick"]
+    assert held_when_reported == [True, False]
 
 
 # --- retries -----------------------------------------------------------------------------------------
@@ -414,6 +505,13 @@ def test_transform_error_on_a_worker_is_not_retried(
     assert (pid == os.getpid()) == (kind == "threads")  # it really ran on a worker
 
 
+class FakeRef:
+    """An object reference of FakeRay: the task's value, computed when the task was submitted."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
 class FakeRay:
     """Just enough of Ray's API to watch an executor's cluster lifecycle without starting one."""
 
@@ -432,11 +530,14 @@ class FakeRay:
     def remote(self, **kw: object) -> Callable[[Callable[..., Any]], Any]:
         class Task:
             def __init__(self, fn: Callable[..., Any]) -> None:
-                self.remote = fn  # runs at once, here
+                self.remote = lambda *a: FakeRef(fn(*a))  # runs at once, here
         return Task
 
-    def get(self, value: Any) -> Any:
-        return value
+    def wait(self, refs: list[FakeRef], num_returns: int = 1) -> tuple[list[FakeRef], list[FakeRef]]:
+        return refs[:num_returns], refs[num_returns:]  # all are ready
+
+    def get(self, ref: FakeRef) -> Any:
+        return ref.value
 
 
 @pytest.mark.parametrize("running", [False, True], ids=["started_by_the_executor", "already_running"])

@@ -260,32 +260,32 @@ def _map_partials(
         bar=Progress(len(batches) * ((1 if fused else 0) + len(whole)), "metrics", enabled=progress),
         started=t0,
     )
-    shifts = run.shifts(fused) if fused else ({}, False)
-    base = run.passes(fused, whole, shifts, None)
-    types = _group_types(dataset, experiments, names, by) if centre is not None else {}
-    refined: dict[bool, list[tuple[list[Target], pl.DataFrame]]] = {}
-    for per_group in modes:
-        own = out_keys if per_group else []  # the groups that get shifts of their own
-        same = [m for m in refined if (out_keys if m else []) == own]
-        if same:  # ungrouped, both modes are one: refine once
-            refined[per_group] = refined[same[0]]
-            continue
-        results, table = base, None
-        for _ in range(RECENTRE_PASSES if centre is not None else 0):
-            assert centre is not None
-            wider = recentre(merge_results(results, [centre], own), own, types, table)
-            if wider is None:
-                break
-            table = wider
-            stats.recentred += 1
-            if tracer is not None:
-                tracer(f"-- groups far from the shift, scanned again around their own means: {len(table.rows)}")
-            # Those groups' rows come from the new pass alone; every other group's from the first
-            # (ungrouped, the one group is all rows: the new pass alone).
-            kept = [(t, _without_groups(f, table)) for t, f in base] if own else []
-            results = kept + run.passes(fused, whole, shifts, table)
-        refined[per_group] = results
-    run.bar.close()
+    with run.bar:  # ends its line however the run ends (an error, a Ctrl-C)
+        shifts = run.shifts(fused) if fused else ({}, False)
+        base = run.passes(fused, whole, shifts, None)
+        types = _group_types(dataset, experiments, names, by) if centre is not None else {}
+        refined: dict[bool, list[tuple[list[Target], pl.DataFrame]]] = {}
+        for per_group in modes:
+            own = out_keys if per_group else []  # the groups that get shifts of their own
+            same = [m for m in refined if (out_keys if m else []) == own]
+            if same:  # ungrouped, both modes are one: refine once
+                refined[per_group] = refined[same[0]]
+                continue
+            results, table = base, None
+            for _ in range(RECENTRE_PASSES if centre is not None else 0):
+                assert centre is not None
+                wider = recentre(merge_results(results, [centre], own), own, types, table)
+                if wider is None:
+                    break
+                table = wider
+                stats.recentred += 1
+                if tracer is not None:
+                    tracer(f"-- groups far from the shift, scanned again around their own means: {len(table.rows)}")
+                # Those groups' rows come from the new pass alone; every other group's from the first
+                # (ungrouped, the one group is all rows: the new pass alone).
+                kept = [(t, _without_groups(f, table)) for t, f in base] if own else []
+                results = kept + run.passes(fused, whole, shifts, table)
+            refined[per_group] = results
     days: list[dt.date] = []
     if out_keys == [DAY]:
         days = listed_days(dataset, batches, window, [f for t, f in base if t and t[0].experiment in fused])
@@ -379,9 +379,9 @@ class _Map:
                     self.stats,
                     self.batch_size,
                     table,
+                    advance=self.bar.advance,
                 )
             )
-            self.bar.advance(len(self.batches))
         if whole:
             self.stats.timings["whole"] = self.stats.timings.get("whole", 0.0) + time.perf_counter() - t0
         return out
@@ -639,10 +639,12 @@ def _run_chain(
     stats: RunStats,
     batch_size: int,
     table: ShiftTable | None = None,
+    advance: Callable[[int], None] = lambda n: None,
 ) -> tuple[list[Target], pl.DataFrame]:
     """Metrics of an experiment that the fused scan cannot answer: its chain is built as views
     (and Python steps) on a connection, per batch when that gives the same rows as running it on
-    all data (:meth:`Experiments.batchable`), else once over all files."""
+    all data (:meth:`Experiments.batchable`), else once over all files. ``advance(n)`` is called
+    as each group of files is done, with the number of ``batches`` it held."""
     cols = experiments.columns(name)
     scan = FusedScan(
         dataset, {name: (Inlined((), {c: sb.column(c) for c in cols}), cols)}, pairs, metrics, by, columns=cols
@@ -686,9 +688,12 @@ def _run_chain(
             raise ExecutionError(f"Experiment {name!r} failed: {brief(e)}", files=[f.path for f in groups[0]]) from e
     finally:
         first.close()
+    advance(1 if per_batch else len(batches))  # per batch, each group is one batch; else all of them
 
     tasks = [ChainTask(dataset, experiments, name, list(g), window, batch_size, aggregate(g)) for g in groups[1:]]
-    frames += executor.map(run_chain_task, tasks, describe=lambda t: [f.path for f in t.files])
+    frames += executor.map(
+        run_chain_task, tasks, describe=lambda t: [f.path for f in t.files], on_done=lambda: advance(1)
+    )
     return targets, pl.concat(frames, how="vertical_relaxed")
 
 

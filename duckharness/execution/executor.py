@@ -4,7 +4,9 @@ Every executor runs ``fn(con, task)`` with a DuckDB connection opened on the wor
 :class:`ConnectionConfig` (``threads=1``: one query per file batch on parallel connections measured
 faster than one multi-threaded query), and returns results in task order, so the same batches give
 the same bits on any executor and any number of workers. Functions and tasks are shipped with
-cloudpickle; only small partial statistics travel back. A task that fails is retried up to
+cloudpickle; only small partial statistics travel back. Each task that succeeds is reported as it
+finishes, in whatever order the workers finish them (a progress bar moves with the run, not when
+the last batch of a round is back). A task that fails is retried up to
 ``retries`` times (a file being rewritten, a lost worker); then the run fails with an
 :class:`ExecutionError` naming the batch's files, and no partial result is returned. Errors that
 would fail again are not retried: input errors (a Python step that raises, say) are raised as they
@@ -17,8 +19,8 @@ import contextlib
 import os
 import re
 import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import duckdb
@@ -27,6 +29,7 @@ from duckharness.errors import ExecutionError, InputError, MissingDependencyErro
 from duckharness.execution.connection import ConnectionConfig
 
 Fn = Callable[[duckdb.DuckDBPyConnection, Any], Any]
+OnDone = Callable[[], None] | None  # called on the map's own thread as each task succeeds
 EXECUTORS = ("threads", "processes", "ray", "dask")
 
 
@@ -145,8 +148,10 @@ class Executor:
         return self
 
     def _round(
-        self, fn: Fn, tasks: Sequence[Any], home: duckdb.DuckDBPyConnection | None = None
+        self, fn: Fn, tasks: Sequence[Any], home: duckdb.DuckDBPyConnection | None = None, on_done: OnDone = None
     ) -> list[tuple[bool, Any]]:
+        """One attempt at every task: ``(True, result)`` or ``(False, error)`` per task, in task
+        order; ``on_done()`` is called on this thread as each task succeeds, as soon as it does."""
         raise NotImplementedError
 
     def map(
@@ -159,6 +164,8 @@ class Executor:
     ) -> list[Any]:
         """``[fn(con, t) for t in tasks]``, in parallel, in task order, with retries.
 
+        ``on_done()`` is called on the calling thread once per task, when it has succeeded, as it
+        finishes (while other tasks still run), so a progress bar moves with the run.
         ``home`` is a connection opened from this executor's config in this process: local
         threads then run on cursors of its database (already warm, no ~20 ms open each) rather
         than on new connections. Retries always start from fresh connections.
@@ -167,14 +174,12 @@ class Executor:
         attempts = [0] * len(tasks)
         pending = list(range(len(tasks)))
         while pending:
-            outcomes = self._round(fn, [tasks[i] for i in pending], home)
+            outcomes = self._round(fn, [tasks[i] for i in pending], home, on_done)
             home = None  # retries start from fresh connections
             retry = []
             for i, (ok, value) in zip(pending, outcomes, strict=True):
                 if ok:
                     results[i] = value
-                    if on_done is not None:
-                        on_done()
                     continue
                 attempts[i] += 1
                 if caused_by_interruption(value):  # Ctrl-C stopped this batch's query
@@ -209,7 +214,7 @@ class ThreadExecutor(Executor):
     name = "threads"
 
     def _round(
-        self, fn: Fn, tasks: Sequence[Any], home: duckdb.DuckDBPyConnection | None = None
+        self, fn: Fn, tasks: Sequence[Any], home: duckdb.DuckDBPyConnection | None = None, on_done: OnDone = None
     ) -> list[tuple[bool, Any]]:
         # One connection per pool thread for the whole round (opening one costs ~20 ms and starts
         # with cold caches), closed when the round ends; a task that fails drops its thread's
@@ -239,17 +244,23 @@ class ThreadExecutor(Executor):
                 local.con = None
                 return False, e
 
+        out: list[tuple[bool, Any]] = []
         try:
             if not tasks or (
                 threading.current_thread() is not threading.main_thread() and (self.workers == 1 or len(tasks) <= 1)
             ):
-                return [run(t) for t in tasks]
+                for t in tasks:
+                    out.append(run(t))
+                    _report(out[-1][0], on_done)
+                return out
             pool = ThreadPoolExecutor(max_workers=min(self.workers, len(tasks)))
             try:
                 futures = [pool.submit(run, t) for t in tasks]
-                while wait(futures, timeout=0.1).not_done:  # short waits: see interruptible()
-                    pass
-                return [f.result() for f in futures]
+                out = [(False, None)] * len(futures)
+                for k, f in _as_finished(futures):
+                    out[k] = f.result()
+                    _report(out[k][0], on_done)
+                return out
             except BaseException:  # Ctrl-C while waiting: stop the threads' queries, not wait for them
                 with lock:
                     running = list(opened)
@@ -274,7 +285,7 @@ class ProcessExecutor(Executor):
         self._pool: Any = None
 
     def _round(
-        self, fn: Fn, tasks: Sequence[Any], home: duckdb.DuckDBPyConnection | None = None
+        self, fn: Fn, tasks: Sequence[Any], home: duckdb.DuckDBPyConnection | None = None, on_done: OnDone = None
     ) -> list[tuple[bool, Any]]:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -284,14 +295,15 @@ class ProcessExecutor(Executor):
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
         futures = [self._pool.submit(run_payload, cloudpickle.dumps((self.config, fn, t))) for t in tasks]
-        out: list[tuple[bool, Any]] = []
-        for f in futures:
+        out: list[tuple[bool, Any]] = [(False, None)] * len(futures)
+        for k, f in _as_finished(futures):
             try:
-                out.append((True, f.result()))
+                out[k] = (True, f.result())
             except Exception as e:  # includes BrokenProcessPool: a lost worker
-                out.append((False, e))
+                out[k] = (False, e)
                 if type(e).__name__ == "BrokenProcessPool":
                     self._pool = None
+            _report(out[k][0], on_done)
         return out
 
     def close(self) -> None:
@@ -312,7 +324,7 @@ class RayExecutor(Executor):
         self._started = False
 
     def _round(
-        self, fn: Fn, tasks: Sequence[Any], home: duckdb.DuckDBPyConnection | None = None
+        self, fn: Fn, tasks: Sequence[Any], home: duckdb.DuckDBPyConnection | None = None, on_done: OnDone = None
     ) -> list[tuple[bool, Any]]:
         import cloudpickle
 
@@ -336,13 +348,19 @@ class RayExecutor(Executor):
         if self._remote is None:
             self._remote = ray.remote(max_retries=0)(run_payload)
         refs = [self._remote.remote(cloudpickle.dumps((self.config, fn, t))) for t in tasks]
-        out: list[tuple[bool, Any]] = []
-        for r in refs:
-            try:
-                out.append((True, ray.get(r)))
-            except Exception as e:
-                cause = getattr(e, "cause", None)
-                out.append((False, cause if isinstance(cause, BaseException) else e))
+        position = {r: k for k, r in enumerate(refs)}
+        out: list[tuple[bool, Any]] = [(False, None)] * len(refs)
+        waiting = list(refs)
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=1)  # the next task to finish, whichever it is
+            for r in ready:
+                k = position[r]
+                try:
+                    out[k] = (True, ray.get(r))
+                except Exception as e:
+                    cause = getattr(e, "cause", None)
+                    out[k] = (False, cause if isinstance(cause, BaseException) else e)
+                _report(out[k][0], on_done)
         return out
 
     def close(self) -> None:
@@ -367,7 +385,7 @@ class DaskExecutor(Executor):
         self._own: list[Any] = []
 
     def _round(
-        self, fn: Fn, tasks: Sequence[Any], home: duckdb.DuckDBPyConnection | None = None
+        self, fn: Fn, tasks: Sequence[Any], home: duckdb.DuckDBPyConnection | None = None, on_done: OnDone = None
     ) -> list[tuple[bool, Any]]:
         import cloudpickle
 
@@ -385,12 +403,15 @@ class DaskExecutor(Executor):
                 self._own.append(cluster)
             self._own.append(self._client)
         futures = [self._client.submit(run_payload, cloudpickle.dumps((self.config, fn, t)), pure=False) for t in tasks]
-        out: list[tuple[bool, Any]] = []
-        for f in futures:
+        position = {f.key: k for k, f in enumerate(futures)}  # pure=False: every task has a key of its own
+        out: list[tuple[bool, Any]] = [(False, None)] * len(futures)
+        for f in distributed.as_completed(futures):  # in the order they finish, failed ones too
+            k = position[f.key]
             try:
-                out.append((True, f.result()))
+                out[k] = (True, f.result())
             except Exception as e:
-                out.append((False, e))
+                out[k] = (False, e)
+            _report(out[k][0], on_done)
         return out
 
     def close(self) -> None:
@@ -398,6 +419,22 @@ class DaskExecutor(Executor):
             obj.close()
         self._own = []
         self._client = None
+
+
+def _as_finished(futures: Sequence[Future[Any]]) -> Iterator[tuple[int, Future[Any]]]:
+    """``(index, future)`` of each future as it finishes. Short waits, so that a Ctrl-C the OS
+    hands to another thread is seen too (see :func:`~duckharness.execution.connection.interruptible`)."""
+    position = {f: k for k, f in enumerate(futures)}
+    waiting = set(futures)
+    while waiting:
+        finished, waiting = wait(waiting, timeout=0.1)
+        for f in sorted(finished, key=position.__getitem__):
+            yield position[f], f
+
+
+def _report(ok: bool, on_done: OnDone) -> None:
+    if ok and on_done is not None:
+        on_done()
 
 
 def _optional(module: str, what: str, extra: str) -> Any:
