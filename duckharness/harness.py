@@ -548,6 +548,7 @@ class Harness:
         *,
         cross_section: bool = False,
         window: WindowArg = None,
+        progress: bool | None = None,
     ) -> pl.DataFrame:
         """Per-day rank IC: Spearman correlation of pred and target within each day.
 
@@ -555,7 +556,8 @@ class Harness:
         With ``cross_section=True`` the IC is computed within each timestamp across symbols (as
         factor research does, e.g. alphalens' per-date IC) and a day's value is the mean over its
         timestamps whose IC is defined. Ranks are not mergeable sums, so this runs its own scan
-        with window functions per day (files are grouped so that no day is split).
+        with window functions per day (files are grouped so that no day is split). ``progress``
+        shows its progress bar, one step per day group (default: the harness's setting).
 
         Returns:
             A tidy DataFrame ``experiment, pred, target, day, metric, value`` with metrics
@@ -579,6 +581,7 @@ class Harness:
             batch_size=self.batch_size,
             tracer=self.tracer,
             cache=self.cache,
+            progress=self.progress if progress is None else progress,
         )
         self._record_run(t)
         if cross_section:
@@ -596,9 +599,11 @@ class Harness:
         window: WindowArg = None,
         plot: str | os.PathLike[str] | None = None,
         rolling: int = 20,
+        progress: bool | None = None,
     ) -> pl.DataFrame:
         """Per-day values of metrics (``rank_ic`` or any metric file), tidy:
-        ``experiment, pred, target, day, metric, value``.
+        ``experiment, pred, target, day, metric, value``. ``progress`` shows the scans' progress
+        bars (default: the harness's setting).
 
         ``plot="series.png"`` also saves the series with a ``rolling``-day rolling mean
         (:func:`duckharness.outputs.plots.plot_series`; needs ``pip install "duckharness[plot]"``).
@@ -612,7 +617,13 @@ class Harness:
         self._check_metric_names(names)
         _check_plot(plot)
         df = daily_series(
-            self, names, self._pairs(pairs), self._experiment_names(experiments), window, cross_section=cross_section
+            self,
+            names,
+            self._pairs(pairs),
+            self._experiment_names(experiments),
+            window,
+            cross_section=cross_section,
+            progress=progress,
         )
         if plot is not None:
             from duckharness.outputs.plots import plot_series
@@ -632,6 +643,7 @@ class Harness:
         window: WindowArg = None,
         plot: str | os.PathLike[str] | None = None,
         rolling: int = 20,
+        progress: bool | None = None,
     ) -> pl.DataFrame:
         """Statistics of each metric's per-day series across days.
 
@@ -640,7 +652,7 @@ class Harness:
         ``nw_lag`` lags, default ``floor(4 (T/100)^(2/9))``), ``p_value`` (two-sided, Student t with
         T − 1 df), ``nw_lag``, ``frac_positive`` (share of days above zero). Days where the metric is
         undefined are left out. ``plot="series.png"`` also saves the per-day series (see
-        :meth:`series`).
+        :meth:`series`); ``progress`` shows the scans' progress bars (default: the harness's setting).
 
         Example:
             >>> h.summary(["rank_ic", "corr"], "pred_10s:target_10s")               # doctest: +SKIP
@@ -650,7 +662,14 @@ class Harness:
         if lag is not None and lag < 0:
             raise InputError(f"lag must be 0 or more, got {lag}.")
         series = self.series(
-            metrics, pairs, experiments, cross_section=cross_section, window=window, plot=plot, rolling=rolling
+            metrics,
+            pairs,
+            experiments,
+            cross_section=cross_section,
+            window=window,
+            plot=plot,
+            rolling=rolling,
+            progress=progress,
         )
         return summarize(series, lag=lag)
 
@@ -669,6 +688,7 @@ class Harness:
         cross_section: bool = False,
         window: WindowArg = None,
         plot: str | os.PathLike[str] | None = None,
+        progress: bool | None = None,
     ) -> Comparison:
         """Is experiment ``a`` different from ``b`` on ``metric``? From one scan by day.
 
@@ -678,7 +698,7 @@ class Harness:
         of the *pooled* metric gets a day-block bootstrap interval: days are resampled with
         replacement (the same days for both), their sufficient statistics merged exactly, and the
         metric finalized; ``seed`` makes it reproducible. For ``rank_ic`` the pooled value is the
-        mean daily IC.
+        mean daily IC. ``progress`` shows the scan's progress bar (default: the harness's setting).
 
         Returns:
             A :class:`~duckharness.engine.analysis.Comparison` with ``daily`` and ``table`` frames;
@@ -710,6 +730,7 @@ class Harness:
             seed=seed,
             level=level,
             cross_section=cross_section,
+            progress=progress,
         )
         if plot is not None:
             result.plot(plot)
@@ -725,6 +746,7 @@ class Harness:
         by: str | None = None,
         window: WindowArg = None,
         plot: str | os.PathLike[str] | None = None,
+        progress: bool | None = None,
     ) -> pl.DataFrame:
         """Mean target by prediction quantile bucket, buckets cut within each day.
 
@@ -736,6 +758,7 @@ class Harness:
             buckets: number of buckets (10: deciles).
             by: None for pooled across days, or ``"day"`` for one table per day.
             plot: save the bucket chart as a PNG (pooled tables only).
+            progress: show the progress bar, one step per day group (default: the harness's setting).
 
         Returns:
             ``experiment, pred, target, [day], bucket, n, mean_pred, mean_target`` (bucket 1
@@ -765,6 +788,7 @@ class Harness:
             batch_size=self.batch_size,
             tracer=self.tracer,
             cache=self.cache,
+            progress=self.progress if progress is None else progress,
         )
         self._record_run(t)
         if plot is not None:

@@ -46,16 +46,20 @@ def daily_series(
     window: WindowArg,
     *,
     cross_section: bool = False,
+    progress: bool | None = None,
 ) -> pl.DataFrame:
     """Per-day values of each metric (``rank_ic`` included): ``experiment, pred, target, day,
-    metric, value`` from one scan for the mergeable metrics and one for rank IC."""
+    metric, value`` from one scan for the mergeable metrics and one for rank IC (each with its
+    progress bar; ``progress`` None: the harness's setting)."""
     frames = []
     mergeable = [m for m in metrics if m != RANK_IC]
     if mergeable:
-        df = h.metrics(mergeable, pairs=list(pairs), experiments=list(names), by="day", window=window)
+        df = h.metrics(
+            mergeable, pairs=list(pairs), experiments=list(names), by="day", window=window, progress=progress
+        )
         frames.append(df.filter(pl.col("metric").is_in(mergeable)))
     if RANK_IC in metrics:
-        df = h.rank_ic(list(pairs), list(names), cross_section=cross_section, window=window)
+        df = h.rank_ic(list(pairs), list(names), cross_section=cross_section, window=window, progress=progress)
         frames.append(df.filter(pl.col("metric") == RANK_IC))
     out = pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else frames[0]
     order = {
@@ -157,8 +161,10 @@ def compare(
     seed: int | None = 0,
     level: float = 0.95,
     cross_section: bool = False,
+    progress: bool | None = None,
 ) -> Comparison:
-    """Compare experiments ``a`` and ``b`` on ``metric`` from per-day statistics (one scan)."""
+    """Compare experiments ``a`` and ``b`` on ``metric`` from per-day statistics (one scan, with
+    its progress bar; ``progress`` None: the harness's setting)."""
     if a == b:
         raise InputError(f"Compare two different experiments; both are {a!r}.")
     if n_boot < 1:
@@ -169,7 +175,7 @@ def compare(
     daily: list[pl.DataFrame] = []
     rows: list[dict[str, Any]] = []
     if metric == RANK_IC:
-        ic = h.rank_ic(list(pairs), names, cross_section=cross_section, window=window)
+        ic = h.rank_ic(list(pairs), names, cross_section=cross_section, window=window, progress=progress)
         ic = ic.filter(pl.col("metric") == RANK_IC)
         for pair in pairs:
             ic_days, va, vb = _aligned(ic, pair, a, b)
@@ -197,7 +203,7 @@ def compare(
                 executor=h._executor(None, None),
                 batch_size=h.batch_size,
                 tracer=h.tracer,
-                progress=h.progress,
+                progress=h.progress if progress is None else progress,
                 cache=h.cache,
                 control=control,
             )

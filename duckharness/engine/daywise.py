@@ -4,7 +4,8 @@ Ranks and quantiles are not mergeable sums, so they are computed per day in SQL 
 functions and only then merged across days. Files are grouped so that no local day is split
 between two groups (a day that spans files is ranked as a whole; a group that holds several days
 partitions by the day label), and each group runs through the experiment's chain on a
-connection of its own, in parallel, like any batch. (An experiment whose Python steps move rows
+connection of its own, in parallel, like any batch (a progress bar counts the groups as they
+finish, as ``metrics`` counts its batches). (An experiment whose Python steps move rows
 to another group's day has those groups run again as one.) Rows whose pred or target is NULL, NaN or
 ±infinite are left out, as for every metric.
 
@@ -36,6 +37,7 @@ from duckharness.engine.plan import DAY, Pair, local_dates, moves_time, replaces
 from duckharness.engine.run import ChainTask, run_chain_task
 from duckharness.errors import ExecutionError, InputError, UnknownColumnError
 from duckharness.execution.executor import Executor, brief, retryable
+from duckharness.execution.progress import Progress
 from duckharness.experiments.chain import chain_statements, source_query
 from duckharness.experiments.steps import Experiments
 from duckharness.metrics.merge import merge_partials
@@ -290,9 +292,15 @@ def _run(
     outputs: frozenset[str],
     need_ts: bool = False,
     cache: StatsCache | None = None,
+    label: str,
+    progress: bool | None = None,
 ) -> pl.DataFrame:
     """Run ``build(relation, day, types)`` over each day group of each experiment; one frame
     with an ``experiment`` column.
+
+    A progress bar named ``label`` (see :class:`Progress`; ``progress`` None: only on a terminal)
+    counts the (experiment, day group) tasks: those the cache answered at once, the others as each
+    finishes.
 
     With a ``cache``, each day group's frame of an all-SQL experiment is stored under the SQL
     that made it (the experiment's whole chain over those files, and the per-day query) and the
@@ -353,31 +361,41 @@ def _run(
                     tracer(statement)
             tracer(tasks[i].sql)
     executor.with_config(dataset.connection(1))
-    try:
-        computed = executor.map(run_chain_task, [tasks[i] for i in todo], describe=lambda t: [f.path for f in t.files])
-    except ExecutionError as e:
-        raise _name_experiment(e, [tasks[i] for i in todo]) from e.__cause__
-    for i, frame in zip(todo, computed, strict=True):
-        frames[i] = frame
-        if cache is not None and (key := keys[i]) is not None:
-            cache.put(key, frame)
-    # An experiment whose times only its Python steps can move may put rows of one day in two
-    # groups' frames; such groups are run again as one, so that every day it ranks is whole.
-    for name in dict.fromkeys(labels):
-        mine = [i for i, n in enumerate(labels) if n == name]
-        merged = _groups_sharing_days([frames[i] for i in mine], [tasks[i].files for i in mine])
-        if merged is None:
-            continue
-        cols, per_row = experiments.columns(name), moves_time(dataset, experiments, name)
-        redo = [_task(dataset, experiments, name, g, window, batch_size, build, per_row, cols) for g in merged]
+    with Progress(len(tasks), label, enabled=progress) as bar:
+        bar.advance(len(tasks) - len(todo))
         try:
-            again = executor.map(run_chain_task, redo, describe=lambda t: [f.path for f in t.files])
+            computed = executor.map(
+                run_chain_task,
+                [tasks[i] for i in todo],
+                describe=lambda t: [f.path for f in t.files],
+                on_done=bar.advance,
+            )
         except ExecutionError as e:
-            raise _name_experiment(e, redo) from e.__cause__
-        for i in mine:
-            frames[i] = None
-        labels += [name] * len(again)
-        frames += again
+            raise _name_experiment(e, [tasks[i] for i in todo]) from e.__cause__
+        for i, frame in zip(todo, computed, strict=True):
+            frames[i] = frame
+            if cache is not None and (key := keys[i]) is not None:
+                cache.put(key, frame)
+        # An experiment whose times only its Python steps can move may put rows of one day in two
+        # groups' frames; such groups are run again as one, so that every day it ranks is whole.
+        for name in dict.fromkeys(labels):
+            mine = [i for i, n in enumerate(labels) if n == name]
+            merged = _groups_sharing_days([frames[i] for i in mine], [tasks[i].files for i in mine])
+            if merged is None:
+                continue
+            cols, per_row = experiments.columns(name), moves_time(dataset, experiments, name)
+            redo = [_task(dataset, experiments, name, g, window, batch_size, build, per_row, cols) for g in merged]
+            bar.total += len(redo)
+            try:
+                again = executor.map(
+                    run_chain_task, redo, describe=lambda t: [f.path for f in t.files], on_done=bar.advance
+                )
+            except ExecutionError as e:
+                raise _name_experiment(e, redo) from e.__cause__
+            for i in mine:
+                frames[i] = None
+            labels += [name] * len(again)
+            frames += again
     out = [
         f.with_columns(pl.lit(n).alias("experiment"))
         for n, f in zip(labels, frames, strict=True)
@@ -459,10 +477,12 @@ def rank_ic(
     batch_size: int = 1,
     tracer: Tracer | None = None,
     cache: StatsCache | None = None,
+    progress: bool | None = None,
 ) -> pl.DataFrame:
     """Per-day rank IC of every experiment and pair, tidy: ``experiment, pred, target, day,
     metric, value`` with metrics ``rank_ic``, ``n`` (rows used) and, cross-sectionally,
-    ``n_sections`` (timestamps whose IC is defined)."""
+    ``n_sections`` (timestamps whose IC is defined). ``progress``: the progress bar (None: only
+    on a terminal)."""
     ts = dataset.time_column if cross_section else None
     raw = _run(
         dataset,
@@ -477,6 +497,8 @@ def rank_ic(
         need_ts=cross_section,
         outputs=frozenset({PAIR, DAY, "__s_ic", "__s_n"} | ({"__s_sections"} if cross_section else set())),
         cache=cache,
+        label="rank_ic",
+        progress=progress,
     )
     if raw.height == 0:
         return pl.DataFrame(
@@ -531,9 +553,11 @@ def quantile_buckets(
     batch_size: int = 1,
     tracer: Tracer | None = None,
     cache: StatsCache | None = None,
+    progress: bool | None = None,
 ) -> pl.DataFrame:
     """Mean target (and pred) by per-day prediction-quantile bucket, pooled across days (or
-    per day): ``experiment, pred, target, [day], bucket, n, mean_pred, mean_target``."""
+    per day): ``experiment, pred, target, [day], bucket, n, mean_pred, mean_target``.
+    ``progress``: the progress bar (None: only on a terminal)."""
     if isinstance(buckets, bool) or not isinstance(buckets, int) or not 2 <= buckets <= MAX_BUCKETS:
         raise InputError(f"buckets must be a whole number from 2 to {MAX_BUCKETS}, got {buckets!r}.")
     raw = _run(
@@ -548,6 +572,8 @@ def quantile_buckets(
         tracer=tracer,
         outputs=frozenset({PAIR, DAY, BUCKET, "__s_n", "__s_sp", "__s_st"}),
         cache=cache,
+        label="deciles",
+        progress=progress,
     )
     keys = ["experiment", PAIR, *([DAY] if by_day else []), BUCKET]
     if raw.height == 0:
