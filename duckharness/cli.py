@@ -424,8 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser(
         "info",
         help="describe a source: files, days, rows, columns with roles, metadata, window",
-        description="Describe a source: files, days, rows, columns with their roles, metadata, session window "
-        "and experiments.",
+        description="Describe a source: files, days (those holding rows inside the session window, as "
+        "'metrics --by day' labels them), rows, columns with their roles, metadata, session window and experiments.",
     )
     _source_options(i, window=False)
     i.add_argument("--format", choices=["text", "json"], default="text", help="output format")

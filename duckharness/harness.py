@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import functools
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,7 +20,8 @@ from duckharness.data.metadata import Metadata, SessionWindow, parse_wall_time
 from duckharness.data.source import Dataset, file_identities, open_dataset
 from duckharness.engine.analysis import Comparison
 from duckharness.engine.cache import StatsCache, cache_disabled_by_env, default_cache_dir
-from duckharness.engine.plan import Pair, default_pairs, local_dates
+from duckharness.engine.days import DayIndex, index_days, settle_days
+from duckharness.engine.plan import Pair, default_pairs
 from duckharness.engine.run import RunStats, baseline_query, run_metrics
 from duckharness.errors import InputError, SourceError, UnknownMetricError, warn
 from duckharness.execution.connection import fetch_all
@@ -31,6 +33,8 @@ from duckharness.outputs.export import ExportResult
 from duckharness.outputs.sink import SinkResult
 
 WindowArg = SessionWindow | tuple[str, str] | bool | None
+# The repr reads at most this many rows' times to count the days exactly (a fraction of a second).
+REPR_READ_ROWS = 1_000_000
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -139,6 +143,7 @@ class Harness:
             )
         ).fetchall()
         self._data_con: duckdb.DuckDBPyConnection | None = None
+        self._day_indexes: dict[SessionWindow | None, tuple[tuple, DayIndex]] = {}
         self.experiments = Experiments(self.dataset.columns, self._bind)
 
     def _bind(self, step: Step) -> dict[str, str]:
@@ -363,10 +368,11 @@ class Harness:
     ) -> pl.DataFrame:
         """A sample of an experiment's rows, taken through the experiment's logic.
 
-        Strategies: ``random_days`` (``n_days`` whole days chosen with ``seed``; reads only those
-        days' files; the preferred one), ``head`` (the first ``n`` rows in time order; stops
-        reading once it has them), ``gather_every`` (every ``step``-th row in time order).
-        ``random_rows`` is refused: it breaks the time series.
+        Strategies: ``random_days`` (``n_days`` whole days chosen with ``seed`` among the days
+        that hold rows inside the window, as ``info()`` counts them; reads only those days' files;
+        fewer days than asked warn; the preferred one), ``head`` (the first ``n`` rows in time
+        order; stops reading once it has them), ``gather_every`` (every ``step``-th row in time
+        order). ``random_rows`` is refused: it breaks the time series.
         """
         self._refresh()
         from duckharness.outputs.sample import take_sample
@@ -438,10 +444,16 @@ class Harness:
 
     @_interruptible
     def info(self) -> dict[str, Any]:
-        """A summary of the source: files, days, rows, columns with roles, metadata, window."""
+        """A summary of the source: files, days, rows, columns with roles, metadata, window.
+
+        ``days`` counts the days ``metrics(by="day")`` gives rows to: days that hold rows inside
+        the session window, labelled as ``by="day"`` labels them (an overnight session's rows
+        after midnight belong to the evening before). The footers' row-group statistics settle
+        most days; what they leave open is read from the time column (see ``engine/days.py``).
+        """
+        self._refresh()
         files = self.dataset.files
-        tz = self.dataset.metadata.timezone
-        days = sorted({d for f in files if f.time_min and f.time_max for d in local_dates(f.time_min, f.time_max, tz)})
+        days = self._day_index(self.session_window).days
         roles = {}
         for c, t in self.dataset.columns.items():
             role = (
@@ -468,6 +480,19 @@ class Harness:
             "columns": roles,
             "experiments": self.experiments.names,
         }
+
+    def _day_index(
+        self, window: SessionWindow | None, *, days: Iterable[dt.date] | None = None, settle: bool = True
+    ) -> DayIndex:
+        """The source's days under ``window``: settled (the open ones among ``days``, or all) unless
+        ``settle`` is false. Kept for the files as listed now, so what was read is not read again."""
+        key = tuple((f.path, f.size, f.mtime, f.change, f.footer) for f in self.dataset.files)
+        known = self._day_indexes.get(window)
+        index = known[1] if known is not None and known[0] == key else index_days(self.dataset, window)
+        if settle and not index.settled:
+            index = settle_days(index, self.dataset, window, self._data_connection(), days=days, tracer=self.tracer)
+        self._day_indexes[window] = (key, index)
+        return index
 
     def _data_connection(self) -> duckdb.DuckDBPyConnection:
         if self._data_con is None:
@@ -890,11 +915,24 @@ class Harness:
         self.close()
 
     def __repr__(self) -> str:
-        days = {f.time_min.date() for f in self.dataset.files if f.time_min is not None}
         return (
-            f"Harness({self.dataset.root!r}, files={len(self.dataset.files)}, days={len(days)}, "
+            f"Harness({self.dataset.root!r}, files={len(self.dataset.files)}, days={self._days_shown()}, "
             f"experiments={self.experiments.names})"
         )
+
+    def _days_shown(self) -> str:
+        """The day count of ``info()`` for the repr, which reads at most ``REPR_READ_ROWS`` rows'
+        times to settle it; beyond that, the range the footers allow (``58..82``; ``0..?`` when
+        files without statistics could hold any day)."""
+        index = self._day_index(self.session_window, settle=False)
+        if not index.settled:
+            opened = {p for paths in index.open.values() for p in paths} | index.unplaced
+            if sum(f.rows for f in self.dataset.files if f.path in opened) <= REPR_READ_ROWS:
+                index = self._day_index(self.session_window)
+        if index.settled:
+            return str(len(index.held))
+        most = "?" if index.unplaced else str(len(set(index.held) | set(index.open)))
+        return f"{len(index.held)}..{most}"
 
 
 def _check_plot(plot: str | os.PathLike[str] | None) -> None:

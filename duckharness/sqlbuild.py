@@ -82,14 +82,19 @@ def date(value: dt.date) -> exp.Expr:
     return exp.cast(string(value.isoformat()), "DATE")
 
 
-def read_parquet(paths: Sequence[str], *, union_by_name: bool = True, file_row_number: bool = False) -> exp.Expr:
+def read_parquet(
+    paths: Sequence[str], *, union_by_name: bool = True, file_row_number: bool = False, filename: str | None = None
+) -> exp.Expr:
     """``read_parquet([...], union_by_name = true)`` over the given files or globs (with
-    ``file_row_number``, also each row's number within its file, as column ``file_row_number``)."""
+    ``file_row_number``, also each row's number within its file, as column ``file_row_number``;
+    with ``filename``, each row's file path as a column of that name)."""
     args: list[exp.Expr] = [exp.Array(expressions=[string(p) for p in paths])]
     if union_by_name:
         args.append(exp.EQ(this=exp.var("union_by_name"), expression=exp.true()))
     if file_row_number:
         args.append(exp.EQ(this=exp.var("file_row_number"), expression=exp.true()))
+    if filename is not None:
+        args.append(exp.EQ(this=exp.var("filename"), expression=string(filename)))
     return exp.Anonymous(this="read_parquet", expressions=args)
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -20,13 +22,13 @@ DST_START = dt.date(2026, 3, 4)  # six trading days from here cross the 2026-03-
 
 
 def write_dataset(folder: Path, tables: Mapping[str, pa.Table], metadata: Mapping[str, Any] | None = None,
-                  *, row_group_size: int = 4096) -> list[str]:
+                  *, row_group_size: int = 4096, statistics: bool = True) -> list[str]:
     """Write ``{file stem: table}`` as Parquet files plus ``metadata.json`` (unless None)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for stem, table in tables.items():
         path = folder / f"{stem}.parquet"
-        pq.write_table(table, path, row_group_size=row_group_size)
+        pq.write_table(table, path, row_group_size=row_group_size, write_statistics=statistics)
         paths.append(str(path))
     if metadata is not None:
         (folder / "metadata.json").write_text(json.dumps(metadata))
@@ -124,3 +126,82 @@ def make_panel(tmp_path: Path) -> Callable[..., Path]:
         return folder
 
     return make
+
+
+# A source of files that each hold several days (a week or more, weekends included, in one row
+# group unless told otherwise), with a day split over two files and the 2026-03-08 DST switch.
+# Each weekday has rows at 14:00, 15:00, 17:00 and 20:30 UTC: 09:00 (outside a 09:30-16:00
+# window), 10:00, 12:00 and 15:30 US/Eastern before the switch; 10:00, 11:00, 13:00 and 16:30
+# (outside) after it. Presidents' Day (2026-02-16) has no rows, and 2026-02-20 only one at 14:00
+# UTC (09:00 local): a day with rows, none inside the session window.
+MULTIDAY_HOURS = (dt.time(14), dt.time(15), dt.time(17), dt.time(20, 30))
+MULTIDAY_FILES = {  # stem: (first instant, last instant), UTC; 2026-02-11 is split between files
+    "2026-02-02": (dt.datetime(2026, 2, 2), dt.datetime(2026, 2, 11, 16)),
+    "2026-02-11": (dt.datetime(2026, 2, 11, 16), dt.datetime(2026, 3, 4, 23)),
+    "2026-03-05": (dt.datetime(2026, 3, 5), dt.datetime(2026, 3, 28)),
+}
+
+
+def multiday_times() -> list[dt.datetime]:
+    """Every row time of the multi-day source (UTC, naive), in order."""
+    out = []
+    day = dt.date(2026, 2, 2)
+    while day <= dt.date(2026, 3, 27):
+        if day.weekday() < 5 and day != dt.date(2026, 2, 16):
+            hours = MULTIDAY_HOURS[:1] if day == dt.date(2026, 2, 20) else MULTIDAY_HOURS
+            out += [dt.datetime.combine(day, h) for h in hours]
+        day += dt.timedelta(days=1)
+    return out
+
+
+@pytest.fixture
+def make_multiday(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``make_multiday(metadata={}, row_group_size=1_000_000, statistics=True, seed=0)`` ->
+    folder of the multi-day source above (the same rows for the same seed, whatever the layout)."""
+    counter = iter(range(1000))
+
+    def make(metadata: Mapping[str, Any] | None = None, row_group_size: int = 1_000_000, statistics: bool = True,
+             seed: int = 0) -> Path:
+        folder = tmp_path / f"multiday{next(counter)}"
+        times = multiday_times()
+        rng = np.random.default_rng(seed)
+        pred = rng.standard_normal(len(times))
+        target = 0.3 * pred + rng.standard_normal(len(times))
+        tables = {}
+        for stem, (lo, hi) in MULTIDAY_FILES.items():
+            rows = [i for i, t in enumerate(times) if lo <= t < hi]
+            tables[stem] = pa.table({
+                "ts": pa.array([times[i] for i in rows], pa.timestamp("us", tz="UTC")),
+                "pred_x": pa.array(pred[rows]),
+                "target_x": pa.array(target[rows]),
+            })
+        write_dataset(folder, tables, {} if metadata is None else metadata, row_group_size=row_group_size,
+                      statistics=statistics)
+        return folder
+
+    return make
+
+
+def session_days(folder: Path | str, metadata: Mapping[str, Any]) -> pl.DataFrame:
+    """Every row of a dataset with its session day (``_day``), computed here with pandas: the
+    local date, inside the window when ``metadata`` sets one; an overnight window's rows up to its
+    end belong to the day before. Rows outside the window are dropped."""
+    df = read_all(folder).to_pandas()
+    wall = df["ts"].dt.tz_convert(metadata.get("timezone", "US/Eastern")).dt.tz_localize(None)
+    tod, date = wall - wall.dt.normalize(), wall.dt.date  # the wall-clock time to the nanosecond
+
+    def clock(key: str) -> pd.Timedelta | None:  # "HH:MM" or "HH:MM:SS" as a time since midnight
+        if key not in metadata:
+            return None
+        return pd.Timedelta(metadata[key] + (":00" if metadata[key].count(":") == 1 else ""))
+
+    start, end = clock("start_time"), clock("end_time")
+    after = tod >= start if start is not None else pd.Series(True, index=df.index)
+    before = tod <= end if end is not None else pd.Series(True, index=df.index)
+    if start is not None and end is not None and end < start:  # overnight
+        keep = after | before
+        day = date.where(after, (pd.to_datetime(date) - pd.Timedelta(days=1)).dt.date)  # calendar arithmetic
+    else:
+        keep, day = after & before, date
+    out = pl.from_pandas(df.assign(_day=day)[keep.to_numpy()])
+    return out.with_columns(pl.col("_day").cast(pl.Date)).sort("ts")

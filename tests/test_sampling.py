@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from conftest import SESSION, write_dataset
+from conftest import SESSION, session_days, write_dataset
 from polars.testing import assert_frame_equal
 
 from duckharness import Harness
 from duckharness.demo import one_day, trading_days
-from duckharness.errors import InputError, UnknownExperimentError
+from duckharness.errors import DuckHarnessWarning, InputError, UnknownExperimentError
 
 DAYS = trading_days(dt.date(2026, 3, 4), 6)  # crosses the DST switch of 2026-03-08
 ROWS = 2500
@@ -139,7 +141,8 @@ def test_random_days_reads_only_the_files_of_the_chosen_days(harness: Harness, f
 
 
 def test_random_days_with_more_days_than_the_data_returns_every_row(harness: Harness, ref: pl.DataFrame) -> None:
-    s = harness.sample("liquid", "random_days", n_days=50, seed=0)
+    with pytest.warns(DuckHarnessWarning, match="only 6 days with rows inside the session window"):
+        s = harness.sample("liquid", "random_days", n_days=50, seed=0)
     assert_rows(s, ref_rows(ref, "liquid"))
 
 
@@ -160,6 +163,92 @@ def test_random_days_of_whole_data_experiment_gives_the_experiments_rows_of_thos
     days = local_days(s)
     assert len(days) == 2
     assert_rows(s, ref_rows(ref, name).filter(pl.col("_day").is_in(sorted(days))))
+
+
+# --- random_days on files that hold several days ------------------------------------------------------
+
+OVERNIGHT = {"start_time": "18:00", "end_time": "16:00", "timezone": "US/Eastern"}
+SPLIT_DAY = dt.date(2026, 2, 11)  # its rows before 16:00 UTC are in one file, the others in the next
+
+
+def sampled_days(sample: pl.DataFrame, ref: pl.DataFrame) -> pl.DataFrame:
+    """The reference rows of the days the sample has rows of (by the reference's own day labels)."""
+    days = ref.filter(pl.col("ts").is_in(sample["ts"].implode()))["_day"].unique()
+    return ref.filter(pl.col("_day").is_in(days.implode()))
+
+
+def assert_whole_days(sample: pl.DataFrame, ref: pl.DataFrame, n_days: int) -> None:
+    """The sample is every row of exactly ``n_days`` of the reference's days, and nothing else."""
+    want = sampled_days(sample, ref)
+    assert want["_day"].n_unique() == n_days
+    assert_frame_equal(sample.sort("ts"), want.drop("_day"))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("metadata", [{}, SESSION, OVERNIGHT], ids=["no-window", "session", "overnight"])
+def test_random_days_of_files_of_several_days_returns_exactly_n_days_that_hold_rows(
+        make_multiday: Callable[..., Path], metadata: dict, seed: int) -> None:
+    folder = make_multiday(metadata)
+    ref = session_days(folder, metadata)
+    s = Harness(folder).sample(n_days=10, seed=seed)
+    assert_whole_days(s, ref, 10)
+
+
+def test_random_days_asked_for_every_day_skip_weekends_holidays_and_days_without_session_rows(
+        make_multiday: Callable[..., Path]) -> None:
+    folder = make_multiday(SESSION)
+    ref = session_days(folder, SESSION)
+    n = ref["_day"].n_unique()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # exactly as many days as there are: no warning
+        s = Harness(folder).sample(n_days=n, seed=3)
+    assert_whole_days(s, ref, n)
+    assert dt.date(2026, 2, 20) not in set(s["ts"].dt.date().to_list())  # its one row is outside the window
+    # Across the DST switch each day keeps its own session: 14:00 UTC is 09:00 before it (outside)
+    # and 10:00 after it (inside); 20:30 UTC is 15:30 before (inside) and 16:30 after (outside).
+    after = (pl.col("ts").dt.date() >= dt.date(2026, 3, 9)).alias("after")
+    hours = s.group_by(after).agg(pl.col("ts").dt.time().unique().sort().alias("hours"))
+    by_side = dict(hours.iter_rows())
+    assert by_side == {False: [dt.time(15), dt.time(17), dt.time(20, 30)],
+                       True: [dt.time(14), dt.time(15), dt.time(17)]}
+
+
+@pytest.mark.parametrize("metadata", [{}, SESSION], ids=["no-window", "session"])
+def test_random_days_asked_for_more_days_than_exist_warns_naming_how_many(
+        make_multiday: Callable[..., Path], metadata: dict) -> None:
+    folder = make_multiday(metadata)
+    ref = session_days(folder, metadata)
+    n = ref["_day"].n_unique()
+    with pytest.warns(DuckHarnessWarning, match=rf"Asked for 1,000 random days but the source has only {n} days"):
+        s = Harness(folder).sample(n_days=1000, seed=0)
+    assert_frame_equal(s.sort("ts"), ref.drop("_day"))
+
+
+def test_random_days_keeps_every_row_of_a_day_split_over_two_files(make_multiday: Callable[..., Path]) -> None:
+    folder = make_multiday({})
+    ref = session_days(folder, {})
+    h = Harness(folder)
+    picked = 0
+    for seed in range(40):
+        s = h.sample(n_days=4, seed=seed)
+        assert_whole_days(s, ref, 4)
+        if SPLIT_DAY in set(sampled_days(s, ref)["_day"].to_list()):
+            picked += 1
+            hours = s.filter(pl.col("ts").dt.date() == SPLIT_DAY)["ts"].dt.time().to_list()
+            assert hours == [dt.time(14), dt.time(15), dt.time(17), dt.time(20, 30)]  # from both files
+    assert picked > 0
+
+
+def test_random_days_draw_depends_on_the_rows_and_seed_not_the_row_groups(
+        make_multiday: Callable[..., Path]) -> None:
+    one_group = make_multiday(SESSION)
+    others = [make_multiday(SESSION, row_group_size=3), make_multiday(SESSION, statistics=False)]
+    ref = session_days(one_group, SESSION)
+    for seed in (0, 5):
+        a = Harness(one_group).sample(n_days=7, seed=seed)
+        assert_whole_days(a, ref, 7)
+        for folder in [one_group, *others]:
+            assert a.equals(Harness(folder).sample(n_days=7, seed=seed))
 
 
 # --- head ---------------------------------------------------------------------------------------------
@@ -233,6 +322,13 @@ def test_unknown_strategy_is_refused_listing_the_options(harness: Harness, strat
 def test_non_positive_sizes_are_refused(harness: Harness, kwargs: dict) -> None:
     with pytest.raises(InputError, match="at least 1"):
         harness.sample("liquid", "head", **kwargs)
+
+
+def test_random_days_of_a_source_without_time_column_is_refused_naming_the_fix(tmp_path: Path) -> None:
+    folder = tmp_path / "untimed"
+    write_dataset(folder, {"a": pl.DataFrame({"pred_x": [0.1, 0.2], "target_x": [0.3, 0.4]}).to_arrow()}, {})
+    with pytest.raises(InputError, match=r"'random_days' needs a time column.*'head' or 'gather_every'"):
+        Harness(folder).sample(n_days=1)
 
 
 def test_sampling_an_unknown_experiment_names_it(harness: Harness) -> None:

@@ -11,13 +11,14 @@ import datetime as dt
 import io
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from conftest import SESSION, write_dataset
+from conftest import SESSION, session_days, write_dataset
 from polars.testing import assert_frame_equal
 from sklearn.metrics import mean_squared_error, r2_score
 
@@ -138,6 +139,19 @@ def test_sink_round_trip_equals_the_relation(harness: Harness, tmp_path: Path) -
     harness.sink("liquid", tmp_path / "out")
     got = read_back(tmp_path / "out").sort("ts")
     assert got.equals(harness.relation("liquid").pl().sort("ts"))
+
+
+@pytest.mark.parametrize("metadata", [{}, SESSION], ids=["no-window", "session"])
+def test_sink_by_day_of_files_of_several_days_writes_one_file_per_day_that_holds_rows(
+        make_multiday: Callable[..., Path], tmp_path: Path, metadata: dict) -> None:
+    folder = make_multiday(metadata)
+    ref = session_days(folder, metadata)
+    Harness(folder).sink("baseline", tmp_path / "out", partition_by="day")
+    days = sorted(set(ref["_day"].to_list()))
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.parquet")) == [f"{d.isoformat()}.parquet" for d in days]
+    for d in days:
+        got = pl.read_parquet(tmp_path / "out" / f"{d.isoformat()}.parquet").sort("ts")
+        assert_frame_equal(got, ref.filter(pl.col("_day") == d).drop("_day"))
 
 
 @pytest.mark.parametrize("name", ["liquid", "z_day", "z_all", "pm"])

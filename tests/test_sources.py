@@ -1,15 +1,20 @@
-"""Sources: listing errors, unreadable Parquet files, and the schema the harness reports."""
+"""Sources: listing errors, unreadable Parquet files, the schema the harness reports, and its days."""
 
 from __future__ import annotations
 
+import datetime as dt
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import write_dataset
+from conftest import SESSION, session_days, write_dataset
 
+import duckharness.harness as harness_module
 from duckharness import Harness, SourceError
 
 
@@ -191,3 +196,78 @@ def test_file_row_counts_come_from_footers(tmp_path: Path) -> None:
     with Harness(folder) as h:
         assert {f.path: f.rows for f in h.dataset.files} == {paths[0]: 5, paths[1]: 11}
         assert [pq.ParquetFile(p).metadata.num_rows for p in paths] == [5, 11]
+
+
+# -- days: info, repr and by="day" agree, on files that hold several days -----------------------------
+
+OVERNIGHT = {"start_time": "18:00", "end_time": "16:00", "timezone": "US/Eastern"}
+LAYOUTS = {  # one row group per file; row groups whose statistics show most days; no statistics
+    "one-group": {}, "small-groups": {"row_group_size": 3}, "no-statistics": {"statistics": False}}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("metadata", [{}, SESSION, OVERNIGHT], ids=["no-window", "session", "overnight"])
+def test_info_and_repr_count_the_days_that_hold_rows_as_by_day_labels_them(
+        make_multiday: Callable[..., Path], metadata: dict, layout: str) -> None:
+    folder = make_multiday(metadata, **LAYOUTS[layout])
+    want = sorted(set(session_days(folder, metadata)["_day"].to_list()))
+    # The reference skips weekends, the holiday and (with a window) 2026-02-20, whose only row is
+    # outside it; overnight, a weekday's rows before 16:00 belong to the session of the evening before.
+    assert len(want) < (want[-1] - want[0]).days + 1
+    with Harness(folder) as h:
+        info = h.info()
+        assert (info["days"], info["first_day"], info["last_day"]) == (
+            len(want), want[0].isoformat(), want[-1].isoformat())
+        assert f"days={len(want)}," in repr(h)
+        by_day = h.metrics(["count"], by="day")
+        held = by_day.filter((pl.col("metric") == "count") & (pl.col("value") > 0))["day"].sort().to_list()
+        assert held == want
+
+
+def test_repr_counts_days_in_a_fresh_harness_without_info(make_multiday: Callable[..., Path]) -> None:
+    folder = make_multiday(SESSION)
+    want = set(session_days(folder, SESSION)["_day"].to_list())
+    assert f"days={len(want)}," in repr(Harness(folder))
+
+
+def test_a_day_split_over_two_files_is_one_day(make_panel: Callable[..., Path]) -> None:
+    # Day 0's rows are split between a.parquet and b.parquet; b.parquet also holds day 1.
+    folder = make_panel(days=2, files={"a": [(0, slice(0, 20))], "b": [(0, slice(20, None)), (1, slice(None))]})
+    want = sorted(set(session_days(folder, {})["_day"].to_list()))
+    assert len(want) == 2
+    with Harness(folder) as h:
+        assert (h.info()["days"], h.info()["first_day"], h.info()["last_day"]) == (
+            2, want[0].isoformat(), want[1].isoformat())
+        assert "files=2, days=2," in repr(h)
+
+
+def test_repr_of_a_source_too_large_to_read_shows_the_range_the_footers_allow(
+        make_multiday: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(harness_module, "REPR_READ_ROWS", 0)
+    folder = make_multiday(SESSION)  # one row group per file: footers leave most days open
+    n = len(set(session_days(folder, SESSION)["_day"].to_list()))
+    with Harness(folder) as h:
+        shown = re.search(r"days=(\d+)\.\.(\d+),", repr(h))
+        assert shown is not None
+        lo, hi = int(shown.group(1)), int(shown.group(2))
+        assert lo <= n <= hi and lo < hi
+        h.info()  # reads what the footers left open: the repr shows the exact count from then on
+        assert f"days={n}," in repr(h)
+
+
+def test_days_of_nanosecond_times_just_past_the_window_end_are_not_counted(tmp_path: Path) -> None:
+    # Parquet statistics of nanosecond times read truncated to the microsecond: 16:00:00.0000005
+    # reads as 16:00:00, the window's inclusive end, yet the row lies outside the window.
+    def day(d: str, last: str) -> pa.Table:
+        ts = np.array([f"{d}T14:00:00", f"{d}T{last}"], dtype="datetime64[ns]")  # 09:00 and ~16:00 EST
+        return pa.table({"ts": pa.array(ts, pa.timestamp("ns", tz="UTC")),
+                         "pred_x": [0.1, 0.2], "target_x": [0.3, 0.1]})
+
+    folder = tmp_path / "ns"
+    write_dataset(folder, {"a": day("2026-03-05", "21:00:00.000000500"), "b": day("2026-03-06", "21:00:00")}, SESSION)
+    want = sorted(set(session_days(folder, SESSION)["_day"].to_list()))
+    assert want == [dt.date(2026, 3, 6)]
+    with Harness(folder) as h:
+        assert (h.info()["days"], h.info()["first_day"]) == (1, "2026-03-06")
+        by_day = h.metrics(["count"], by="day")
+        assert by_day.filter((pl.col("metric") == "count") & (pl.col("value") > 0))["day"].to_list() == want

@@ -43,6 +43,9 @@ class FileInfo:
     columns: Mapping[str, str]
     time_min: dt.datetime | None = None
     time_max: dt.datetime | None = None
+    # (min, max) of the time column in each row group, in file order; empty when any row group
+    # has no statistics. Each is a row's time, so they show days the file holds without a read.
+    time_groups: tuple[tuple[dt.datetime, dt.datetime], ...] = ()
     null_free: frozenset[str] = frozenset()  # columns whose footer statistics count no NULLs
     row_groups: tuple[int, ...] = ()  # rows of each row group, in file order (empty when unknown)
     # A digest of the footer's column chunks (sizes, statistics, null counts), part of the file's
@@ -293,25 +296,31 @@ def read_time_ranges(
     *,
     con: duckdb.DuckDBPyConnection,
     tracer: Callable[[str], None] | None = None,
-) -> dict[str, tuple[Any, Any]]:
-    """Min and max of the time column per file from row-group statistics (no data read)."""
+) -> dict[str, tuple[Any, Any, tuple[tuple[Any, Any], ...]]]:
+    """Min and max of the time column per file, and per row group in file order, from row-group
+    statistics (no data read); ``(None, None, ())`` for a file with a row group without them."""
     target = "TIMESTAMPTZ" if type_sql in AWARE_TIMESTAMP_TYPES else "TIMESTAMP"
+    group = sb.column("row_group_id")
     sql = sb.render(
         sb.select(
             [
                 sb.column("file_name"),
-                sb.alias(sb.func("min", sb.try_cast(sb.column("stats_min_value"), target)), "lo"),
-                sb.alias(sb.func("max", sb.try_cast(sb.column("stats_max_value"), target)), "hi"),
-                sb.alias(sb.func("bool_or", sb.is_null(sb.column("stats_min_value"))), "missing"),
+                sb.alias(sb.try_cast(sb.column("stats_min_value"), target), "lo"),
+                sb.alias(sb.try_cast(sb.column("stats_max_value"), target), "hi"),
             ],
             sb.table_function("parquet_metadata", paths),
             where=sb.eq(sb.column("path_in_schema"), sb.string(time_column)),
-            group_by_all=True,
-        )
+        ).order_by(sb.column("file_name"), group)
     )
-    out: dict[str, tuple[Any, Any]] = {}
-    for fname, lo, hi, missing in fetch_all(con, sql, tracer):
-        out[fname] = (None, None) if missing else (lo, hi)
+    groups: dict[str, list[tuple[Any, Any]]] = {}
+    for fname, lo, hi in fetch_all(con, sql, tracer):
+        groups.setdefault(fname, []).append((lo, hi))
+    out: dict[str, tuple[Any, Any, tuple[tuple[Any, Any], ...]]] = {}
+    for fname, ranges in groups.items():
+        if any(lo is None or hi is None for lo, hi in ranges):
+            out[fname] = (None, None, ())
+        else:
+            out[fname] = (min(lo for lo, _ in ranges), max(hi for _, hi in ranges), tuple(ranges))
     return out
 
 
@@ -412,7 +421,7 @@ def open_dataset(
         null_free, row_groups, digests = read_row_groups(paths, con=con, tracer=tracer)
         columns = union_columns([footers[p][1] for p in paths], con)
         time_column = detect_time_column(columns, meta)
-        ranges: dict[str, tuple[Any, Any]] = {}
+        ranges: dict[str, tuple[Any, Any, tuple[tuple[Any, Any], ...]]] = {}
         if time_column is not None:
             ranges = read_time_ranges(paths, time_column, columns[time_column], con=con, tracer=tracer)
     finally:
@@ -421,7 +430,7 @@ def open_dataset(
     for p in paths:
         size, mtime, change = stats[p]
         rows, cols = footers[p]
-        lo, hi = ranges.get(p, (None, None))
+        lo, hi, groups = ranges.get(p, (None, None, ()))
         files.append(
             FileInfo(
                 p,
@@ -431,6 +440,7 @@ def open_dataset(
                 cols,
                 lo,
                 hi,
+                groups,
                 null_free.get(p, frozenset()) & set(cols),
                 row_groups.get(p, ()),
                 digests.get(p, ""),

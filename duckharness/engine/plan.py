@@ -585,11 +585,14 @@ def _intern(node: exp.Expr, table: dict[str, exp.Expr], by_text: dict[str, str],
     return by_text[text]
 
 
-def batch_relation(dataset: Dataset, files: Sequence[FileInfo], *, row_numbers: bool = False) -> exp.Expr:
+def batch_relation(
+    dataset: Dataset, files: Sequence[FileInfo], *, row_numbers: bool = False, filename: str | None = None
+) -> exp.Expr:
     """``read_parquet`` of the batch, with columns the batch lacks added as typed NULLs and
     columns whose type differs cast to the dataset's union type, so every batch has one schema
-    (and, with ``row_numbers``, DuckDB's ``file_row_number`` column)."""
-    rp = sb.read_parquet([f.path for f in files], file_row_number=row_numbers)
+    (and, with ``row_numbers``, DuckDB's ``file_row_number`` column; with ``filename``, each
+    row's file path as a column of that name)."""
+    rp = sb.read_parquet([f.path for f in files], file_row_number=row_numbers, filename=filename)
     present: dict[str, None] = {}
     for f in files:
         present.update(dict.fromkeys(f.columns))
@@ -639,12 +642,34 @@ def local_dates(lo: dt.datetime, hi: dt.datetime, tz: str) -> list[dt.date]:
     return [a + dt.timedelta(days=i) for i in range((b - a).days + 1)]
 
 
-def file_days(f: FileInfo, tz: str, window: SessionWindow | None) -> list[dt.date]:
-    """The session days a file with time statistics can hold rows of: its local dates, and the
+def range_days(lo: dt.datetime, hi: dt.datetime, tz: str, window: SessionWindow | None) -> list[dt.date]:
+    """The session days rows timed from ``lo`` to ``hi`` can belong to: their local dates, and the
     day before the first for an overnight window (whose session starts the evening before)."""
-    assert f.time_min is not None and f.time_max is not None
-    days = local_dates(f.time_min, f.time_max, tz)
+    days = local_dates(lo, hi, tz)
     return [days[0] - dt.timedelta(days=1), *days] if window is not None and window.overnight else days
+
+
+def file_days(f: FileInfo, tz: str, window: SessionWindow | None) -> list[dt.date]:
+    """The session days a file with time statistics can hold rows of (:func:`range_days`)."""
+    assert f.time_min is not None and f.time_max is not None
+    return range_days(f.time_min, f.time_max, tz, window)
+
+
+def day_intervals(
+    day: dt.date, tz: str, window: SessionWindow | None
+) -> tuple[tuple[dt.datetime, dt.datetime, bool], ...]:
+    """The UTC intervals ``(lo, hi, hi_inclusive)`` of the instants whose rows are ``day``'s:
+    its session window (:meth:`SessionWindow.intervals`), or without one its local day. These
+    are the ranges :func:`window_and_day` tests, so a row inside one is labelled ``day``.
+
+    Example:
+        >>> [(a.isoformat(), b.isoformat(), i) for a, b, i in day_intervals(dt.date(2026, 3, 8), "US/Eastern", None)]
+        [('2026-03-08T05:00:00+00:00', '2026-03-09T04:00:00+00:00', False)]
+    """
+    if window is not None:
+        return window.intervals(day)
+    lo, hi = day_bounds(day, tz)
+    return ((lo, hi, False),)
 
 
 # Beyond this many days in one batch, per-day constants cost more than converting each row.

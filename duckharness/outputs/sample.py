@@ -21,8 +21,9 @@ from sqlglot import exp
 from duckharness import sqlbuild as sb
 from duckharness.data.metadata import SessionWindow
 from duckharness.data.source import FileInfo
-from duckharness.engine.plan import file_days, local_dates
-from duckharness.errors import InputError
+from duckharness.engine.days import DayIndex, candidate_days, files_of
+from duckharness.engine.plan import moves_time, window_and_day
+from duckharness.errors import InputError, warn
 from duckharness.execution.connection import interruptible
 from duckharness.experiments.chain import build_chain
 from duckharness.outputs.paths import write_error, written_atomically
@@ -33,29 +34,36 @@ if TYPE_CHECKING:
 STRATEGIES = ("random_days", "head", "gather_every")
 
 
-def days_of_files(files: Sequence[FileInfo], tz: str, window: SessionWindow | None) -> dict[dt.date, list[FileInfo]]:
-    """Local days and the files that may hold rows of each inside the window (a file's time range
-    must reach into that day's window); files without statistics count as one 'day' each, keyed
-    by their position."""
-    out: dict[dt.date, list[FileInfo]] = {}
-    for i, f in enumerate(files):
-        if not f.rows:
-            continue  # an empty file holds no day
-        if f.time_min is None or f.time_max is None:
-            out.setdefault(dt.date.min + dt.timedelta(days=i), []).append(f)
-            continue
-        lo, hi = _utc(f.time_min), _utc(f.time_max)
-        for d in file_days(f, tz, window):
-            if window is not None:
-                start, end, _ = window.bounds(d)
-                if hi < start or lo > end:
-                    continue
-            out.setdefault(d, []).append(f)
-    return out
+def choose_days(
+    h: Harness, window: SessionWindow | None, n_days: int, seed: int | None
+) -> tuple[list[dt.date], DayIndex]:
+    """``n_days`` days that hold rows (inside ``window``), drawn with ``seed``, and what is known of
+    the source's days.
 
-
-def _utc(x: dt.datetime) -> dt.datetime:
-    return x.astimezone(dt.UTC) if x.tzinfo else x.replace(tzinfo=dt.UTC)  # naive times are UTC
+    The draw is a seeded shuffle of the days the files' time ranges span (weekends and holidays
+    of a file of several days included), from which the first ``n_days`` that hold rows are kept.
+    Only the drawn days the footers leave open are read (their files' time column), so the
+    result depends on the rows and the seed only, and a day that holds rows is never skipped.
+    Fewer days than asked warn, naming how many there are.
+    """
+    index = h._day_index(window, days=())  # places files without time statistics, if any
+    order = random.Random(seed).sample(candidates := candidate_days(h.dataset, window, index), len(candidates))
+    chosen: list[dt.date] = []
+    at = 0
+    while len(chosen) < n_days and at < len(order):
+        batch = order[at : at + 2 * (n_days - len(chosen))]  # a few spare for days without rows
+        at += len(batch)
+        if any(d in index.open for d in batch):
+            index = h._day_index(window, days=batch)
+        chosen += [d for d in batch if d in index.held][: n_days - len(chosen)]
+    if len(chosen) < n_days:
+        inside = f" inside the session window {window.describe()}" if window is not None else ""
+        days = f"{len(chosen):,} day{'' if len(chosen) == 1 else 's'}"
+        warn(
+            f"Asked for {n_days:,} random days but the source has only {days} with rows{inside}; "
+            f"the sample holds every row of {'it' if len(chosen) == 1 else 'them'}."
+        )
+    return sorted(chosen), index
 
 
 def take_sample(
@@ -79,27 +87,24 @@ def take_sample(
     if n < 1 or n_days < 1 or step < 1:
         raise InputError("n, n_days and step must be at least 1.")
     h.experiments.columns(name)  # unknown names raise here
-    tz = window.timezone if window is not None else h.dataset.metadata.timezone
     files = sorted(h.dataset.files, key=lambda f: (f.time_min is None, f.time_min or dt.datetime.min, f.path))
     tcol = h.dataset.time_column
     ordered = tcol is not None and tcol in h.experiments.columns(name)
     if strategy == "random_days":
-        by_day = days_of_files(files, tz, window)
-        chosen = sorted(random.Random(seed).sample(sorted(by_day), min(n_days, len(by_day))))
-        needed = list({f.path: f for d in chosen for f in by_day[d]}.values())
+        if tcol is None:
+            raise InputError(
+                "Strategy 'random_days' needs a time column to tell the days apart, and the source has none: "
+                "set 'time_column' in metadata.json, or use 'head' or 'gather_every'."
+            )
+        chosen, index = choose_days(h, window, n_days, seed)
+        needed = files_of(h.dataset, (p for d in chosen for p in index.held[d]))
         # A chain that needs all rows (a whole-data step) must see every file; its rows of the
-        # chosen days are then kept. Otherwise only the chosen days' files are read.
+        # chosen days are then kept. Otherwise only the chosen days' files are read, and of a file
+        # that holds other days too, only the chosen days' rows.
         whole = not h.experiments.batchable(name) and ordered
-        frames = list(_frames(h, name, files if whole else needed, window, order=False))
-        out = pl.concat(frames, how="diagonal_relaxed") if frames else _empty(h, name)
-        spans_more = any(len(local_dates(f.time_min, f.time_max, tz)) > 1 for f in needed if f.time_min and f.time_max)
-        if ordered and (spans_more or whole) and out.height:
-            assert tcol is not None
-            instant = pl.col(tcol)
-            if getattr(out.schema[tcol], "time_zone", None) is None:  # naive times are UTC
-                instant = instant.dt.replace_time_zone("UTC")
-            out = out.filter(instant.dt.convert_time_zone(tz).dt.date().is_in(chosen))
-        return out
+        read = files if whole else needed
+        frames = list(_frames(h, name, read, window, order=False, days=chosen if ordered else None))
+        return pl.concat(frames, how="diagonal_relaxed") if frames else _empty(h, name)
     if strategy == "head":
         parts, remaining = [], n
         for df in _frames(h, name, files, window, order=ordered, limit_each=n):
@@ -127,19 +132,26 @@ def _frames(
     *,
     order: bool,
     limit_each: int | None = None,
+    days: Sequence[dt.date] | None = None,
 ) -> Iterator[pl.DataFrame]:
-    """The experiment's rows over ``files``: one file batch at a time when the chain allows it
-    (so ``head`` stops reading early), else from one query over those files only."""
+    """The experiment's rows over ``files`` (of ``days`` only, labelled as ``by="day"`` labels
+    them): one file batch at a time when the chain allows it (so ``head`` stops reading early),
+    else from one query over those files only."""
     if not files:
         return
     dataset = dataclasses.replace(h.dataset, files=list(files))
     batchable = h.experiments.batchable(name)
     groups = [[f] for f in files] if batchable else [list(files)]
+    per_row = moves_time(dataset, h.experiments, name)
     con = dataset.connection(1 if batchable else h.workers).open()
     try:
         for group in groups:
             rel = build_chain(con, dataset, h.experiments, name, group, window, h.tracer, h.batch_size)
-            q = sb.select([exp.Star()], exp.Table(this=sb.ident(rel)))
+            where = None
+            if days is not None:
+                _, day = window_and_day(dataset, group, window, day_per_row=per_row)
+                where = exp.In(this=day, expressions=[sb.date(d) for d in days])
+            q = sb.select([exp.Star()], exp.Table(this=sb.ident(rel)), where=where)
             if order and h.dataset.time_column is not None:
                 q = q.order_by(sb.column(h.dataset.time_column))
             if limit_each is not None:

@@ -31,6 +31,7 @@ from sqlglot import exp
 from duckharness import sqlbuild as sb
 from duckharness.data.metadata import SessionWindow
 from duckharness.data.source import FileInfo, is_remote, open_filesystem
+from duckharness.engine.days import files_of
 from duckharness.engine.plan import moves_time, per_row_window, replaces_time, window_and_day
 from duckharness.errors import DuckHarnessError, ExecutionError, InputError, warn
 from duckharness.execution.connection import fetch_all
@@ -48,7 +49,6 @@ from duckharness.outputs.paths import (
     temporary_name,
     write_error,
 )
-from duckharness.outputs.sample import days_of_files
 
 if TYPE_CHECKING:
     from duckharness.harness import Harness
@@ -391,12 +391,12 @@ def _write_parts(
     # over all files, partitioned by each row's day, like one that needs all rows at once.
     by_rows = partition_by == "day" and moves_time(dataset, h.experiments, name)
     batchable = h.experiments.batchable(name) and not (by_rows and replaces_time(dataset, h.experiments, name))
-    tz = window.timezone if window is not None else dataset.metadata.timezone
     rel = exp.Table(this=sb.ident(name))
     if not batchable:
         groups: list[tuple[str, Sequence[FileInfo]]] = [("data", dataset.files)]
     elif partition_by == "day":
-        groups = [(d.isoformat(), fs) for d, fs in sorted(days_of_files(dataset.files, tz, window).items())]
+        index = h._day_index(window)  # the days that hold rows, and the files holding each
+        groups = [(d.isoformat(), files_of(dataset, index.held[d])) for d in index.days]
     else:
         width = len(str(len(dataset.files)))
         groups = [(f"part-{i:0{width}d}", [f]) for i, f in enumerate(dataset.files)]
