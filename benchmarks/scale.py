@@ -94,7 +94,7 @@ def main() -> None:
     ap.add_argument("--only", default="scale,sink,grouping,incremental,incremental_ic",
                     help="comma-separated measurements to run (default: all)")
     a = ap.parse_args()
-    data60, w1, shared = Path(a.data60), Path(a.w1), Path(a.shared)
+    data60, w1, shared = Path(a.data60).resolve(), Path(a.w1).resolve(), Path(a.shared).resolve()
     ensure(w1, 20, shared)
     ensure(data60, 60, shared)
     only = set(a.only.split(","))
