@@ -540,8 +540,8 @@ class Harness:
                 metric="rank_ic",
             )
         ms = self.metric_library.resolve(metrics)
-        pair_list = self._pairs(pairs)
         names = self._experiment_names(experiments)
+        pair_list = self._pairs(pairs, names)
         by_list = list(dict.fromkeys([by] if isinstance(by, str) else (by or [])))
         run_executor = self._executor(executor, workers)
         self.last_run = RunStats()
@@ -599,7 +599,7 @@ class Harness:
             self.dataset,
             self.experiments,
             self._experiment_names(experiments),
-            self._pairs(pairs),
+            self._pairs(pairs, self._experiment_names(experiments)),
             self._window(window),
             self._executor(None, None),
             cross_section=cross_section,
@@ -644,7 +644,7 @@ class Harness:
         df = daily_series(
             self,
             names,
-            self._pairs(pairs),
+            self._pairs(pairs, self._experiment_names(experiments)),
             self._experiment_names(experiments),
             window,
             cross_section=cross_section,
@@ -748,7 +748,7 @@ class Harness:
             metric,
             a,
             b,
-            self._pairs(pairs),
+            self._pairs(pairs, [a, b] if a in self.experiments and b in self.experiments else []),
             window,
             lag=lag,
             n_boot=n_boot,
@@ -805,7 +805,7 @@ class Harness:
             self.dataset,
             self.experiments,
             self._experiment_names(experiments),
-            self._pairs(pairs),
+            self._pairs(pairs, self._experiment_names(experiments)),
             self._window(window),
             self._executor(None, None),
             buckets=buckets,
@@ -856,14 +856,39 @@ class Harness:
             )
         return self._executors[key]
 
-    def _pairs(self, pairs: Any) -> list[Pair]:
+    def _pairs(self, pairs: Any, experiments: Sequence[str] = ()) -> list[Pair]:
+        """The pairs asked for; by default every pred_X/target_X pair of the source that each of
+        ``experiments`` has (a pair one of them drops is left out, with a warning)."""
         if pairs is None:
             found = default_pairs(self.dataset.columns)
             if not found:
                 raise InputError(
                     "No pred_X/target_X column pairs found; name them: pairs=['PRED:TARGET'] (--pair PRED:TARGET)."
                 )
-            return found
+            kept = []
+            for pair in found:
+                lacking = next(
+                    (
+                        (n, c)
+                        for n in experiments
+                        for c in (pair.pred, pair.target)
+                        if c not in self.experiments.columns(n)
+                    ),
+                    None,
+                )
+                if lacking is None:
+                    kept.append(pair)
+                else:
+                    warn(
+                        f"Pair {pair.pred}:{pair.target} is left out of the default pairs: experiment {lacking[0]!r} "
+                        f"has no column {lacking[1]!r}. Name the pairs (pairs=[...], --pair) to choose."
+                    )
+            if not kept:
+                raise InputError(
+                    f"No pred_X/target_X pair is in every experiment asked for ({', '.join(experiments)}); "
+                    f"name them: pairs=['PRED:TARGET'] (--pair PRED:TARGET), or choose the experiments."
+                )
+            return kept
         if isinstance(pairs, (str, Pair)) or (
             isinstance(pairs, tuple) and len(pairs) == 2 and all(isinstance(x, str) for x in pairs)
         ):

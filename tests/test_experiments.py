@@ -500,3 +500,21 @@ def test_grouping_by_a_column_an_experiment_computes_says_so(backtest: Path) -> 
                                                      r"source.*one WHERE big") as info:
             h.metrics(["count"], by="big", experiments=["flagged"])
     assert info.value.column == "big" and info.value.experiment == "flagged"
+
+
+def test_default_pairs_leave_out_a_pair_an_experiment_drops_with_a_warning(
+        h: Harness, cols: dict[str, np.ndarray]) -> None:
+    """Before, the default pairs failed the whole run: "Experiment 'slim' has no column 'pred_60s'"."""
+    from duckharness.errors import DuckHarnessWarning
+
+    h.add_experiment("slim", "SELECT * EXCLUDE (pred_60s, target_60s) FROM baseline WHERE volume > 1000")
+    with pytest.warns(DuckHarnessWarning, match=r"Pair pred_60s:target_60s is left out .* 'slim' has no column "
+                                                r"'pred_60s'") as caught:
+        df = h.metrics(["count"], experiments=["baseline", "slim"])
+    assert {w.filename for w in caught} == {__file__}
+    got = {(r["experiment"], r["pred"]): r["value"] for r in df.filter(metric="count").iter_rows(named=True)}
+    w, liquid = cols["in_window"], cols["volume"] > 1000
+    assert got == {("baseline", "pred_1s"): w.sum(), ("baseline", "pred_10s"): w.sum(),
+                   ("slim", "pred_1s"): (w & liquid).sum(), ("slim", "pred_10s"): (w & liquid).sum()}
+    with pytest.raises(UnknownColumnError, match="'slim' has no column 'pred_60s'"):  # named: still an error
+        h.metrics(["count"], pairs=["pred_60s"], experiments=["slim"])
