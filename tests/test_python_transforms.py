@@ -19,6 +19,7 @@ import cloudpickle
 import duckdb
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import SESSION, write_dataset
@@ -494,3 +495,48 @@ def test_relation_rows_equal_reference(harness: Harness, ref: pl.DataFrame, name
     assert got.height == want.height
     assert_frame_equal(got, want, check_exact=False, rel_tol=1e-9, abs_tol=1e-12)
 
+
+
+# --- a per-batch step sees one day, however the files hold the days ------------------------------------
+
+def zscore_with_rows(lf: pl.LazyFrame) -> pl.LazyFrame:
+    p = pl.col("pred_10s")
+    return lf.with_columns(((p - p.mean()) / p.std()).alias("pred_10s"), pl.len().alias("step_rows"))
+
+
+@pytest.fixture(scope="module")
+def odd_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three days in one file, a day split over two files, and a one-day file."""
+    out = tmp_path_factory.mktemp("odd") / "bt"
+    rng = np.random.default_rng(23)
+    days = trading_days(dt.date(2026, 3, 9), 5)  # 03-09 .. 03-13
+    tables = {d: one_day(d, 900, rng, symbols=5) for d in days}
+    split = tables[days[3]]
+    write_dataset(out, {
+        "multi": pa.concat_tables([tables[d] for d in days[:3]]),
+        "split_a": split.slice(0, 400), "split_b": split.slice(400),
+        "single": tables[days[4]],
+    }, SESSION, row_group_size=300)
+    return out
+
+
+def test_a_per_batch_python_step_sees_each_day_whole_in_any_file_layout(odd_layout: Path) -> None:
+    """Before, it saw each file: the three days of one file as one, a split day as two halves,
+    so a per-day z-score gave wrong per-day values (mse off by ~0.4%) with no warning."""
+    w = windowed_rows(odd_layout)
+    want = {}
+    for (day,), part in w.sort("ts").partition_by("_day", as_dict=True, maintain_order=True).items():
+        z = zscore_np(part["pred_10s"].to_numpy())
+        want[day] = (float(mean_squared_error(part["target_10s"].to_numpy(), z)), part.height)
+    assert len(want) == 5
+    with Harness(odd_layout, workers=2) as h:
+        h.add_experiment("z", zscore_with_rows)
+        got = h.metrics(["mse", "count"], pairs="pred_10s", experiments=["z"], by="day")
+        mse = {r["day"]: r["value"] for r in got.filter(metric="mse").iter_rows(named=True)}
+        assert mse.keys() == want.keys()
+        for day, (ref, _) in want.items():
+            assert mse[day] == pytest.approx(ref, rel=REL), day
+        rows = h.lazyframe("z").collect()
+        local = rows.with_columns(pl.col("ts").dt.convert_time_zone("US/Eastern").dt.date().alias("d"))
+        seen = dict(local.group_by("d").agg(pl.col("step_rows").unique()).iter_rows())
+        assert seen == {d: [n] for d, (_, n) in want.items()}  # the step ran once per day, on all its rows

@@ -33,7 +33,7 @@ from duckharness import sqlbuild as sb
 from duckharness.data.metadata import SessionWindow
 from duckharness.data.source import Dataset, FileInfo
 from duckharness.engine.cache import StatsCache
-from duckharness.engine.plan import DAY, Pair, local_dates, moves_time, replaces_time, window_and_day
+from duckharness.engine.plan import DAY, Pair, day_groups, moves_time, replaces_time, window_and_day
 from duckharness.engine.run import ChainTask, run_chain_task
 from duckharness.errors import ExecutionError, InputError, UnknownColumnError
 from duckharness.execution.executor import Executor, brief, retryable
@@ -45,36 +45,6 @@ from duckharness.metrics.merge import merge_partials
 Tracer = Callable[[str], None]
 PAIR, TS, BUCKET = "__pair", "__ts", "__bucket"
 _P, _T, _RP, _RT = "__p", "__t", "__rp", "__rt"
-
-
-def day_groups(dataset: Dataset, window: SessionWindow | None) -> list[list[FileInfo]]:
-    """Files grouped so that every local day's rows are in one group (in file order).
-
-    Files whose footers give no time range cannot be placed: then all files form one group.
-
-    Example:
-        >>> day_groups(dataset, None)                                     # doctest: +SKIP
-        [[<2026-03-04.parquet>], [<2026-03-05.parquet>], ...]
-    """
-    files = list(dataset.files)
-    if any(f.time_min is None or f.time_max is None for f in files):
-        return [files] if files else []
-    tz = window.timezone if window is not None else dataset.metadata.timezone
-    groups: list[tuple[set, list[FileInfo]]] = []
-    for f in files:
-        assert f.time_min is not None and f.time_max is not None
-        days = set(local_dates(f.time_min, f.time_max, tz))
-        if window is not None and window.overnight:  # rows after midnight belong to the day before
-            days |= {d.fromordinal(d.toordinal() - 1) for d in days}
-        joined = [g for g in groups if g[0] & days]
-        for g in joined:
-            groups.remove(g)
-            days |= g[0]
-        members = [m for g in joined for m in g[1]] + [f]
-        groups.append((days, members))
-    order = {f.path: i for i, f in enumerate(files)}
-    out = [sorted(m, key=lambda f: order[f.path]) for _, m in groups]
-    return sorted(out, key=lambda g: order[g[0].path])
 
 
 def _valid_rows(relation: exp.Expr, day: exp.Expr, pair: Pair, types: dict[str, str], ts: str | None) -> exp.Select:

@@ -672,6 +672,35 @@ def day_intervals(
     return ((lo, hi, False),)
 
 
+def day_groups(
+    dataset: Dataset, window: SessionWindow | None, files: Sequence[FileInfo] | None = None
+) -> list[list[FileInfo]]:
+    """``files`` (default: the dataset's) grouped so that every session day's rows are in one
+    group, in file order: a day split over two files puts them in one group, a file of several
+    days is one group with the files sharing any of them. Files whose footers give no time range
+    cannot be placed: then all files form one group.
+
+    Example:
+        >>> day_groups(dataset, None)                                     # doctest: +SKIP
+        [[<2026-03-04.parquet>], [<2026-03-05.parquet>], ...]
+    """
+    files = list(dataset.files if files is None else files)
+    if any(f.time_min is None or f.time_max is None for f in files):
+        return [files] if files else []
+    tz = window.timezone if window is not None else dataset.metadata.timezone
+    groups: list[tuple[set[dt.date], list[FileInfo]]] = []
+    for f in files:
+        days = set(file_days(f, tz, window))
+        joined = [g for g in groups if g[0] & days]
+        for g in joined:
+            groups.remove(g)
+            days |= g[0]
+        groups.append((days, [m for g in joined for m in g[1]] + [f]))
+    order = {f.path: i for i, f in enumerate(files)}
+    out = [sorted(m, key=lambda f: order[f.path]) for _, m in groups]
+    return sorted(out, key=lambda g: order[g[0].path])
+
+
 # Beyond this many days in one batch, per-day constants cost more than converting each row.
 MAX_DAY_BRANCHES = 8
 # Beyond this many days in one query, the window is written as a per-row local-time test: a file

@@ -33,6 +33,7 @@ from duckharness.engine.plan import (
     ShiftTable,
     Target,
     batch_relation,
+    day_groups,
     file_days,
     group_key,
     moves_time,
@@ -668,7 +669,15 @@ def _run_chain(
         return sql
 
     per_batch = experiments.batchable(name)
-    groups = batches if per_batch else [list(dataset.files)]
+    if not per_batch:
+        groups = [list(dataset.files)]
+    elif experiments.has_python(name):  # a per-batch Python step sees whole days: a day's files together
+        groups = day_groups(dataset, window)
+    else:
+        groups = batches
+    # The progress bar counts ``batches``: each group advances it by the batches that start in it.
+    first_file = {b[0].path: i for i, b in enumerate(batches)}
+    weight = [sum(1 for f in g if f.path in first_file) for g in groups] if per_batch else [len(batches)]
     first = dataset.connection(1 if per_batch else executor.workers).open()
     try:
         build_chain(first, dataset, experiments, name, groups[0], window, tracer, batch_size)
@@ -688,11 +697,12 @@ def _run_chain(
             raise ExecutionError(f"Experiment {name!r} failed: {brief(e)}", files=[f.path for f in groups[0]]) from e
     finally:
         first.close()
-    advance(1 if per_batch else len(batches))  # per batch, each group is one batch; else all of them
+    advance(weight[0])
 
     tasks = [ChainTask(dataset, experiments, name, list(g), window, batch_size, aggregate(g)) for g in groups[1:]]
+    done = iter(weight[1:])
     frames += executor.map(
-        run_chain_task, tasks, describe=lambda t: [f.path for f in t.files], on_done=lambda: advance(1)
+        run_chain_task, tasks, describe=lambda t: [f.path for f in t.files], on_done=lambda: advance(next(done))
     )
     return targets, pl.concat(frames, how="vertical_relaxed")
 

@@ -19,7 +19,14 @@ from sqlglot import exp
 from duckharness import sqlbuild as sb
 from duckharness.data.metadata import SessionWindow
 from duckharness.data.source import Dataset, FileInfo
-from duckharness.engine.plan import MAX_VIEW_WINDOW_DAYS, batch_relation, window_and_day
+from duckharness.engine.plan import (
+    MAX_VIEW_WINDOW_DAYS,
+    batch_relation,
+    day_groups,
+    file_days,
+    per_row_window,
+    window_and_day,
+)
 from duckharness.errors import TransformError
 from duckharness.execution.connection import fetch_all, interruptible
 from duckharness.experiments.steps import BASELINE, Experiments, Step
@@ -97,10 +104,10 @@ def build_chain(
     """Create ``baseline`` and every step up to ``name`` on ``con`` over ``files``; returns the
     relation name.
 
-    A per-batch Python step sees one batch of ``batch_size`` files at a time even when ``files``
-    holds many: its base is built for each batch on a connection of its own and the outputs are
-    stacked. If its base cannot be built per batch (a step before it needs all rows), its input is
-    split by local day instead.
+    A per-batch Python step sees one session day's rows at a time (the day ``by="day"`` gives
+    them): when ``files`` hold several days, the base is built for each group of files sharing a
+    day (:func:`~duckharness.engine.plan.day_groups`) on a connection of its own, or, when a step
+    before needs all rows, once; either way its rows are split by day and the outputs stacked.
     """
     baseline, *statements = chain_statements(dataset, experiments, name, files, window)
     fetch_all(con, baseline, tracer)
@@ -113,50 +120,63 @@ def build_chain(
         base_sql = relation_sql(step.base)
         if tracer is not None:
             tracer(statement)
-        if not step.per_batch or len(files) <= batch_size:
+        groups = day_groups(dataset, window, files) if len(files) > 1 else [list(files)]
+        if not step.per_batch:
             frame = con.sql(base_sql).pl(lazy=True)  # streams from DuckDB, with projection pushdown
             out = collect_step(step, apply_python_step(step, frame))
-        elif experiments.batchable(step.base):
+        elif len(groups) <= 1 or not experiments.batchable(step.base):
+            out = _per_day(con, dataset, step, base_sql, files, window)
+        else:
             parts = []
-            for i in range(0, len(files), batch_size):
-                batch = files[i : i + batch_size]
+            for group in groups:
                 sub = dataset.connection(1).open()
                 try:
-                    build_chain(sub, dataset, experiments, step.base, batch, window, tracer, batch_size)
-                    frame = sub.sql(base_sql).pl(lazy=True)
-                    parts.append(collect_step(step, apply_python_step(step, frame)))
+                    build_chain(sub, dataset, experiments, step.base, group, window, tracer, batch_size)
+                    parts.append(_per_day(sub, dataset, step, base_sql, group, window))
                 finally:
                     sub.close()
             out = pl.concat(parts, how="diagonal_relaxed")
-        else:
-            out = _per_day(con, dataset, step, base_sql, window)
         con.register(step.name, out)
     return name
 
 
+DAY_COLUMN = "__dh_day"
+
+
 def _per_day(
-    con: duckdb.DuckDBPyConnection, dataset: Dataset, step: Step, base_sql: str, window: SessionWindow | None
+    con: duckdb.DuckDBPyConnection,
+    dataset: Dataset,
+    step: Step,
+    base_sql: str,
+    files: Sequence[FileInfo],
+    window: SessionWindow | None,
 ) -> pl.DataFrame:
-    """Apply a per-batch step to each local day of its base, when the base needs all rows first."""
-    base = interruptible(con, lambda: con.sql(base_sql).pl())
+    """A per-batch Python step applied to each session day of its base (built on ``con`` over
+    ``files``), days labelled per row as ``by="day"`` labels them; once when the footers show
+    ``files`` hold one day."""
     tcol = dataset.time_column
-    if tcol is None or tcol not in base.columns:
+    tz = window.timezone if window is not None else dataset.metadata.timezone
+    known = all(f.time_min is not None and f.time_max is not None for f in files)
+    if tcol is None or (known and len({d for f in files for d in file_days(f, tz, window)}) <= 1):
+        frame = con.sql(base_sql).pl(lazy=True)  # one day: streams from DuckDB, with projection pushdown
+        return collect_step(step, apply_python_step(step, frame))
+    columns = con.sql(base_sql).columns
+    if tcol not in columns:
         raise TransformError(
-            f"Experiment {step.name!r}: the per-batch Python step {step.sql} follows a step that needs all "
-            f"rows, and its input has no time column to split it by day; add it with per_batch=False.",
+            f"Experiment {step.name!r}: the per-batch Python step {step.sql} runs on each day's rows, and its "
+            f"input (from {step.base!r}) has no time column {tcol!r} to split the rows of several days by; "
+            f"keep {tcol!r} in {step.base!r}, or add the step with per_batch=False.",
             experiment=step.name,
             step=step.sql,
         )
-    tz = window.timezone if window is not None else dataset.metadata.timezone
-    instant = pl.col(tcol)
-    if getattr(base.schema[tcol], "time_zone", None) is None:
-        instant = instant.dt.replace_time_zone("UTC")
-    day = instant.dt.convert_time_zone(tz).dt.date().alias("__dh_day")
+    day = per_row_window(sb.column(tcol), dataset.time_is_aware, tz, window)[1]
+    labelled = sb.render(sb.select([exp.Star(), sb.alias(day, DAY_COLUMN)], exp.Table(this=sb.ident(step.base))))
+    base = interruptible(con, lambda: con.sql(labelled).pl())
     parts = [
-        collect_step(step, apply_python_step(step, group.drop("__dh_day").lazy()))
-        for _, group in base.with_columns(day).group_by("__dh_day", maintain_order=True)
+        collect_step(step, apply_python_step(step, group.drop(DAY_COLUMN).lazy()))
+        for _, group in base.group_by(DAY_COLUMN, maintain_order=True)
     ]
-    return pl.concat(parts, how="diagonal_relaxed") if parts else base
+    return pl.concat(parts, how="diagonal_relaxed") if parts else base.drop(DAY_COLUMN)
 
 
 def relation_sql(name: str) -> str:

@@ -11,6 +11,7 @@ from sqlglot import exp
 
 from duckharness import sqlbuild as sb
 from duckharness.data.metadata import SessionWindow
+from duckharness.engine.plan import day_groups
 from duckharness.engine.run import make_batches
 from duckharness.experiments.chain import build_chain
 
@@ -24,7 +25,12 @@ def experiment_lazyframe(h: Harness, name: str, window: SessionWindow | None) ->
     one DuckDB query over all files."""
     schema = h.relation_schema(name)
     batchable = h.experiments.batchable(name)
-    groups = make_batches(h.dataset.files, h.batch_size) if batchable else [list(h.dataset.files)]
+    if not batchable:
+        groups = [list(h.dataset.files)]
+    elif h.experiments.has_python(name):  # a per-batch Python step sees whole days
+        groups = day_groups(h.dataset, window)
+    else:
+        groups = make_batches(h.dataset.files, h.batch_size)
 
     def source(
         with_columns: list[str] | None, predicate: pl.Expr | None, n_rows: int | None, batch_size: int | None

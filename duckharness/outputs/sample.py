@@ -22,7 +22,7 @@ from duckharness import sqlbuild as sb
 from duckharness.data.metadata import SessionWindow
 from duckharness.data.source import FileInfo
 from duckharness.engine.days import DayIndex, candidate_days, files_of
-from duckharness.engine.plan import moves_time, window_and_day
+from duckharness.engine.plan import day_groups, moves_time, window_and_day
 from duckharness.errors import InputError, warn
 from duckharness.execution.connection import interruptible
 from duckharness.experiments.chain import build_chain
@@ -141,7 +141,12 @@ def _frames(
         return
     dataset = dataclasses.replace(h.dataset, files=list(files))
     batchable = h.experiments.batchable(name)
-    groups = [[f] for f in files] if batchable else [list(files)]
+    if not batchable:
+        groups = [list(files)]
+    elif h.experiments.has_python(name):  # a per-batch Python step sees whole days
+        groups = day_groups(dataset, window)
+    else:
+        groups = [[f] for f in files]
     per_row = moves_time(dataset, h.experiments, name)
     con = dataset.connection(1 if batchable else h.workers).open()
     try:

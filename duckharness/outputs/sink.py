@@ -32,7 +32,7 @@ from duckharness import sqlbuild as sb
 from duckharness.data.metadata import SessionWindow
 from duckharness.data.source import FileInfo, is_remote, open_filesystem
 from duckharness.engine.days import files_of
-from duckharness.engine.plan import moves_time, per_row_window, replaces_time, window_and_day
+from duckharness.engine.plan import day_groups, moves_time, per_row_window, replaces_time, window_and_day
 from duckharness.errors import DuckHarnessError, ExecutionError, InputError, warn
 from duckharness.execution.connection import fetch_all
 from duckharness.execution.executor import brief
@@ -398,8 +398,10 @@ def _write_parts(
         index = h._day_index(window)  # the days that hold rows, and the files holding each
         groups = [(d.isoformat(), files_of(dataset, index.held[d])) for d in index.days]
     else:
-        width = len(str(len(dataset.files)))
-        groups = [(f"part-{i:0{width}d}", [f]) for i, f in enumerate(dataset.files)]
+        # A per-batch Python step sees whole days: files sharing a day go in one part.
+        batches = day_groups(dataset, window) if h.experiments.has_python(name) else [[f] for f in dataset.files]
+        width = len(str(len(batches)))
+        groups = [(f"part-{i:0{width}d}", g) for i, g in enumerate(batches)]
     con = dataset.connection(1 if batchable else h.workers).open()
     try:
         with Progress(len(groups), f"sink {name}", enabled=progress) as bar:
