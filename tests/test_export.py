@@ -675,3 +675,34 @@ def test_macros_score_integer_and_float32_columns_in_double_like_the_api(tmp_pat
         (row,) = duckdb_cli(tmp_path / "typed.duckdb", f"SELECT {calls} FROM baseline", cwd=elsewhere)
         for m in metrics:
             assert math.isclose(float(row[m]), api[(pred, m)], rel_tol=1e-9), (pred, m)
+
+
+@needs_cli
+def test_nanosecond_times_with_a_zone_export_a_database_the_older_cli_opens(tmp_path: Path) -> None:
+    """DuckDB 2.0's TIMESTAMPTZ_NS (what pandas writes for zone-aware times) made the whole file fail
+    to open in the 1.5 CLI ("unrecognized enum value ... LogicalTypeId"); the database reads such
+    columns as microseconds, says so, and the script keeps them."""
+    rng = np.random.default_rng(3)
+    start = np.datetime64("2026-03-06T14:00:00", "ns")
+    ts = pa.array(start + np.sort(rng.integers(0, 8 * 3600 * 10**9, 400)).astype("timedelta64[ns]"),
+                  pa.timestamp("ns", tz="UTC"))
+    p, t = rng.standard_normal(400), rng.standard_normal(400)
+    src = tmp_path / "src"
+    write_dataset(src, {"2026-03-06": pa.table({"ts": ts, "pred_a": p, "target_a": p + t})}, SESSION)
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir()
+    work.mkdir()
+    with Harness(src) as h:
+        assert h.dataset.columns["ts"] == "TIMESTAMPTZ_NS"
+        h.export(out / "x.sql", out / "x.duckdb")
+        want = h.metrics(["count", "corr"], pairs="pred_a").filter(metric="corr")["value"][0]
+    local = [x.astimezone(zoneinfo.ZoneInfo("US/Eastern")).time() for x in ts.to_pylist()]
+    inside = np.array([dt.time(9, 30) <= x <= dt.time(16) for x in local])
+    assert want == pytest.approx(np.corrcoef(p[inside], (p + t)[inside])[0, 1], rel=1e-12)
+    query = "SELECT count(*) AS n, dh_corr(pred_a, target_a) AS ic FROM baseline"
+    for target in (out / "x.duckdb", out / "x.sql"):
+        (row,) = duckdb_cli(target, query, cwd=work)
+        assert int(row["n"]) == inside.sum() and float(row["ic"]) == pytest.approx(want, rel=1e-12), target
+    (note,) = duckdb_cli(out / "x.duckdb", "SELECT value FROM duckharness_export WHERE key = 'database_types'",
+                         cwd=work)
+    assert note["value"].startswith("ts read as TIMESTAMPTZ")

@@ -81,11 +81,29 @@ def day_macro(timezone: str, aware: bool, window: SessionWindow | None) -> exp.E
     return sb.create_macro(MACRO_PREFIX + "day", ["ts"], day)
 
 
+# Types the DuckDB 1.5 CLI cannot read from a database file (a view's column of one makes the whole
+# file fail to open: "unrecognized enum value ... for enum LogicalTypeId"), and what it reads instead.
+OLDER_CLI_TYPES = {"TIMESTAMP_NS WITH TIME ZONE": "TIMESTAMPTZ", "TIMESTAMPTZ_NS": "TIMESTAMPTZ"}
+
+
+def older_cli_casts(h: Harness) -> dict[str, str]:
+    """The source's columns the database file stores in another type, with that type."""
+    return {c: OLDER_CLI_TYPES[t.upper()] for c, t in h.dataset.columns.items() if t.upper() in OLDER_CLI_TYPES}
+
+
 def build_statements(
-    h: Harness, window: SessionWindow | None, materialized: Mapping[str, str]
+    h: Harness, window: SessionWindow | None, materialized: Mapping[str, str], *, for_database: bool = False
 ) -> tuple[list[tuple[str, exp.Expr]], dict[str, str]]:
-    """(name, CREATE statement) for every view and macro, and experiments left out with why."""
-    out: list[tuple[str, exp.Expr]] = [(BASELINE, sb.create_view(BASELINE, baseline_query(h.dataset, window)))]
+    """(name, CREATE statement) for every view and macro, and experiments left out with why.
+
+    ``for_database``: ``baseline`` reads the columns of :func:`older_cli_casts` in the type the
+    DuckDB 1.5 CLI can open (nanosecond times with a zone as microseconds)."""
+    base: exp.Expr = baseline_query(h.dataset, window)
+    casts = older_cli_casts(h) if for_database else {}
+    if casts:
+        star = exp.Star(replace=[sb.alias(sb.cast(sb.column(c), t), c) for c, t in casts.items()])
+        base = sb.select([star], exp.Subquery(this=base, alias=exp.TableAlias(this=sb.ident("source"))))
+    out: list[tuple[str, exp.Expr]] = [(BASELINE, sb.create_view(BASELINE, base))]
     skipped: dict[str, str] = {}
     for name in h.experiments.names[1:]:
         step = h.experiments.step(name)
@@ -170,6 +188,21 @@ def export(
     macros = [n for n, _ in statements if n not in views]
     result = ExportResult(sql_target, db_target, views, macros, skipped, chain_hash)
     statements_out = [*rendered, sb.render(info_view)]
+    casts = older_cli_casts(h) if db_target is not None else {}
+    if casts:
+        db_statements, _ = build_statements(h, window, materialized, for_database=True)
+        db_info = info | {
+            "database_types": ", ".join(
+                f"{c} read as {t} (the DuckDB 1.5 CLI has no nanosecond TIMESTAMPTZ)" for c, t in casts.items()
+            )
+        }
+        db_info_view = sb.create_view(
+            "duckharness_export",
+            sb.select([exp.Star()], sb.values_table([(k, str(v)) for k, v in db_info.items()], "t", ["key", "value"])),
+        )
+        db_out = [*(sb.render(s) for _, s in db_statements), sb.render(db_info_view)]
+    else:
+        db_out = statements_out
     # Both files are written under temporary names first; they are moved into place together at
     # the end of the block, so a failure in either leaves neither written.
     with contextlib.ExitStack() as stack:
@@ -179,7 +212,7 @@ def export(
         if db_target is not None:
             tmp = stack.enter_context(written_atomically(db_target, overwrite=overwrite))
             try:
-                _write_database(tmp, statements_out, chain_hash, h.dataset.connection(1))
+                _write_database(tmp, db_out, chain_hash, h.dataset.connection(1))
             except duckdb.IOException as e:
                 if tmp not in str(e):
                     raise
