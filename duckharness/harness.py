@@ -696,7 +696,10 @@ class Harness:
             rolling=rolling,
             progress=progress,
         )
-        return summarize(series, lag=lag)
+        names = self._experiment_names(experiments)
+        asked = [metrics] if isinstance(metrics, str) else list(dict.fromkeys(metrics))
+        expected = [(n, p.pred, p.target, m) for n in names for p in self._pairs(pairs, names) for m in asked]
+        return summarize(series, lag=lag, expected=expected)
 
     @_interruptible
     def compare(

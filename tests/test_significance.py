@@ -136,6 +136,31 @@ def test_summary_of_per_day_ic_matches_numpy(make_backtest: Callable[..., Path])
     assert row["frac_positive"] == pytest.approx((daily > 0).mean())
 
 
+def test_days_without_an_experiments_rows_are_not_in_its_summary_for_any_metric(
+        make_backtest: Callable[..., Path]) -> None:
+    """Before, by="day"'s count-0 days entered the count's series (n_days 10 where the corr's was 4),
+    and an experiment with no rows had no summary row at all."""
+    folder = make_backtest(days=6, rows=1200, symbols=5)
+    df = read_all(folder).to_pandas()
+    local = df["ts"].dt.tz_convert("US/Eastern")
+    df = df[(local.dt.time >= dt.time(9, 30)) & (local.dt.time <= dt.time(16, 0))].assign(day=local.dt.date)
+    cut = sorted(df["day"].unique())[3]
+    late = df[df["day"] >= cut]
+    counts = late.groupby("day").size().to_numpy(dtype=float)
+    with Harness(folder, cache=False) as h:
+        h.add_experiment("late", f"ts >= TIMESTAMPTZ '{dt.datetime.combine(cut, dt.time(4)).isoformat()}+00'")
+        h.add_experiment("empty", "false")
+        by_day = h.metrics(["count"], "pred_10s", ["late"], by="day").filter(metric="count")
+        got = h.summary(["count", "corr"], "pred_10s", ["late", "empty"], lag=0)
+    assert by_day.height == 6 and by_day.filter(pl.col("value") == 0).height == 3  # listed, count 0
+    rows = {(r["experiment"], r["metric"]): r for r in got.iter_rows(named=True)}
+    assert list(rows) == [("late", "count"), ("late", "corr"), ("empty", "count"), ("empty", "corr")]
+    assert rows["late", "count"]["n_days"] == rows["late", "corr"]["n_days"] == len(counts) == 3
+    assert rows["late", "count"]["mean"] == pytest.approx(counts.mean(), rel=1e-12)
+    assert rows["empty", "count"]["n_days"] == rows["empty", "corr"]["n_days"] == 0
+    assert rows["empty", "count"]["mean"] is None
+
+
 def test_summary_covers_rank_ic_and_metrics_in_one_table(make_panel: Callable[..., Path]) -> None:
     with Harness(make_panel(days=5), cache=False) as h:
         h.add_experiment("liquid", "volume > 1000")

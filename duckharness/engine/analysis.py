@@ -54,10 +54,14 @@ def daily_series(
     frames = []
     mergeable = [m for m in metrics if m != RANK_IC]
     if mergeable:
-        df = h.metrics(
-            mergeable, pairs=list(pairs), experiments=list(names), by="day", window=window, progress=progress
-        )
-        frames.append(df.filter(pl.col("metric").is_in(mergeable)))
+        asked = list(dict.fromkeys([*mergeable, "count"]))
+        df = h.metrics(asked, pairs=list(pairs), experiments=list(names), by="day", window=window, progress=progress)
+        # A day where the experiment has no valid row for the pair is not a day of its series, for
+        # any metric: by="day" lists it (count 0, undefined values), but a count of 0 or a sum
+        # over no rows is no observation of the experiment.
+        keys = [*SERIES_KEYS, "day"]
+        held = df.filter((pl.col("metric") == "count") & (pl.col("value") > 0)).select(keys)
+        frames.append(df.filter(pl.col("metric").is_in(mergeable)).join(held, on=keys, how="semi", nulls_equal=True))
     if RANK_IC in metrics:
         df = h.rank_ic(list(pairs), list(names), cross_section=cross_section, window=window, progress=progress)
         frames.append(df.filter(pl.col("metric") == RANK_IC))
@@ -75,9 +79,12 @@ def daily_series(
     )
 
 
-def summarize(series: pl.DataFrame, *, lag: int | None = None) -> pl.DataFrame:
+def summarize(
+    series: pl.DataFrame, *, lag: int | None = None, expected: Sequence[tuple[str, str, str, str]] = ()
+) -> pl.DataFrame:
     """One row of statistics across days per (experiment, pred, target, metric) of a per-day
-    series; see :func:`~duckharness.metrics.significance.summarize_series`.
+    series; see :func:`~duckharness.metrics.significance.summarize_series`. Each ``expected``
+    (experiment, pred, target, metric) the series has no day of gets a row too, with ``n_days`` 0.
 
     Example:
         >>> import datetime as dt
@@ -88,7 +95,10 @@ def summarize(series: pl.DataFrame, *, lag: int | None = None) -> pl.DataFrame:
     """
     rows: list[dict[str, Any]] = []
     keys = [*SERIES_KEYS, "metric"]
-    for key, group in series.group_by(keys, maintain_order=True):
+    groups = {key: group for key, group in series.group_by(keys, maintain_order=True)}
+    empty = series.clear()
+    for key in dict.fromkeys([*expected, *groups]):  # in the order asked
+        group = groups.get(key, empty)
         values = group.sort("day")["value"].cast(pl.Float64).fill_null(float("nan")).to_numpy()
         _check_lag(lag, int(np.isfinite(values).sum()), f"{key[3]} of {key[0]!r} ({key[1]} vs {key[2]})")
         s = summarize_series(values, lag)

@@ -173,7 +173,7 @@ def run_stats(
     where its check asks for it."""
     stats = stats if stats is not None else RunStats()
     with _control(dataset, control) as con:
-        refined, out_keys, days = _map_partials(
+        refined, out_keys, _ = _map_partials(
             dataset,
             experiments,
             names,
@@ -193,7 +193,7 @@ def run_stats(
     t3 = time.perf_counter()
 
     def stats_of(results: list[tuple[list[Target], pl.DataFrame]]) -> dict[str, pl.DataFrame]:
-        per_metric = merge_results(results, metrics, out_keys, days=days).per_metric()
+        per_metric = merge_results(results, metrics, out_keys).per_metric()  # days with rows only
         return {n: f.rename({DAY: "day"}) if DAY in f.columns else f for n, f in per_metric.items()}
 
     mergeable = stats_of(refined[False])
@@ -872,6 +872,10 @@ def merge_results(
     excluded_parts: list[np.ndarray] = []
     owners: list[Target] = []
     for targets, partials in results:
+        if out_keys and partials.height:
+            # A GROUP BY of constants over no rows gives DuckDB one row (a batch with no row in
+            # the window, grouped by its day): no cell, so no group of its own.
+            partials = partials.filter(pl.col(ROWS) > 0)
         n = partials.height
         if out_keys:
             ordered = partials.select(out_keys).with_row_index("__pos").sort([*out_keys, "__pos"], nulls_last=True)
