@@ -433,8 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "sample",
-        help="write a sample of an experiment's rows to a Parquet file",
-        description="Take a sample of an experiment's rows through its logic and write it to a Parquet file.",
+        help="write a sample of an experiment's rows to a Parquet or CSV file",
+        description="Take a sample of an experiment's rows through its logic and write it to a Parquet or CSV "
+        "file (by the extension of -o).",
     )
     _source_options(s)
     s.add_argument(
@@ -452,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--step", type=_positive, default=100, help="N for gather_every (default 100)")
     s.add_argument("--seed", type=int, help="random seed (random_days)")
     s.add_argument(
-        "-o", "--output", required=True, metavar="OUT.parquet", help="file to write: Parquet (.parquet) or CSV (.csv)"
+        "-o", "--output", required=True, metavar="OUT", help="file to write: Parquet (.parquet, .pq) or CSV (.csv)"
     )
     s.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     s.set_defaults(func=cmd_sample)
