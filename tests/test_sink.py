@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import SESSION, session_days, write_dataset
@@ -504,3 +505,41 @@ def test_a_python_step_that_moves_rows_to_other_days_is_sunk_by_their_own_days(
     assert sorted({p.stem[:10] for p in out.glob("*.parquet")}) == sorted(
         {d.isoformat() for d in want.select(own_day)["ts"].to_list()})
     h.close()
+
+
+def double_pred(lf: pl.LazyFrame) -> pl.LazyFrame:
+    return lf.with_columns(pl.col("pred_10s") * 2)
+
+
+@pytest.mark.parametrize("layout", ["one_file_of_six_days", "a_day_over_two_files", "overnight_cut_at_midnight"])
+def test_a_per_day_python_step_sunk_by_day_writes_each_row_once(tmp_path: Path, layout: str) -> None:
+    """Before, each held day's group of files was written whole, partitioned by row: a file of six
+    days was written six times (519,384 rows for 86,564)."""
+    rng = np.random.default_rng(4)
+    days = trading_days(dt.date(2026, 3, 4), 4)
+    tables = {d: one_day(d, 600, rng, symbols=4) for d in days}
+    meta: dict = dict(SESSION)
+    src = tmp_path / "src"
+    if layout == "one_file_of_six_days":
+        write_dataset(src, {"all": pa.concat_tables(list(tables.values()))}, meta, row_group_size=10_000)
+    elif layout == "a_day_over_two_files":
+        split = tables[days[1]]
+        write_dataset(src, {"a": pa.concat_tables([tables[days[0]], split.slice(0, 250)]),
+                            "b": pa.concat_tables([split.slice(250), tables[days[2]], tables[days[3]]])}, meta)
+    else:  # 12:00-10:00 sessions (overnight: 08:00-10:00 belongs to the day before), files cut at midnight
+        meta = {"start_time": "12:00", "end_time": "10:00", "timezone": "US/Eastern"}
+        rows = pa.concat_tables(list(tables.values()))
+        local = pl.from_arrow(rows).select(pl.col("ts").dt.convert_time_zone("US/Eastern").dt.date())["ts"]
+        write_dataset(src, {d.isoformat(): rows.filter((local == d).to_arrow()) for d in days}, meta)
+    want = session_days(src, meta)
+    h = Harness(src, cache=False)
+    h.add_experiment("z", double_pred)
+    out = tmp_path / "out"
+    result = h.sink("z", out, partition_by="day")
+    got = read_back(out)
+    assert result.rows == got.height == want.height
+    assert got["ts"].is_unique().all()
+    for p in out.glob("*.parquet"):  # each file holds its own day's rows only
+        stamps = pl.read_parquet(p)["ts"]
+        assert set(want.filter(pl.col("ts").is_in(stamps.implode()))["_day"].unique().to_list()) == {
+            dt.date.fromisoformat(p.stem[:10])}, p.name

@@ -394,11 +394,13 @@ def _write_parts(
     rel = exp.Table(this=sb.ident(name))
     if not batchable:
         groups: list[tuple[str, Sequence[FileInfo]]] = [("data", dataset.files)]
-    elif partition_by == "day":
+    elif partition_by == "day" and not by_rows:
         index = h._day_index(window)  # the days that hold rows, and the files holding each
         groups = [(d.isoformat(), files_of(dataset, index.held[d])) for d in index.days]
     else:
-        # A per-batch Python step sees whole days: files sharing a day go in one part.
+        # A per-batch Python step sees whole days: files sharing a day go in one part, and each
+        # part is written once (by its rows' own days when partitioned by day: a day per group of
+        # files would write a file of several days once per day it holds).
         batches = day_groups(dataset, window) if h.experiments.has_python(name) else [[f] for f in dataset.files]
         width = len(str(len(batches)))
         groups = [(f"part-{i:0{width}d}", g) for i, g in enumerate(batches)]
