@@ -15,6 +15,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -427,3 +428,34 @@ def test_by_day_lists_the_same_days_for_an_experiment_whatever_else_the_call_ask
         for pairs in (["pred_10s"], ["pred_10s", "pred_60s"]):
             got = _day_counts(h, experiments, pairs)
             assert got == {k: v for k, v in want.items() if k[0] in experiments and k[1] in pairs}, (experiments, pairs)
+
+
+def _naive_utc(lf: pl.LazyFrame) -> pl.LazyFrame:
+    return lf.with_columns(pl.col("ts").dt.replace_time_zone(None))
+
+
+def test_an_experiment_that_makes_the_time_naive_keeps_its_rows_days_and_buckets(
+        make_backtest, tmp_path: Path) -> None:
+    """Naive times are UTC, in an experiment's rows as in a source's: before, an experiment that
+    dropped the zone was labelled as if its naive times were local (a Saturday appeared, buckets
+    ran 17:00-01:00)."""
+    folder = make_backtest(days=4, rows=800)
+    df = read_all(folder).to_pandas()
+    local = df["ts"].dt.tz_convert(EASTERN)
+    inside = (local.dt.time >= dt.time(9, 30)) & (local.dt.time <= dt.time(16, 0))
+    want_day = {d: float(n) for d, n in Counter(local[inside].dt.date).items()}
+    want_tod = {t: float(n) for t, n in Counter(local[inside].dt.floor("h").dt.time).items()}
+    h = Harness(folder, cache=False)
+    h.add_experiment("sql_naive", "SELECT * REPLACE (CAST(timezone('UTC', ts) AS TIMESTAMP) AS ts) FROM baseline")
+    h.add_experiment("py_naive", _naive_utc)
+    for name in ("sql_naive", "py_naive"):
+        by_day = h.metrics(["count"], pairs="pred_10s", experiments=[name], by="day").filter(metric="count")
+        assert dict(by_day.select("day", "value").rows()) == want_day, name
+        tod = h.metrics(["count"], pairs="pred_10s", experiments=[name], by="tod:1h").filter(metric="count")
+        assert dict(tod.select("tod", "value").rows()) == want_tod, name
+        ic = h.rank_ic("pred_10s", [name]).filter(metric="n")
+        assert dict(ic.select("day", "value").rows()) == want_day, name
+        out = h.sink(name, tmp_path / name, partition_by="day")
+        assert {Path(f).stem: pq.read_metadata(f).num_rows for f in out.files} == {
+            d.isoformat(): n for d, n in want_day.items()}, name
+    assert pl.Series(list(want_day)).dt.weekday().max() <= 5

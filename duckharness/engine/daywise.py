@@ -33,7 +33,7 @@ from duckharness import sqlbuild as sb
 from duckharness.data.metadata import SessionWindow
 from duckharness.data.source import Dataset, FileInfo
 from duckharness.engine.cache import StatsCache
-from duckharness.engine.plan import DAY, Pair, day_groups, moves_time, replaces_time, window_and_day
+from duckharness.engine.plan import DAY, Pair, aware_in, day_groups, moves_time, replaces_time, window_and_day
 from duckharness.engine.run import ChainTask, run_chain_task
 from duckharness.errors import ExecutionError, InputError, UnknownColumnError
 from duckharness.execution.executor import Executor, brief, retryable
@@ -387,7 +387,9 @@ def _task(
     per_row: bool,
     cols: dict[str, str],
 ) -> ChainTask:
-    _, day = window_and_day(dataset, files, window, need_day=True, day_per_row=per_row)
+    _, day = window_and_day(
+        dataset, files, window, need_day=True, day_per_row=per_row, rows_aware=aware_in(dataset, cols)
+    )
     sql = sb.render(build(exp.Table(this=sb.ident(name)), day, cols))
     return ChainTask(dataset, experiments, name, list(files), window, batch_size, sql)
 

@@ -22,7 +22,7 @@ from sqlglot import exp
 
 from duckharness import sqlbuild as sb
 from duckharness.data.metadata import SessionWindow, day_bounds
-from duckharness.data.source import Dataset, FileInfo
+from duckharness.data.source import AWARE_TIMESTAMP_TYPES, Dataset, FileInfo
 from duckharness.errors import InputError, UnknownColumnError
 from duckharness.experiments.steps import Experiments, Inlined
 from duckharness.metrics.library import Metric
@@ -279,7 +279,7 @@ class FusedScan:
                     raise UnknownColumnError(
                         f"Cannot group by {b!r}: there is no time column {tcol!r}.", column=str(tcol)
                     )
-                self.by.append((TOD, time_of_day_bucket(dataset, parse_bucket(b))))
+                self.by.append((TOD, time_of_day_bucket(dataset, parse_bucket(b), type_sql=source_columns[tcol])))
                 continue
             if b not in source_columns:
                 owners = [name for name, (_, cols) in experiments.items() if b in cols]
@@ -549,17 +549,19 @@ def parse_bucket(spec: str) -> int:
     return seconds
 
 
-def time_of_day_bucket(dataset: Dataset, seconds: int) -> exp.Expr:
+def time_of_day_bucket(dataset: Dataset, seconds: int, *, type_sql: str | None = None) -> exp.Expr:
     """The local wall-clock start of each row's ``seconds``-long bucket, as a TIME.
 
     The time column is converted to the data's time zone per row (naive times are read as UTC),
-    so buckets follow local time across daylight-saving switches.
+    so buckets follow local time across daylight-saving switches. ``type_sql`` is the time
+    column's type in the rows bucketed, when an experiment gave it another than the source's.
     """
     assert dataset.time_column is not None
     ts = sb.column(dataset.time_column)
-    instant = ts if dataset.time_is_aware else sb.func("timezone", sb.string("UTC"), ts)
+    type_sql = type_sql or dataset.columns[dataset.time_column]
+    instant = ts if type_sql in AWARE_TIMESTAMP_TYPES else sb.func("timezone", sb.string("UTC"), ts)
     local: exp.Expr = sb.func("timezone", sb.string(dataset.metadata.timezone), instant)
-    if "_NS" in dataset.columns[dataset.time_column].upper():
+    if "_NS" in type_sql.upper():
         # Nanosecond instants: truncated to the microsecond (a cast would round 23:59:59.9999999995
         # into the next bucket), as time_bucket needs.
         local = sb.func("make_timestamp", sb.func("epoch_us", local))
@@ -717,6 +719,7 @@ def window_and_day(
     need_day: bool = True,
     max_window_days: int = MAX_WINDOW_DAYS,
     day_per_row: bool = False,
+    rows_aware: bool | None = None,
 ) -> tuple[exp.Expr | None, exp.Expr]:
     """The WHERE condition of the session window and the day label for a batch of files.
 
@@ -724,7 +727,8 @@ def window_and_day(
     (so row-group statistics can skip data) and the day label is a constant when the batch holds
     one day. Batches that span many days, or files without statistics, convert rows to local time;
     so does ``day_per_row`` (for an experiment whose rows' times are not their files', see
-    :func:`moves_time`).
+    :func:`moves_time`). ``rows_aware`` says whether the time column of the rows labelled has a
+    time zone, when an experiment changed that from the source's (naive times are UTC).
     """
     no_day = sb.cast(exp.Null(), "DATE")
     tcol = dataset.time_column
@@ -734,10 +738,11 @@ def window_and_day(
         return None, no_day
     ts = sb.column(tcol)
     aware = dataset.time_is_aware
+    labels_aware = aware if rows_aware is None else rows_aware
     tz = window.timezone if window is not None else dataset.metadata.timezone
     if any(f.time_min is None or f.time_max is None for f in files):
-        where, day = per_row_window(ts, aware, tz, window)
-        return where, day if need_day else no_day
+        where = per_row_window(ts, aware, tz, window)[0]
+        return where, per_row_window(ts, labels_aware, tz, window)[1] if need_day else no_day
     ordered = sorted({d for f in files for d in file_days(f, tz, window)})
     branches: list[tuple[exp.Expr, dt.date]] = []
     if window is None:
@@ -760,18 +765,25 @@ def window_and_day(
     if not need_day:
         return where, no_day
     if day_per_row:
-        return where, per_row_window(ts, aware, tz, window)[1]
+        return where, per_row_window(ts, labels_aware, tz, window)[1]
     if len(ordered) == 1:
         return where, sb.date(ordered[0])
     if len(ordered) > MAX_DAY_BRANCHES:
-        return where, per_row_window(ts, aware, tz, window)[1]
+        return where, per_row_window(ts, labels_aware, tz, window)[1]
     if window is None:
         return where, exp.Case(ifs=[exp.If(this=c, true=sb.date(d)) for c, d in branches], default=sb.date(ordered[-1]))
     # Rows of the batch's files are all inside one of the windows; rows an experiment run on all
     # data at once gives another time (``date_trunc('hour', ts)`` moves 09:30 to 09:00) fall
     # through to the label written per row, which is what a batch of more days gives them too.
-    fallback = per_row_window(ts, aware, tz, window)[1]
+    fallback = per_row_window(ts, labels_aware, tz, window)[1]
     return where, exp.Case(ifs=[exp.If(this=c, true=sb.date(d)) for c, d in branches], default=fallback)
+
+
+def aware_in(dataset: Dataset, columns: Mapping[str, str]) -> bool | None:
+    """Whether the time column has a time zone in rows of these ``columns`` (an experiment's),
+    or None when they have no time column."""
+    tcol = dataset.time_column
+    return None if tcol is None or tcol not in columns else columns[tcol] in AWARE_TIMESTAMP_TYPES
 
 
 def replaces_time(dataset: Dataset, experiments: Experiments, name: str) -> bool:

@@ -32,6 +32,7 @@ from duckharness.engine.plan import (
     Pair,
     ShiftTable,
     Target,
+    aware_in,
     batch_relation,
     day_groups,
     file_days,
@@ -662,7 +663,9 @@ def _run_chain(
     per_row = "day" in by and moves_time(dataset, experiments, name)
 
     def aggregate(files: Sequence[FileInfo]) -> str:
-        _, day = window_and_day(dataset, files, window, need_day="day" in by, day_per_row=per_row)
+        _, day = window_and_day(
+            dataset, files, window, need_day="day" in by, day_per_row=per_row, rows_aware=aware_in(dataset, cols)
+        )
         sql = sb.render(scan.whole_query(rel, day))
         if not stats.queries or stats.queries[-1] != sql:
             stats.queries.append(sql)

@@ -21,6 +21,7 @@ from duckharness.data.metadata import SessionWindow
 from duckharness.data.source import Dataset, FileInfo
 from duckharness.engine.plan import (
     MAX_VIEW_WINDOW_DAYS,
+    aware_in,
     batch_relation,
     day_groups,
     file_days,
@@ -160,7 +161,8 @@ def _per_day(
     if tcol is None or (known and len({d for f in files for d in file_days(f, tz, window)}) <= 1):
         frame = con.sql(base_sql).pl(lazy=True)  # one day: streams from DuckDB, with projection pushdown
         return collect_step(step, apply_python_step(step, frame))
-    columns = con.sql(base_sql).columns
+    relation = con.sql(base_sql)
+    columns = dict(zip(relation.columns, (str(t) for t in relation.types), strict=True))
     if tcol not in columns:
         raise TransformError(
             f"Experiment {step.name!r}: the per-batch Python step {step.sql} runs on each day's rows, and its "
@@ -169,7 +171,7 @@ def _per_day(
             experiment=step.name,
             step=step.sql,
         )
-    day = per_row_window(sb.column(tcol), dataset.time_is_aware, tz, window)[1]
+    day = per_row_window(sb.column(tcol), bool(aware_in(dataset, columns)), tz, window)[1]
     labelled = sb.render(sb.select([exp.Star(), sb.alias(day, DAY_COLUMN)], exp.Table(this=sb.ident(step.base))))
     base = interruptible(con, lambda: con.sql(labelled).pl())
     parts = [

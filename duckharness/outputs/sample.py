@@ -22,7 +22,7 @@ from duckharness import sqlbuild as sb
 from duckharness.data.metadata import SessionWindow
 from duckharness.data.source import FileInfo
 from duckharness.engine.days import DayIndex, candidate_days, files_of
-from duckharness.engine.plan import day_groups, moves_time, window_and_day
+from duckharness.engine.plan import aware_in, day_groups, moves_time, window_and_day
 from duckharness.errors import InputError, warn
 from duckharness.execution.connection import interruptible
 from duckharness.experiments.chain import build_chain
@@ -154,7 +154,8 @@ def _frames(
             rel = build_chain(con, dataset, h.experiments, name, group, window, h.tracer, h.batch_size)
             where = None
             if days is not None:
-                _, day = window_and_day(dataset, group, window, day_per_row=per_row)
+                rows_aware = aware_in(dataset, h.experiments.columns(name))
+                _, day = window_and_day(dataset, group, window, day_per_row=per_row, rows_aware=rows_aware)
                 where = exp.In(this=day, expressions=[sb.date(d) for d in days])
             q = sb.select([exp.Star()], exp.Table(this=sb.ident(rel)), where=where)
             if order and h.dataset.time_column is not None:

@@ -32,7 +32,7 @@ from duckharness import sqlbuild as sb
 from duckharness.data.metadata import SessionWindow
 from duckharness.data.source import FileInfo, is_remote, open_filesystem
 from duckharness.engine.days import files_of
-from duckharness.engine.plan import day_groups, moves_time, per_row_window, replaces_time, window_and_day
+from duckharness.engine.plan import aware_in, day_groups, moves_time, per_row_window, replaces_time, window_and_day
 from duckharness.errors import DuckHarnessError, ExecutionError, InputError, warn
 from duckharness.execution.connection import fetch_all
 from duckharness.execution.executor import brief
@@ -413,7 +413,10 @@ def _write_parts(
                 if partition_by == "day" and (by_rows or not batchable):
                     # Each row goes to its own day's file (a batch's rows may land on another
                     # batch's day: a Python step that moves times); the days are joined at the end.
-                    _, day = window_and_day(sub, files, window, need_day=True, day_per_row=by_rows)
+                    rows_aware = aware_in(dataset, h.experiments.columns(name))
+                    _, day = window_and_day(
+                        sub, files, window, need_day=True, day_per_row=by_rows, rows_aware=rows_aware
+                    )
                     query = sb.select([exp.Star(), sb.alias(day, "__dh_day")], rel)
                     parts = os.path.join(tmp, "_parts", stem)
                     os.makedirs(os.path.dirname(parts), exist_ok=True)
