@@ -562,6 +562,7 @@ class Harness:
                 progress=self.progress if progress is None else progress,
                 cache=self.cache,
                 control=control,
+                source_days=self._day_index(self._window(window)).days if by_list == ["day"] else (),
             )
 
     # -- research statistics ------------------------------------------------------------------

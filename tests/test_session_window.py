@@ -459,3 +459,22 @@ def test_an_experiment_that_makes_the_time_naive_keeps_its_rows_days_and_buckets
         assert {Path(f).stem: pq.read_metadata(f).num_rows for f in out.files} == {
             d.isoformat(): n for d, n in want_day.items()}, name
     assert pl.Series(list(want_day)).dt.weekday().max() <= 5
+
+
+def test_by_day_lists_the_source_days_for_an_experiment_asked_alone_that_needs_all_rows(tmp_path: Path) -> None:
+    """A file of several days and experiments the fused scan cannot answer (a LIMIT over all rows,
+    a Python step): before, such an experiment asked alone listed only its own days."""
+    from duckharness.demo import one_day
+
+    rng = np.random.default_rng(5)
+    days = [dt.date(2026, 3, 4), dt.date(2026, 3, 5), dt.date(2026, 3, 6)]
+    write_dataset(tmp_path, {"all": pa.concat_tables([one_day(d, 300, rng) for d in days])}, SESSION)
+    h = Harness(tmp_path, cache=False)
+    h.add_experiment("first", "SELECT * FROM baseline ORDER BY ts LIMIT 50")
+    h.add_experiment("early", lambda lf: lf.filter(pl.col("ts") < pl.datetime(2026, 3, 5, 15, time_zone="UTC")))
+    for asked in (["first"], ["early"], ["baseline", "first", "early"]):
+        got = h.metrics(["count"], pairs="pred_10s", experiments=asked, by="day").filter(metric="count")
+        for name in asked:
+            assert sorted(got.filter(experiment=name)["day"].to_list()) == days, (asked, name)
+    counts = dict(got.filter(experiment="first").select("day", "value").rows())
+    assert counts == {days[0]: 50.0, days[1]: 0.0, days[2]: 0.0}

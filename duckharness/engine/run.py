@@ -114,11 +114,14 @@ def run_metrics(
     progress: bool | None = None,
     cache: StatsCache | None = None,
     control: duckdb.DuckDBPyConnection | None = None,
+    source_days: Sequence[dt.date] = (),
 ) -> pl.DataFrame:
     """Compute ``metrics`` for every experiment in ``names`` and pair, grouped by ``by``.
 
     ``control`` is a connection (configured as ``dataset.connection(1)``) for the run's small
-    queries: the shifts and the final formulas; without one, the run opens its own."""
+    queries: the shifts and the final formulas; without one, the run opens its own.
+    ``source_days`` are the days holding source rows in the window (see ``engine/days.py``):
+    grouped by day alone, every experiment and pair gets a row for each of them."""
     stats = stats if stats is not None else RunStats()
     with _control(dataset, control) as con:
         refined, out_keys, days = _map_partials(
@@ -139,6 +142,8 @@ def run_metrics(
             modes=(True,),
         )
         t3 = time.perf_counter()
+        if days or source_days:
+            days = sorted({*days, *source_days})
         tidy = finalize(refined[True], metrics, out_keys, names, pairs, tracer, con, days=days)
     stats.timings["reduce"] = time.perf_counter() - t3
     return tidy
