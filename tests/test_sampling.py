@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import SESSION, session_days, write_dataset
@@ -334,3 +335,23 @@ def test_random_days_of_a_source_without_time_column_is_refused_naming_the_fix(t
 def test_sampling_an_unknown_experiment_names_it(harness: Harness) -> None:
     with pytest.raises(UnknownExperimentError, match="'nope'"):
         harness.sample("nope", "head", n=5)
+
+
+def test_random_days_of_an_experiment_without_the_time_column(tmp_path: Path) -> None:
+    """Before, a file of several days came back whole (all six days for two drawn): the drawn days'
+    rows are told apart by the time column. Without it, one-day files still sample; a file of
+    several days is refused, naming the experiment."""
+    rng = np.random.default_rng(8)
+    days = trading_days(dt.date(2026, 3, 4), 4)
+    tables = {d.isoformat(): one_day(d, 300, rng, symbols=4) for d in days}
+    write_dataset(tmp_path / "daily", tables, SESSION)
+    write_dataset(tmp_path / "one", {"all": pa.concat_tables(list(tables.values()))}, SESSION)
+    with Harness(tmp_path / "daily", cache=False) as h:
+        h.add_experiment("nots", "SELECT * EXCLUDE (ts) FROM baseline")
+        got = h.sample("nots", "random_days", n_days=2, seed=3)
+        full = h.sample("baseline", "random_days", n_days=2, seed=3)
+        assert got.height == full.height and "ts" not in got.columns
+    with Harness(tmp_path / "one", cache=False) as h:
+        h.add_experiment("nots", "SELECT * EXCLUDE (ts) FROM baseline")
+        with pytest.raises(InputError, match=r"experiment 'nots' does not have.*Keep 'ts' in 'nots'"):
+            h.sample("nots", "random_days", n_days=2, seed=3)

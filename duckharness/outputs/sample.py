@@ -98,6 +98,13 @@ def take_sample(
             )
         chosen, index = choose_days(h, window, n_days, seed)
         needed = files_of(h.dataset, (p for d in chosen for p in index.held[d]))
+        others = sorted({d for d, paths in index.held.items() if d not in chosen and paths & {f.path for f in needed}})
+        if not ordered and others:
+            raise InputError(
+                f"Strategy 'random_days' keeps the drawn days' rows by their time column, which experiment "
+                f"{name!r} does not have, and the files of the drawn days hold other days too (e.g. "
+                f"{others[0].isoformat()}). Keep {tcol!r} in {name!r}, or sample the experiment it is built on."
+            )
         # A chain that needs all rows (a whole-data step) must see every file; its rows of the
         # chosen days are then kept. Otherwise only the chosen days' files are read, and of a file
         # that holds other days too, only the chosen days' rows.
