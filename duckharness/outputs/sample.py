@@ -98,7 +98,9 @@ def take_sample(
             )
         chosen, index = choose_days(h, window, n_days, seed)
         needed = files_of(h.dataset, (p for d in chosen for p in index.held[d]))
-        others = sorted({d for d, paths in index.held.items() if d not in chosen and paths & {f.path for f in needed}})
+        read_paths = {f.path for f in needed}  # the days those files hold, or may hold (not settled)
+        spans = [*index.held.items(), *index.open.items()]
+        others = sorted({d for d, paths in spans if d not in chosen and paths & read_paths})
         if not ordered and others:
             raise InputError(
                 f"Strategy 'random_days' keeps the drawn days' rows by their time column, which experiment "
