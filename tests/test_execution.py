@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pytest
 from conftest import SESSION, read_all, write_dataset
 
@@ -227,3 +228,15 @@ def test_workers_must_be_a_whole_number_of_at_least_one(folder: Path, workers: o
 
     with Harness(folder, cache=False) as h, pytest.raises(InputError, match="workers must be a whole number"):
         h.metrics(["count"], workers=workers)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["value", "metric", "experiment", "__day"])
+def test_grouping_by_a_column_named_like_a_result_column_is_refused_naming_it(tmp_path: Path, name: str) -> None:
+    """Before: a raw Polars DuplicateError, or for '__day' an error retried three times."""
+    from duckharness.errors import InputError
+
+    table = pa.table({"ts": pa.array([dt.datetime(2026, 3, 5, 15, tzinfo=dt.UTC)] * 4),
+                      name: ["a", "b", "a", "b"], "pred_a": [0.1, 0.2, 0.3, 0.4], "target_a": [0.2, 0.1, 0.4, 0.3]})
+    write_dataset(tmp_path, {"d": table}, SESSION)
+    with Harness(tmp_path, cache=False) as h, pytest.raises(InputError, match=rf"Cannot group by column '{name}'"):
+        h.metrics(["count"], pairs="pred_a", by=name)

@@ -243,6 +243,10 @@ def _literal(value: Any, type_sql: str) -> exp.Expr:
     return sb.cast(sb.string(str(value)), type_sql)
 
 
+# The tidy results' own columns: a group key may not take one of these names.
+OUTPUT_COLUMNS = ("experiment", "pred", "target", "metric", "value")
+
+
 class FusedScan:
     """The aggregate query shared by all inlinable experiments of one call."""
 
@@ -281,6 +285,12 @@ class FusedScan:
                     )
                 self.by.append((TOD, time_of_day_bucket(dataset, parse_bucket(b), type_sql=source_columns[tcol])))
                 continue
+            if b in OUTPUT_COLUMNS or b.startswith("__"):
+                raise InputError(
+                    f"Cannot group by column {b!r}: the results have columns {', '.join(OUTPUT_COLUMNS)} of their "
+                    f"own, and names starting with '__' are the engine's. Groups come from the source's columns: "
+                    f"rename it in the source files."
+                )
             if b not in source_columns:
                 owners = [name for name, (_, cols) in experiments.items() if b in cols]
                 if owners:
