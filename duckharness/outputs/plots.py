@@ -66,7 +66,7 @@ def check_plot_path(path: str | os.PathLike[str]) -> str:
 
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> Figure:
-    fig.savefig(os.fspath(path), format=check_plot_path(path), dpi=100)
+    fig.savefig(os.fspath(path), format=check_plot_path(path), dpi=100, bbox_inches="tight")  # legends beside
     return fig
 
 
@@ -97,14 +97,16 @@ def plot_series(frame: pl.DataFrame, path: str | os.PathLike[str], *, rolling: i
         part = frame.filter(pl.col("metric") == metric)
         if part["value"].drop_nulls().len() == 0:
             _no_data(ax)
+        pos = _day_axis(ax, sorted(set(part["day"].to_list())))
         for key, group in part.group_by(["experiment", "pred", "target"], maintain_order=True):
             g = group.sort("day")
             label = f"{key[0]} {key[1]}:{key[2]}"
             values = g["value"].cast(pl.Float64)
-            (line,) = ax.plot(g["day"].to_list(), values.to_list(), marker=".", linewidth=1, label=label)
+            x = [pos[d] for d in g["day"].to_list()]
+            (line,) = ax.plot(x, values.to_list(), marker=".", linewidth=1, label=label)
             mean = values.rolling_mean(window_size=rolling, min_samples=1)
             ax.plot(
-                g["day"].to_list(),
+                x,
                 mean.to_list(),
                 linestyle="--",
                 color=line.get_color(),
@@ -115,9 +117,28 @@ def plot_series(frame: pl.DataFrame, path: str | os.PathLike[str], *, rolling: i
         ax.set_title(f"{metric} per day")
         ax.set_xlabel("day (local trading date)")
         ax.set_ylabel(f"{metric} (one value per day)")
-        ax.legend(fontsize="small")
+        _legend(ax, 2 * len(part.select("experiment", "pred", "target").unique()))
         ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def _day_axis(ax: Any, days: list[Any]) -> dict[Any, int]:
+    """Days as evenly spaced positions, labelled with their dates (about ten labels): a trading
+    calendar, so weekends and holidays are not drawn as gaps the lines cross."""
+    pos = {d: i for i, d in enumerate(days)}
+    step = max(1, -(-len(days) // 10))
+    ax.set_xticks(range(0, len(days), step))
+    ax.set_xticklabels([str(d) for d in days[::step]], rotation=30, ha="right", fontsize="small")
+    return pos
+
+
+def _legend(ax: Any, entries: int) -> None:
+    """The legend inside the plot for a few entries; beside it, outside the axes, for many (it
+    would cover the lines and the title)."""
+    if entries <= 4:
+        ax.legend(fontsize="small")
+    else:
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 def plot_deciles(frame: pl.DataFrame, path: str | os.PathLike[str]) -> Figure:
@@ -141,11 +162,12 @@ def plot_deciles(frame: pl.DataFrame, path: str | os.PathLike[str]) -> Figure:
     buckets = sorted(set(frame["bucket"].to_list()))
     ax.set_xticks(buckets)
     ax.axhline(0, color="grey", linewidth=0.6)
-    target = frame["target"][0] if frame.height else "target"
+    targets = list(dict.fromkeys(frame["target"].to_list())) or ["target"]
+    target = targets[0] if len(targets) == 1 else "target"  # several targets: each bar's legend names its own
     ax.set_title(f"Mean {target} by prediction bucket ({len(buckets)} per-day quantile buckets, pooled over days)")
     ax.set_xlabel("prediction bucket (1 = lowest predictions of the day)")
-    ax.set_ylabel(f"mean {target} (target units)")
-    ax.legend(fontsize="small")
+    ax.set_ylabel(f"mean {target} ({'target units' if len(targets) == 1 else ', '.join(targets)})")
+    _legend(ax, len(groups))
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)
 
@@ -167,7 +189,9 @@ def plot_comparison(cmp: Comparison, path: str | os.PathLike[str], *, rolling: i
         if d["diff"].drop_nulls().len() == 0:
             _no_data(top)
             _no_data(bottom)
-        days = d["day"].to_list()
+        days = list(range(d.height))  # trading days, evenly spaced (see _day_axis)
+        _day_axis(top, d["day"].to_list())
+        _day_axis(bottom, d["day"].to_list())
         top.plot(days, d["value_a"].to_list(), marker=".", linewidth=1, label=cmp.a)
         top.plot(days, d["value_b"].to_list(), marker=".", linewidth=1, label=cmp.b)
         top.set_title(f"{cmp.metric} per day, {pred}:{target}: {cmp.a} vs {cmp.b}")
