@@ -125,7 +125,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"Files:    {info['files']} ({gib:.2f} GiB), rows {info['rows']:,}")
     print(f"Days:     {info['days']} ({info['first_day']} to {info['last_day']})")
     print(f"Time:     {info['time_column']}; session window: {info['session_window'] or 'none'}")
-    print("Metadata: " + json.dumps(info["metadata"], default=str))
+    print("Metadata:")
+    for key, value in info["metadata"].items():  # one key a line; a long value (a sink's chain) cut short
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        text = " ".join(text.split())
+        print(f"  {key}: {text if len(text) <= 100 else text[:97] + '...'}")
     print("Columns:")
     width = max(len(c) for c in info["columns"])
     for c, d in info["columns"].items():
