@@ -93,7 +93,7 @@ def test_info_text_describes_files_rows_days_window_columns_and_experiments(
     assert any(re.fullmatch(rf"Files:    4 \(\d+\.\d\d GiB\), rows {rows:,}", line) for line in lines), out
     assert "Days:     4 (2026-03-04 to 2026-03-09)" in lines
     assert "Time:     ts; session window: 09:30:00–16:00:00 US/Eastern" in lines
-    assert '"model": "cli-test"' in out
+    assert '  model: cli-test' in out
     expected_roles = {"ts": ("time", "TIMESTAMP WITH TIME ZONE"), "symbol": ("feature", "VARCHAR"),
                       "volume": ("feature", "BIGINT"), "spread": ("feature", "DOUBLE"),
                       "pred_10s": ("prediction", "DOUBLE"), "target_10s": ("target", "DOUBLE"),
