@@ -64,36 +64,29 @@ def _storage_options(text: str | None) -> dict[str, Any] | None:
 
 
 def _window_text(text: str) -> str:
-    """``--window``'s shape (a dash and at least one bound), checked by argparse: a malformed
-    window is a usage error (exit 2), like any other malformed option."""
+    """``--window``, checked by argparse with the rules ``window="START-END"`` has in Python
+    (:func:`~duckharness.data.metadata.parse_window_text`): a malformed window is a usage error
+    (exit 2), like any other malformed option. The Harness parses the text itself."""
     start, dash, end = text.strip().partition("-")
-    shape = (
-        f"{text!r} must be START-END, e.g. 09:30-16:00 (or 10:00- / --window=-15:00 for one bound; "
-        f"--no-window for none)"
-    )
-    if not dash or not (start.strip() or end.strip()):
-        raise argparse.ArgumentTypeError(shape)
-    from duckharness.data.metadata import parse_wall_time
+    if not dash or not (start.strip() or end.strip()):  # the hint names the command line's spellings
+        raise argparse.ArgumentTypeError(
+            f"{text!r} must be START-END, e.g. 09:30-16:00 (or 10:00- / --window=-15:00 for one bound; "
+            f"--no-window for none)"
+        )
+    from duckharness.data.metadata import parse_window_text
     from duckharness.errors import MetadataError
 
-    for bound in (start, end):
-        if bound.strip():
-            try:
-                parse_wall_time(bound, key="window", label=f"{bound.strip()!r}")
-            except MetadataError as e:
-                raise argparse.ArgumentTypeError(f"{text!r}: {str(e).rstrip('.')}") from None
-    if start.strip() and start.strip() == end.strip():
-        raise argparse.ArgumentTypeError(f"{text!r}: starts and ends at one time; a window needs two")
+    try:
+        parse_window_text(text)
+    except MetadataError as e:
+        raise argparse.ArgumentTypeError(str(e).rstrip(".")) from None
     return text
 
 
 def _window(args: argparse.Namespace) -> Any:
     if getattr(args, "no_window", False):
         return False
-    if getattr(args, "window", None) is not None:
-        start, _, end = args.window.strip().partition("-")
-        return (start or None, end or None)
-    return None
+    return getattr(args, "window", None)  # "START-END" or None (the metadata's)
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:

@@ -111,6 +111,12 @@ class UnknownMetricError(MetricError):
     """A metric name that no metric file defines."""
 
 
+class HarnessClosedError(DuckHarnessError, ValueError):
+    """A method of a :class:`~duckharness.Harness` was called after ``close()`` (or after its
+    ``with`` block ended): its connections and workers are gone. A ValueError, as Python's own
+    I/O on a closed file is."""
+
+
 class ExecutionError(DuckHarnessError):
     """A query failed while it ran over the data; names the files of the failing batch."""
 

@@ -7,7 +7,7 @@ import datetime as dt
 import functools
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,23 +16,26 @@ import polars as pl
 from sqlglot import exp
 
 from duckharness import sqlbuild as sb
-from duckharness.data.metadata import Metadata, SessionWindow, parse_wall_time
+from duckharness.data.metadata import Metadata, SessionWindow, parse_window_text
 from duckharness.data.source import Dataset, file_identities, open_dataset
 from duckharness.engine.analysis import Comparison
 from duckharness.engine.cache import StatsCache, cache_disabled_by_env, default_cache_dir
 from duckharness.engine.days import DayIndex, index_days, settle_days
 from duckharness.engine.plan import Pair, default_pairs
 from duckharness.engine.run import RunStats, baseline_query, run_metrics
-from duckharness.errors import InputError, SourceError, UnknownMetricError, warn
+from duckharness.errors import HarnessClosedError, InputError, SourceError, UnknownMetricError, warn
 from duckharness.execution.connection import fetch_all
 from duckharness.execution.executor import EXECUTORS, Executor, caused_by_interruption, make_executor
 from duckharness.experiments.chain import apply_python_step, build_chain, collect_step, relation_sql
 from duckharness.experiments.steps import BASELINE, Experiments, Step, parse_experiments_file
-from duckharness.metrics.library import Metric, MetricLibrary
+from duckharness.metrics.library import DEFAULT_METRICS, Metric, MetricLibrary
 from duckharness.outputs.export import ExportResult
 from duckharness.outputs.sink import SinkResult
 
-WindowArg = SessionWindow | tuple[str, str] | bool | None
+# window=: None or True (the metadata's session window), False (none), a SessionWindow, a (start,
+# end) pair of datetime.time / "HH:MM[:SS]" / None (open end), or "START-END" as --window takes it.
+WindowBound = str | dt.time | None
+WindowArg = SessionWindow | tuple[WindowBound, WindowBound] | str | bool | None
 # The repr reads at most this many rows' times to count the days exactly (a fraction of a second).
 REPR_READ_ROWS = 1_000_000
 
@@ -59,6 +62,30 @@ def _interruptible(method: _F) -> _F:
     return call  # type: ignore[return-value]
 
 
+def _open(method: _F) -> _F:
+    """Refuse a call on a closed harness with one clear error (rather than DuckDB's
+    "Connection already closed!" from wherever the call first touches a connection)."""
+
+    @functools.wraps(method)
+    def call(self: Harness, *args: Any, **kwargs: Any) -> Any:
+        self._check_open()
+        return method(self, *args, **kwargs)
+
+    return call  # type: ignore[return-value]
+
+
+def _not_empty(value: Any, argument: str, instead: str) -> None:
+    """An empty list for an argument that has a default asks for nothing: refuse it, saying to leave
+    the argument out for the default (``instead``), rather than return an empty or a failed result."""
+    if value is not None and not isinstance(value, str) and isinstance(value, Sized) and len(value) == 0:
+        raise InputError(f"{argument}={value!r} asks for nothing: leave {argument} out for {instead}.")
+
+
+def _whole_number(value: Any, argument: str, *, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise InputError(f"{argument} must be a whole number of at least {least}, got {value!r}.")
+
+
 class Harness:
     """Experiments and metrics over a folder of Parquet backtest results.
 
@@ -80,6 +107,25 @@ class Harness:
             file's path, size and modification stamp) in ``~/.cache/duckharness`` (or
             ``$DUCKHARNESS_CACHE``), so re-runs and new days re-read only what changed; a folder
             to use another place, or False to turn it off. ``h.cache.clear()`` empties it.
+
+    Every method that reads rows takes ``window=``, the local wall-clock session window that picks
+    the source rows on each day:
+
+    - ``None`` or ``True``: the metadata's window (``start_time``, ``end_time``, ``timezone``);
+    - ``False``: no window (every row, days by local date);
+    - ``("10:00", "11:00")``: a (start, end) pair of ``HH:MM[:SS]`` strings or ``datetime.time``
+      values, None for an open end, in the metadata's time zone;
+    - ``"10:00-11:00"``: the same as one string, as ``--window`` takes it (``"10:00-"`` or
+      ``"-15:00"`` for one bound);
+    - a :class:`~duckharness.data.metadata.SessionWindow`, to give another time zone too.
+
+    An end before the start runs overnight; equal times are refused.
+
+    Lists (``metrics``, ``pairs``, ``experiments``, ``by``) may be left out for their defaults;
+    an empty list asks for nothing and is an :class:`~duckharness.errors.InputError`.
+
+    After :meth:`close` (or the end of a ``with`` block) every method raises
+    :class:`~duckharness.errors.HarnessClosedError`; create a new Harness.
 
     Example:
         >>> h = Harness("data/run42")                                     # doctest: +SKIP
@@ -104,6 +150,10 @@ class Harness:
         retries: int = 2,
         cache: bool | str | os.PathLike[str] = True,
     ) -> None:
+        self._closed = True  # until the connections below are open
+        if workers is not None:
+            _whole_number(workers, "workers", least=1)
+        _whole_number(batch_size, "batch_size", least=1)
         self.tracer = tracer
         self.progress = progress
         self.executor_name = executor if isinstance(executor, str) else "custom"
@@ -143,12 +193,14 @@ class Harness:
             )
         ).fetchall()
         self._data_con: duckdb.DuckDBPyConnection | None = None
+        self._closed = False
         self._day_indexes: dict[SessionWindow | None, tuple[tuple, DayIndex]] = {}
         self.experiments = Experiments(self.dataset.columns, self._bind)
 
     def _bind(self, step: Step) -> dict[str, str]:
         """Create ``step`` over zero-row relations, so DuckDB (or the Python function) shows its
         columns, or fails on an unknown column, before any data is read."""
+        self._check_open()  # h.experiments.add(...) comes here without a Harness method
         con = self._schema_con
         if step.query is not None:
             fetch_all(con, sb.render(sb.create_view(step.name, step.query)), self.tracer)
@@ -224,29 +276,27 @@ class Harness:
         return self.dataset.metadata.session_window
 
     def _window(self, window: WindowArg) -> SessionWindow | None:
+        """The session window a call asked for (see the class docstring for the forms)."""
         if window is None or window is True:
             return self.session_window
         if window is False:
             return None
         if isinstance(window, SessionWindow):
             return window
-        if isinstance(window, str) or not isinstance(window, tuple | list) or len(window) != 2:
-            raise InputError(
-                f"window must be True, False, a SessionWindow or a (start, end) pair such as "
-                f"('09:30', '16:00') (None for an open end), got {window!r}."
-            )
-        start, end = window
         tz = self.dataset.metadata.timezone
-        lo = parse_wall_time(start, key="window", label="Window start") if start else None
-        hi = parse_wall_time(end, key="window", label="Window end") if end else None
-        if lo is not None and lo == hi:
+        if isinstance(window, str):
+            return SessionWindow(*parse_window_text(window, prefix="Window "), tz)
+        if not isinstance(window, tuple | list) or len(window) != 2:
             raise InputError(
-                f"Window {start!r}-{end!r} starts and ends at the same time: give two different times "
-                f"(an end before the start runs overnight; leave one side out for an open end)."
+                f"window must be True or None (the metadata's), False (none), a SessionWindow, a (start, end) "
+                f"pair such as ('09:30', '16:00') (HH:MM[:SS] strings or datetime.time; None for an open end) "
+                f"or a 'START-END' string such as '09:30-16:00', got {window!r}."
             )
-        return SessionWindow(lo, hi, tz)
+        start, end = (None if bound is None or bound == "" else bound for bound in window)
+        return SessionWindow(start, end, tz)
 
     # -- experiments ------------------------------------------------------------------------
+    @_open
     def add_experiment(
         self,
         name: str,
@@ -274,10 +324,12 @@ class Harness:
         """
         return self.experiments.add(name, step, base, per_batch=per_batch, replace=replace)
 
+    @_open
     def remove_experiment(self, name: str) -> None:
         """Remove an experiment; refused while other experiments are built on it (it names them)."""
         self.experiments.remove(name)
 
+    @_open
     def load_experiments(self, path: str | os.PathLike[str]) -> list[str]:
         """Add every ``-- experiment: NAME`` statement of a SQL file; returns their names."""
         p = Path(path)
@@ -291,6 +343,7 @@ class Harness:
         self.experiments.add_all(steps)
         return [s.name for s in steps]
 
+    @_open
     def experiment_sql(self, name: str, *, window: WindowArg = None, pretty: bool = True) -> str:
         """The full SQL of an experiment's chain, from the Parquet files to its rows.
 
@@ -309,10 +362,12 @@ class Harness:
             )
         return "\n\n".join(parts)
 
+    @_open
     def experiment_tree(self) -> str:
         """The experiments as a tree from baseline, each with its SQL or Python function."""
         return self.experiments.tree()
 
+    @_open
     def relation(self, name: str = BASELINE, *, window: WindowArg = None) -> duckdb.DuckDBPyRelation:
         """A lazy DuckDB relation of an experiment's rows (on a connection the harness owns).
 
@@ -335,6 +390,7 @@ class Harness:
         )
         return con.sql(relation_sql(name))
 
+    @_open
     @_interruptible
     def lazyframe(self, name: str = BASELINE, *, window: WindowArg = None) -> pl.LazyFrame:
         """A Polars LazyFrame of an experiment's rows that reads the files only when collected.
@@ -348,12 +404,14 @@ class Harness:
         self.experiments.columns(name)
         return experiment_lazyframe(self, name, self._window(window))
 
+    @_open
     def relation_schema(self, name: str = BASELINE) -> pl.Schema:
         """The Polars schema of an experiment's rows (from zero-row relations; no data read)."""
         self.experiments.columns(name)
         q = sb.select([exp.Star()], exp.Table(this=sb.ident(name))).limit(0)
         return self._schema_con.sql(sb.render(q)).pl().schema
 
+    @_open
     @_interruptible
     def sample(
         self,
@@ -381,6 +439,7 @@ class Harness:
             self, experiment, strategy, n=n, n_days=n_days, step=step, seed=seed, window=self._window(window)
         )
 
+    @_open
     @_interruptible
     def sink(
         self,
@@ -414,6 +473,7 @@ class Harness:
         self.last_run = RunStats(timings=dict(result.timings), files=len(self.dataset.files))
         return result
 
+    @_open
     @_interruptible
     def export(
         self,
@@ -442,6 +502,7 @@ class Harness:
 
         return export(self, sql, db, window=self._window(window), materialize=materialize, overwrite=overwrite)
 
+    @_open
     @_interruptible
     def info(self) -> dict[str, Any]:
         """A summary of the source: files, days, rows, columns with roles, metadata, window.
@@ -500,6 +561,7 @@ class Harness:
         return self._data_con
 
     # -- metrics ----------------------------------------------------------------------------
+    @_open
     @_interruptible
     def metrics(
         self,
@@ -522,7 +584,9 @@ class Harness:
             experiments: names (default: all, baseline first).
             by: None for pooled results, ``"day"``, a column name, a local time-of-day bucket
                 ``"tod:30min"`` (output column ``tod``; units s, min, h), or a list of them.
-            window: None for the metadata's session window, False for none, or ``("09:30", "16:00")``.
+            window: None for the metadata's session window, False for none, ``("09:30", "16:00")``
+                (strings or ``datetime.time``; None for an open end), ``"09:30-16:00"`` or a
+                :class:`~duckharness.data.metadata.SessionWindow` (see :class:`Harness`).
             executor: ``threads`` (default), ``processes``, ``ray``, ``dask`` or an Executor;
                 defaults to the harness's.
 
@@ -539,6 +603,10 @@ class Harness:
                 "duckharness summary --metric rank_ic, or compare --metric rank_ic).",
                 metric="rank_ic",
             )
+        _not_empty(metrics, "metrics", f"the default ones ({', '.join(DEFAULT_METRICS)}), or name one, e.g. 'r2'")
+        _not_empty(by, "by", "pooled results, or name a grouping, e.g. by='day'")
+        if batch_size is not None:
+            _whole_number(batch_size, "batch_size", least=1)
         ms = self.metric_library.resolve(metrics)
         names = self._experiment_names(experiments)
         pair_list = self._pairs(pairs, names)
@@ -566,6 +634,7 @@ class Harness:
             )
 
     # -- research statistics ------------------------------------------------------------------
+    @_open
     @_interruptible
     def rank_ic(
         self,
@@ -614,6 +683,7 @@ class Harness:
             _warn_without_sections(out)
         return out
 
+    @_open
     @_interruptible
     def series(
         self,
@@ -639,6 +709,7 @@ class Harness:
         """
         from duckharness.engine.analysis import daily_series
 
+        _not_empty(metrics, "metrics", "the default ('rank_ic'), or name one, e.g. 'corr'")
         names = list(dict.fromkeys([metrics] if isinstance(metrics, str) else metrics))
         self._check_metric_names(names)
         _check_plot(plot)
@@ -657,6 +728,7 @@ class Harness:
             plot_series(df, plot, rolling=rolling)
         return df
 
+    @_open
     @_interruptible
     def summary(
         self,
@@ -702,6 +774,7 @@ class Harness:
         expected = [(n, p.pred, p.target, m) for n in names for p in self._pairs(pairs, names) for m in asked]
         return summarize(series, lag=lag, expected=expected)
 
+    @_open
     @_interruptible
     def compare(
         self,
@@ -765,6 +838,7 @@ class Harness:
             result.plot(plot)
         return result
 
+    @_open
     @_interruptible
     def deciles(
         self,
@@ -863,6 +937,7 @@ class Harness:
     def _pairs(self, pairs: Any, experiments: Sequence[str] = ()) -> list[Pair]:
         """The pairs asked for; by default every pred_X/target_X pair of the source that each of
         ``experiments`` has (a pair one of them drops is left out, with a warning)."""
+        _not_empty(pairs, "pairs", "every pred_X/target_X pair, or name one, e.g. pairs=['pred_10s:target_10s']")
         if pairs is None:
             found = default_pairs(self.dataset.columns)
             if not found:
@@ -900,6 +975,7 @@ class Harness:
         return list(dict.fromkeys(Pair.parse(p) for p in pairs))  # a pair given twice is one pair
 
     def _experiment_names(self, experiments: Sequence[str] | str | None) -> list[str]:
+        _not_empty(experiments, "experiments", "all of them, or name one, e.g. experiments=['baseline']")
         if experiments is None:
             return self.experiments.names
         names = list(dict.fromkeys([experiments] if isinstance(experiments, str) else experiments))
@@ -909,6 +985,7 @@ class Harness:
         return names
 
     # -- tracing ----------------------------------------------------------------------------
+    @_open
     @contextlib.contextmanager
     def trace(self, fn: Callable[[str], None] = print) -> Iterator[None]:
         """Within the block, every SQL statement the harness executes is passed to ``fn``."""
@@ -928,7 +1005,24 @@ class Harness:
         finally:
             cursor.close()
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise HarnessClosedError(
+                f"This Harness of {self.dataset.root} is closed (close() or the end of its `with` block "
+                f"ran); create a new one: Harness({self.dataset.root!r}, ...)."
+            )
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has run (then every method raises :class:`HarnessClosedError`)."""
+        return self._closed
+
     def close(self) -> None:
+        """Close the harness's DuckDB connections and the clusters it started. Closing twice is
+        harmless; any other call afterwards raises :class:`HarnessClosedError`."""
+        if self._closed:
+            return
+        self._closed = True
         for ex in self._executors.values():
             ex.close()
         self._executors = {}
@@ -938,12 +1032,15 @@ class Harness:
             self._data_con = None
 
     def __enter__(self) -> Harness:
+        self._check_open()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
+        if self._closed:
+            return f"<closed Harness({self.dataset.root!r})>"
         return (
             f"Harness({self.dataset.root!r}, files={len(self.dataset.files)}, days={self._days_shown()}, "
             f"experiments={self.experiments.names})"

@@ -546,3 +546,21 @@ def test_an_interrupted_demo_leaves_the_folder_as_it_was(tmp_path: Path, monkeyp
     else:
         assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == (["d"] if earlier else [])  # nothing hidden beside it
+
+
+def test_every_exception_and_the_warning_class_import_from_the_package_and_are_in_all() -> None:
+    """Before, ``from duckharness import TransformError`` (the README's name) and
+    ``DuckHarnessWarning`` raised ImportError."""
+    import inspect
+
+    import duckharness
+    import duckharness.errors as errors
+
+    classes = {n: c for n, c in vars(errors).items() if inspect.isclass(c) and c.__module__ == errors.__name__}
+    assert {"TransformError", "DuckHarnessWarning", "HarnessClosedError", "DuckHarnessError"} <= set(classes)
+    for name, cls in classes.items():
+        assert getattr(duckharness, name) is cls, name
+        assert name in duckharness.__all__, name
+    namespace: dict[str, object] = {}
+    exec("from duckharness import *", namespace)
+    assert set(classes) <= set(namespace)

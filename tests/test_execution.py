@@ -240,3 +240,105 @@ def test_grouping_by_a_column_named_like_a_result_column_is_refused_naming_it(tm
     write_dataset(tmp_path, {"d": table}, SESSION)
     with Harness(tmp_path, cache=False) as h, pytest.raises(InputError, match=rf"Cannot group by column '{name}'"):
         h.metrics(["count"], pairs="pred_a", by=name)
+
+
+# --- arguments that ask for nothing, and a closed harness -------------------------------------------
+
+PAIR = "pred_10s:target_10s"
+
+
+@pytest.mark.parametrize(("call", "argument"), [
+    (lambda h: h.metrics(["r2"], pairs=[]), "pairs"),
+    (lambda h: h.metrics([], pairs=PAIR), "metrics"),
+    (lambda h: h.metrics(["r2"], pairs=PAIR, experiments=[]), "experiments"),
+    (lambda h: h.metrics(["r2"], pairs=PAIR, by=[]), "by"),
+    (lambda h: h.rank_ic(pairs=[]), "pairs"),
+    (lambda h: h.rank_ic(PAIR, experiments=()), "experiments"),
+    (lambda h: h.series([]), "metrics"),
+    (lambda h: h.series("corr", pairs=[]), "pairs"),
+    (lambda h: h.series("corr", PAIR, experiments=[]), "experiments"),
+    (lambda h: h.summary([]), "metrics"),
+    (lambda h: h.summary("corr", pairs=[]), "pairs"),
+    (lambda h: h.summary("corr", PAIR, experiments=[]), "experiments"),
+    (lambda h: h.deciles(pairs=[]), "pairs"),
+    (lambda h: h.deciles(PAIR, experiments=[]), "experiments"),
+    (lambda h: h.compare("mse", "baseline", "liquid", pairs=[]), "pairs"),
+], ids=["metrics_pairs", "metrics_metrics", "metrics_experiments", "metrics_by", "rank_ic_pairs",
+        "rank_ic_experiments", "series_metrics", "series_pairs", "series_experiments", "summary_metrics",
+        "summary_pairs", "summary_experiments", "deciles_pairs", "deciles_experiments", "compare_pairs"])
+def test_an_empty_list_is_an_input_error_saying_to_leave_the_argument_out(folder: Path, call: object,
+                                                                         argument: str) -> None:
+    """Before: a Polars ComputeError (metrics' pairs), an IndexError (rank_ic, series, summary,
+    deciles), or an empty or pooled frame (experiments=[], by=[]), by method."""
+    from duckharness import InputError
+
+    asks = rf"^{argument}=(\[\]|\(\)) asks for nothing: leave {argument} out for"
+    with harness(folder, {"liquid": "volume > 1000"}, cache=False) as h, pytest.raises(InputError, match=asks):
+        call(h)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(("kw", "why"), [
+    ({"batch_size": 0}, "batch_size must be a whole number of at least 1, got 0"),
+    ({"batch_size": 1.5}, "batch_size must be a whole number of at least 1, got 1.5"),
+    ({"workers": 0}, "workers must be a whole number of at least 1, got 0"),
+])
+def test_a_harness_with_no_batch_size_or_workers_is_refused_when_created(folder: Path, kw: dict, why: str) -> None:
+    """Before, batch_size=0 and workers=0 were taken as the defaults without a word."""
+    from duckharness import InputError
+
+    with pytest.raises(InputError, match=why):
+        Harness(folder, cache=False, **kw)  # type: ignore[arg-type]
+
+
+def test_a_run_with_batch_size_0_is_refused(folder: Path) -> None:
+    from duckharness import InputError
+
+    with Harness(folder, cache=False) as h, pytest.raises(InputError, match="batch_size must be a whole number"):
+        h.metrics(["count"], pairs=PAIR, batch_size=0)
+
+
+def _public_methods() -> list[str]:
+    import inspect
+
+    return sorted(n for n, v in vars(Harness).items()
+                  if not n.startswith("_") and inspect.isfunction(v) and n != "close")
+
+
+def test_the_public_methods_include_every_reading_method() -> None:
+    assert {"metrics", "rank_ic", "series", "summary", "compare", "deciles", "sample", "sink", "export", "info",
+            "relation", "lazyframe", "add_experiment", "trace"} <= set(_public_methods())
+
+
+@pytest.mark.parametrize("name", _public_methods())
+def test_every_method_of_a_closed_harness_says_it_is_closed(folder: Path, name: str) -> None:
+    """Before, DuckDB's 'ConnectionException: Connection already closed!' (or an
+    ExperimentSQLError quoting it), or a result as if open."""
+    import inspect
+
+    from duckharness import HarnessClosedError
+
+    h = Harness(folder, cache=False)
+    h.close()
+    method = getattr(h, name)
+    required = [p for p in inspect.signature(method).parameters.values()
+                if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
+    with pytest.raises(HarnessClosedError, match=r"This Harness of .* is closed .*; create a new one: Harness\("):
+        result = method(*["baseline"] * len(required))
+        if name == "trace":
+            with result:
+                pass
+
+
+def test_a_closed_harness_refuses_experiments_and_with_and_its_repr_says_closed(folder: Path) -> None:
+    from duckharness import HarnessClosedError
+
+    with Harness(folder, cache=False) as h:
+        assert not h.closed and "closed" not in repr(h)
+    assert h.closed
+    assert repr(h) == f"<closed Harness({str(folder)!r})>"
+    h.close()  # twice is harmless
+    with pytest.raises(HarnessClosedError, match="is closed"):
+        h.experiments.add("liquid", "volume > 1000")
+    with pytest.raises(HarnessClosedError, match="is closed"), h:
+        pass
+    assert isinstance(HarnessClosedError("x"), ValueError)

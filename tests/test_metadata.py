@@ -336,6 +336,45 @@ def test_a_per_call_window_that_starts_and_ends_at_one_time_is_an_input_error(tm
                   pa.timestamp("us", tz="UTC"))
     write_dataset(tmp_path / "d", {"2026-03-04": pa.table({"ts": ts, "pred_a": np.ones(rows),
                                                           "target_a": np.ones(rows)})}, {})
-    same = "Window '10:00'-'10:00' starts and ends at the same time"
+    same = "Window 10:00:00-10:00:00 starts and ends at the same time"
     with Harness(tmp_path / "d", cache=False) as h, pytest.raises(InputError, match=same):
         h.metrics(["count"], window=("10:00", "10:00"))
+
+
+# -- SessionWindow built in Python ---------------------------------------------------------------------
+
+def test_session_window_takes_hh_mm_strings_for_its_bounds() -> None:
+    """Before, SessionWindow(start="10:00", end="11:00") was built and then failed in datetime.combine."""
+    w = SessionWindow(start="09:30", end="16:00:30")
+    assert w == SessionWindow(dt.time(9, 30), dt.time(16, 0, 30), "US/Eastern")
+    assert w.bounds(dt.date(2026, 3, 9))[:2] == (utc(2026, 3, 9, 13, 30), utc(2026, 3, 9, 20, 0, 30))
+    assert SessionWindow("22:00", "06:00", "Europe/London").overnight
+    assert SessionWindow(None, "11:00").start is None
+
+
+@pytest.mark.parametrize(("start", "end", "key", "why"), [
+    ("9.30", None, "start", r"Window start must be a wall-clock time 'HH:MM' or 'HH:MM:SS', got '9.30'"),
+    (None, "25:00", "end", r"Window end is not a valid time of day: '25:00'"),
+    (930, None, "start", r"Window start must be a datetime.time or a wall-clock time .* got 930"),
+    (dt.datetime(2026, 3, 9, 10), None, "start", r"Window start must be a datetime.time"),
+    (dt.time(10, tzinfo=UTC), None, "start", r"Window start 10:00:00\+00:00 carries a time zone"),
+    ("10:00", dt.time(10), "end", r"Window 10:00:00-10:00:00 starts and ends at the same time"),
+])
+def test_a_session_window_bound_that_is_not_a_wall_clock_time_is_refused_naming_it(
+        start: object, end: object, key: str, why: str) -> None:
+    with pytest.raises(MetadataError, match=why) as info:
+        SessionWindow(start, end)  # type: ignore[arg-type]
+    assert info.value.key == key
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(("tz", "why"), [
+    ("Mars/Olympus_Mons", r"Unknown time zone 'Mars/Olympus_Mons' for the window's timezone; use an IANA name"),
+    ("", r"The window's timezone must be an IANA time zone name .* got ''"),
+    (None, r"The window's timezone must be an IANA time zone name .* got None"),
+])
+def test_a_session_window_in_an_unknown_time_zone_is_refused_when_built(tz: object, why: str) -> None:
+    """Before, it was accepted and failed at the first run with zoneinfo's own error."""
+    with pytest.raises(MetadataError, match=why) as info:
+        SessionWindow("09:30", "16:00", tz)  # type: ignore[arg-type]
+    assert info.value.key == "timezone"

@@ -540,3 +540,21 @@ def test_a_per_batch_python_step_sees_each_day_whole_in_any_file_layout(odd_layo
         local = rows.with_columns(pl.col("ts").dt.convert_time_zone("US/Eastern").dt.date().alias("d"))
         seen = dict(local.group_by("d").agg(pl.col("step_rows").unique()).iter_rows())
         assert seen == {d: [n] for d, (_, n) in want.items()}  # the step ran once per day, on all its rows
+
+
+def to_pandas(lf: pl.LazyFrame) -> object:
+    return lf.collect().to_pandas()
+
+
+def test_a_step_returning_a_pandas_dataframe_is_told_how_to_convert_it(folder: Path) -> None:
+    """Refused rather than converted: pl.from_pandas drops the index (a set_index('ts') would lose
+    the time column silently). Before, the message said only 'got DataFrame', which a Polars
+    DataFrame (accepted) is too."""
+    h = Harness(folder)
+    with pytest.raises(TransformError, match=r"'pd'.*to_pandas returned a pandas DataFrame; .*"
+                                             r"return pl\.from_pandas\(df\)\.lazy\(\) \(after df\.reset_index\(\)"):
+        h.add_experiment("pd", to_pandas)
+    assert "pd" not in h.experiments.names
+    h.add_experiment("pd", lambda lf: pl.from_pandas(to_pandas(lf)).lazy())  # the conversion it names works
+    assert h.metrics(["count"], pairs="pred_10s:target_10s", experiments=["pd", "baseline"]).filter(
+        metric="count")["value"].n_unique() == 1

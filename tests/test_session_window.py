@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import SESSION, read_all, write_dataset
 
-from duckharness import Harness
+from duckharness import Harness, SessionWindow
 from duckharness.errors import DuckHarnessWarning
 
 EASTERN = "US/Eastern"
@@ -150,11 +150,66 @@ def test_window_override_1000_to_1100_keeps_exactly_that_hour_each_day(eastern: 
     assert counts_by_day(Harness(eastern), window=("10:00", "11:00")) == expected
 
 
-@pytest.mark.parametrize("window", [("10:00",), "10:00-11:00", ("10:00", "11:00", "12:00"), 5])
+@pytest.mark.parametrize("window", [("10:00",), ("10:00", "11:00", "12:00"), 5, dt.time(10)])
 def test_a_window_that_is_not_a_start_end_pair_is_an_input_error(eastern: Path, window: object) -> None:
     from duckharness import InputError
 
     with Harness(eastern, cache=False) as h, pytest.raises(InputError, match=r"window must be .* \(start, end\) pair"):
+        h.metrics(["count"], pairs="pred_10s:target_10s", window=window)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("window", [
+    ("10:00", "11:00"),
+    (dt.time(10), dt.time(11)),
+    ["10:00:00", dt.time(11)],
+    "10:00-11:00",
+    " 10:00 - 11:00:00 ",
+    SessionWindow("10:00", "11:00", EASTERN),
+    SessionWindow(start=dt.time(10), end="11:00"),
+], ids=["strings", "times", "mixed_list", "text", "text_spaced", "session_window_strings", "session_window_mixed"])
+def test_every_window_form_keeps_exactly_the_hour_from_1000_to_1100_each_day(eastern: Path, window: object) -> None:
+    """Before, the time pair was refused (MetadataError), the text refused (InputError) and a
+    SessionWindow of strings failed inside datetime.combine (TypeError)."""
+    expected = reference_counts(eastern, EASTERN, "10:00", "11:00")
+    assert set(expected.values()) == {185}
+    with Harness(eastern, cache=False) as h:
+        assert counts_by_day(h, window=window) == expected
+
+
+@pytest.mark.parametrize(("window", "start", "end"), [
+    ("10:00-", "10:00", None), ("-11:00", None, "11:00"), (("10:00", None), "10:00", None),
+    ((None, dt.time(11)), None, "11:00"),
+])
+def test_a_window_open_on_one_side_keeps_every_row_of_the_day_on_that_side(
+        eastern: Path, window: object, start: str | None, end: str | None) -> None:
+    expected = reference_counts(eastern, EASTERN, start, end)
+    with Harness(eastern, cache=False) as h:
+        assert counts_by_day(h, window=window) == expected
+
+
+def test_a_session_window_in_another_time_zone_picks_that_zones_wall_clock_hour(eastern: Path) -> None:
+    """London's 14:00-15:00 is 09:00-10:00 in New York before 2026-03-08 and 10:00-11:00 after:
+    each day keeps London's hour, dated by London's calendar."""
+    expected = reference_counts(eastern, LONDON, "14:00", "15:00")
+    assert set(expected) == set(EASTERN_DAYS) and expected != reference_counts(eastern, EASTERN, "14:00", "15:00")
+    with Harness(eastern, cache=False) as h:
+        assert counts_by_day(h, window=SessionWindow("14:00", "15:00", LONDON)) == expected
+
+
+@pytest.mark.parametrize(("window", "why"), [
+    ("10:00", r"Window '10:00' must be START-END, e.g. 09:30-16:00"),
+    ("-", r"Window '-' must be START-END"),
+    ("25:00-26:00", r"Window '25:00-26:00': '25:00' is not a valid time of day"),
+    ("10-11", r"Window '10-11': '10' must be a wall-clock time 'HH:MM'"),
+    ("10:00-10:00", r"Window '10:00-10:00': starts and ends at one time"),
+    (("10:00", "24:00"), r"Window end is not a valid time of day: '24:00'"),
+])
+def test_a_malformed_window_text_or_bound_is_an_input_error_naming_it(eastern: Path, window: object,
+                                                                       why: str) -> None:
+    """The text follows --window's rules: one bound may be empty, not both; equal times are refused."""
+    from duckharness import InputError
+
+    with Harness(eastern, cache=False) as h, pytest.raises(InputError, match=why):
         h.metrics(["count"], pairs="pred_10s:target_10s", window=window)  # type: ignore[arg-type]
 
 

@@ -61,34 +61,114 @@ def parse_wall_time(text: Any, *, key: str, path: str | None = None, label: str 
         raise MetadataError(f"{subject} is not a valid time of day: {text!r}.", path=path, key=key) from None
 
 
-def load_timezone(name: Any, *, key: str = "timezone", path: str | None = None) -> zoneinfo.ZoneInfo:
-    """Return the IANA time zone called ``name``, or a :class:`MetadataError` naming the key."""
+def load_timezone(
+    name: Any, *, key: str = "timezone", path: str | None = None, label: str | None = None
+) -> zoneinfo.ZoneInfo:
+    """Return the IANA time zone called ``name``, or a :class:`MetadataError` naming the key
+    (``label``, e.g. "the window's timezone", names a zone that did not come from a file)."""
     where = f" in {path}" if path else ""
+    subject = label or f"key {key!r}{where}"
     if not isinstance(name, str) or not name:
-        raise MetadataError(f"Key {key!r}{where} must be an IANA time zone name.", path=path, key=key)
+        raise MetadataError(
+            f"{subject[0].upper()}{subject[1:]} must be an IANA time zone name such as 'America/New_York', "
+            f"got {name!r}.",
+            path=path,
+            key=key,
+        )
     try:
         return zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         raise MetadataError(
-            f"Unknown time zone {name!r} for key {key!r}{where}; use an IANA name such as "
+            f"Unknown time zone {name!r} for {subject}; use an IANA name such as "
             f"'America/New_York' or 'Europe/London'.",
             path=path,
             key=key,
         ) from None
 
 
-@dataclass(frozen=True)
+def parse_window_text(text: str, *, prefix: str = "") -> tuple[dt.time | None, dt.time | None]:
+    """The bounds of a window written ``START-END`` (``--window`` on the command line,
+    ``window="10:00-11:00"`` in Python): ``HH:MM[:SS]`` times, either of which may be left out
+    for an open end (``10:00-``, ``-15:00``), not both; two equal times are refused. ``prefix``
+    starts each error message (e.g. ``"Window "``).
+
+    Example:
+        >>> parse_window_text("10:00-11:30"), parse_window_text("-15:00")
+        ((datetime.time(10, 0), datetime.time(11, 30)), (None, datetime.time(15, 0)))
+    """
+    start, dash, end = text.strip().partition("-")
+    start, end = start.strip(), end.strip()
+    if not dash or not (start or end):
+        raise MetadataError(
+            f"{prefix}{text!r} must be START-END, e.g. 09:30-16:00 (or 10:00- / -15:00 for one bound).",
+            key="window",
+        )
+    lo, hi = (parse_wall_time(b, key="window", label=f"{prefix}{text!r}: {b!r}") if b else None for b in (start, end))
+    if lo is not None and lo == hi:
+        raise MetadataError(
+            f"{prefix}{text!r}: starts and ends at one time; a window needs two (an end before the start "
+            f"runs overnight; leave one out for an open end).",
+            key="window",
+        )
+    return lo, hi
+
+
+def _window_bound(value: Any, which: str) -> dt.time | None:
+    """A window bound given as a ``datetime.time`` or an ``HH:MM[:SS]`` string (None: open)."""
+    label = f"Window {which}"
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return parse_wall_time(value, key=which, label=label)
+    if not isinstance(value, dt.time):
+        raise MetadataError(
+            f"{label} must be a datetime.time or a wall-clock time 'HH:MM' or 'HH:MM:SS' (None for an open end), "
+            f"got {value!r}.",
+            key=which,
+        )
+    if value.tzinfo is not None:
+        raise MetadataError(
+            f"{label} {value.isoformat()} carries a time zone; give a wall-clock time and the window's "
+            f"timezone= (an IANA name) instead.",
+            key=which,
+        )
+    return value
+
+
+@dataclass(frozen=True, init=False)
 class SessionWindow:
     """A local wall-clock window applied on every day, e.g. 09:30–16:00 US/Eastern.
 
-    ``start`` or ``end`` may be None (open on that side). When ``end`` is not after ``start`` the
-    window runs overnight and ends on the next day. Both bounds are inclusive, as in the
-    reference harness.
+    ``start`` and ``end`` are ``datetime.time`` values or ``HH:MM[:SS]`` strings; either may be
+    None (open on that side). When ``end`` is before ``start`` the window runs overnight and ends
+    on the next day; equal times are refused. Both bounds are inclusive, as in the reference
+    harness. ``timezone`` is an IANA name. A bad bound or zone is a :class:`MetadataError` naming it.
+
+    Example:
+        >>> SessionWindow("10:00", "11:00") == SessionWindow(dt.time(10), dt.time(11), "US/Eastern")
+        True
+        >>> SessionWindow("22:00", None, "Europe/London").describe()
+        '22:00:00–end of day Europe/London'
     """
 
     start: dt.time | None
     end: dt.time | None
     timezone: str = DEFAULT_TIMEZONE
+
+    def __init__(
+        self, start: dt.time | str | None, end: dt.time | str | None, timezone: str = DEFAULT_TIMEZONE
+    ) -> None:
+        lo, hi = _window_bound(start, "start"), _window_bound(end, "end")
+        if lo is not None and lo == hi:
+            raise MetadataError(
+                f"Window {lo.isoformat()}-{hi.isoformat()} starts and ends at the same time: give two different "
+                f"times (an end before the start runs overnight; None for an open end).",
+                key="end",
+            )
+        load_timezone(timezone, label="the window's timezone")
+        object.__setattr__(self, "start", lo)  # frozen: set once, here
+        object.__setattr__(self, "end", hi)
+        object.__setattr__(self, "timezone", timezone)
 
     @property
     def tz(self) -> zoneinfo.ZoneInfo:

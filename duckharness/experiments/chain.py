@@ -48,6 +48,16 @@ def apply_python_step(step: Step, frame: pl.LazyFrame) -> pl.LazyFrame:
         ) from e
     if isinstance(out, pl.DataFrame):
         out = out.lazy()
+    if type(out).__name__ == "DataFrame" and type(out).__module__.startswith("pandas"):
+        # Refused, not converted: a pandas index (a set_index("ts"), say) is no column, and
+        # converting would drop it silently; the user knows whether to reset_index() first.
+        raise TransformError(
+            f"Experiment {step.name!r}: Python step {step.sql} returned a pandas DataFrame; Python steps take "
+            f"and return Polars: return pl.from_pandas(df).lazy() (after df.reset_index() if its index holds "
+            f"a column, such as the time), or work on the LazyFrame with Polars expressions.",
+            experiment=step.name,
+            step=step.sql,
+        )
     if not isinstance(out, pl.LazyFrame):
         raise TransformError(
             f"Experiment {step.name!r}: Python step {step.sql} must return a Polars LazyFrame, "
