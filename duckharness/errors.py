@@ -98,6 +98,18 @@ class TransformError(ExperimentError):
         self.step = step
 
 
+class UnpicklableStepError(TransformError):
+    """A Python step that cannot be sent to the workers of the ``processes``, ``ray`` or ``dask``
+    executor: cloudpickle cannot pickle its function (a lock or an open file in its closure, say).
+    It still runs on ``threads``."""
+
+    def __init__(
+        self, message: str, *, experiment: str | None = None, step: str | None = None, executor: str | None = None
+    ) -> None:
+        super().__init__(message, experiment=experiment, step=step)
+        self.executor = executor
+
+
 class MetricError(InputError):
     """A metric file is malformed, or an unknown metric was asked for."""
 
@@ -127,6 +139,15 @@ class ExecutionError(DuckHarnessError):
         self.files = files or []
         self.sql = sql
         self.experiment = experiment
+
+
+class UnpicklableTaskError(ExecutionError):
+    """A task of a run cannot be pickled to be sent to the executor's workers; the engine names the
+    Python step at fault when there is one (:class:`UnpicklableStepError`)."""
+
+    def __init__(self, message: str, *, executor: str) -> None:
+        super().__init__(message)
+        self.executor = executor
 
 
 class MissingDependencyError(DuckHarnessError, ImportError):

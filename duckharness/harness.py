@@ -27,7 +27,7 @@ from duckharness.errors import HarnessClosedError, InputError, SourceError, Unkn
 from duckharness.execution.connection import fetch_all
 from duckharness.execution.executor import EXECUTORS, Executor, caused_by_interruption, make_executor
 from duckharness.experiments.chain import apply_python_step, build_chain, collect_step, relation_sql
-from duckharness.experiments.steps import BASELINE, Experiments, Step, parse_experiments_file
+from duckharness.experiments.steps import BASELINE, Experiments, Step, parse_experiments_file, pickle_error
 from duckharness.metrics.library import DEFAULT_METRICS, Metric, MetricLibrary
 from duckharness.outputs.export import ExportResult
 from duckharness.outputs.sink import SinkResult
@@ -316,13 +316,29 @@ class Harness:
         refused unless ``replace=True`` (a notebook cell run again): the experiments built on it
         are then validated on the new step, and if one no longer binds nothing changes.
 
+        The ``processes``, ``ray`` and ``dask`` executors send a Python step to their workers with
+        cloudpickle; a function that does not pickle (a lock or an open file in its closure) runs
+        on threads only. When this harness's default executor is one of those, such a step gives a
+        warning here (it is still added: a run may choose ``executor="threads"``), and a run of it
+        on them an :class:`~duckharness.errors.UnpicklableStepError`.
+
         Example:
             >>> h.add_experiment("liquid", "volume > 1000")                       # doctest: +SKIP
             >>> h.add_experiment("liquid", "volume > 2000", replace=True)         # doctest: +SKIP
             >>> h.add_experiment("z", lambda lf: lf.with_columns(                 # doctest: +SKIP
             ...     (pl.col("pred_10s") / pl.col("pred_10s").std()).alias("pred_z")), base="liquid")
         """
-        return self.experiments.add(name, step, base, per_batch=per_batch, replace=replace)
+        added = self.experiments.add(name, step, base, per_batch=per_batch, replace=replace)
+        if added.fn is not None and (executor := self._executor(None, None)).pickles_tasks:
+            error = pickle_error(added.fn)
+            if error is not None:
+                warn(
+                    f"Experiment {name!r}: Python step {added.sql} does not pickle ({type(error).__name__}: "
+                    f"{error}), so it cannot be sent to the {executor.name} workers this harness runs on by "
+                    f"default. Define the function at module level in a module the workers can import, without "
+                    f"locks or open files in its closure; or run it with executor='threads'."
+                )
+        return added
 
     @_open
     def remove_experiment(self, name: str) -> None:

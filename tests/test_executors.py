@@ -10,7 +10,10 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
+import subprocess
+import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,13 @@ from duckharness import Harness
 from duckharness.cli import main
 from duckharness.demo import one_day, trading_days
 from duckharness.engine.run import ChainTask
-from duckharness.errors import ExecutionError, InputError, TransformError
+from duckharness.errors import (
+    DuckHarnessWarning,
+    ExecutionError,
+    InputError,
+    TransformError,
+    UnpicklableStepError,
+)
 from duckharness.execution.executor import (
     EXECUTORS,
     DaskExecutor,
@@ -713,3 +722,173 @@ def test_a_ray_client_address_without_the_client_package_says_what_to_install(tm
     assert (done.returncode, done.stdout) == (1, "")
     assert done.stderr == ("Error: Connecting to ray://127.0.0.1:10001 needs the Ray Client: pip install "
                            "'ray[client]' (or 'duckharness[ray]').\n")
+
+
+# --- what worker processes cannot receive, or cannot start for ---------------------------------------
+
+def locked_step() -> Callable[[pl.LazyFrame], pl.LazyFrame]:
+    """A step that runs on threads but does not pickle: a closure over a lock (defined in a
+    function, so cloudpickle pickles it by value, lock included)."""
+    lock = threading.Lock()
+
+    def locked(lf: pl.LazyFrame) -> pl.LazyFrame:
+        with lock:
+            return lf
+
+    return locked
+
+
+def test_other_experiments_run_on_processes_while_an_unpicklable_step_exists(
+        folder: Path, reference: dict, process_executor: ProcessExecutor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user's run of one experiment failed with a raw "cannot pickle '_thread.lock' object" because
+    every task shipped every experiment's step."""
+    with Harness(folder, workers=2) as h:
+        h.add_experiment("z", add_z)
+        ranked_on_threads = h.rank_ic("pred_10s:target_10s", ["z"], progress=False)
+    rounds = count_rounds(process_executor, monkeypatch)
+    with Harness(folder, workers=2, executor=process_executor) as h:
+        h.add_experiment("z", add_z)
+        with pytest.warns(DuckHarnessWarning, match="Experiment 'locked'"):
+            h.add_experiment("locked", locked_step())
+        for by in (None, "day"):
+            assert_identical(h.metrics(METRICS, by=by, experiments=["z"]), reference[by].filter(experiment="z"))
+        assert_identical(h.rank_ic("pred_10s:target_10s", ["z"], progress=False), ranked_on_threads)
+    # z's chain ran on the worker processes: 5 batches per metrics run (the driver runs the first),
+    # then the 6 days of the rank IC.
+    assert sum(rounds) == 2 * 5 + len(DAYS), rounds
+
+
+@pytest.mark.parametrize("kind", ["processes", "ray", "dask"])
+@pytest.mark.parametrize("asked", ["locked", "after"])
+def test_an_unpicklable_step_run_on_worker_processes_names_experiment_and_function(
+        folder: Path, kind: str, asked: str) -> None:
+    ex = make_executor(kind, 2)
+    try:
+        with Harness(folder, workers=2) as h:
+            h.add_experiment("locked", locked_step())
+            h.add_experiment("after", "SELECT * FROM locked WHERE volume > 1000")
+            with pytest.raises(UnpicklableStepError) as info:
+                h.metrics(["count"], experiments=[asked], executor=ex)
+            # The step still runs on threads: the lock only stops it from being pickled.
+            assert h.metrics(["count"], experiments=[asked], executor="threads").height > 0
+    finally:
+        ex.close()
+    message = str(info.value)
+    assert (info.value.experiment, info.value.executor) == ("locked", kind)
+    assert info.value.step is not None and "locked_step.<locals>.locked" in info.value.step
+    assert message.startswith("Experiment 'locked'")
+    assert ("(a step of 'after''s chain)" in message) == (asked == "after")
+    assert f"cannot be sent to the {kind} workers" in message and "cannot pickle '_thread.lock' object" in message
+    assert "module level" in message and "executor='threads'" in message
+    # Nothing was started for tasks that could not be sent.
+    assert getattr(ex, "_pool", None) is None and getattr(ex, "_client", None) is None
+
+
+def test_an_unpicklable_step_in_a_per_day_scan_names_experiment_and_function(
+        folder: Path, process_executor: ProcessExecutor) -> None:
+    with Harness(folder, workers=2, executor=process_executor) as h, pytest.warns(DuckHarnessWarning):
+        h.add_experiment("locked", locked_step())
+        with pytest.raises(UnpicklableStepError, match=r"^Experiment 'locked': Python step .*locked cannot be sent"):
+            h.rank_ic("pred_10s:target_10s", ["locked"], progress=False)
+
+
+def test_an_unpicklable_step_warns_when_added_only_if_the_harness_runs_on_worker_processes(folder: Path) -> None:
+    with Harness(folder, executor="processes") as h:
+        with pytest.warns(DuckHarnessWarning, match=r"Experiment 'locked': Python step .*locked does not pickle "
+                                                     r"\(TypeError: cannot pickle '_thread.lock' object\)") as seen:
+            h.add_experiment("locked", locked_step())
+        assert seen[0].filename == __file__  # points at the user's line
+        assert "locked" in h.experiments.names  # added all the same: a run may choose threads
+    with Harness(folder) as h, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        h.add_experiment("locked", locked_step())  # threads (the default): no pickling, no warning
+
+
+def die_once(con: Any, marker: str) -> int:
+    """A task whose worker process dies the first time it runs (as one killed by the OS would)."""
+    if not os.path.exists(marker):
+        Path(marker).touch()
+        os._exit(1)
+    return os.getpid()
+
+
+def test_a_worker_process_lost_during_a_task_is_retried(tmp_path: Path) -> None:
+    ex = ProcessExecutor(1, retries=1)
+    try:
+        pids = ex.map(die_once, [str(tmp_path / "died")])
+    finally:
+        ex.close()
+    assert pids[0] != os.getpid() and (tmp_path / "died").exists()
+
+
+UNGUARDED = """\
+import polars as pl
+from duckharness import Harness
+
+def scaled(lf):
+    return lf.with_columns(pl.col("pred_10s") * 2)
+
+print("script ran", flush=True)
+h = Harness({data!r}, cache=False, progress=False)
+h.add_experiment("scaled", scaled)
+print(h.metrics(["count"], pairs="pred_10s", experiments="scaled", executor="processes", workers=1))
+"""
+
+
+def run_script(source: str, tmp_path: Path, *, piped: bool = False) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)}
+    if piped:
+        return subprocess.run([sys.executable, "-"], input=source, cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+    script = tmp_path / "backtest.py"
+    script.write_text(source)
+    return subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_a_script_without_the_main_guard_is_told_to_add_it_and_not_retried(tmp_path: Path) -> None:
+    from duckharness.demo import write_demo_dataset
+
+    write_demo_dataset(tmp_path / "d", days=2, rows=200)  # 2 days: the second one goes to the worker
+    done = run_script(UNGUARDED.format(data=str(tmp_path / "d")), tmp_path)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("duckharness.errors.ExecutionError: The processes executor's workers exited while "
+                           "starting, before running any batch"), done.stderr[-3000:]
+    assert f"({tmp_path / 'backtest.py'})" in last and 'if __name__ == "__main__":' in last
+    assert "executor='threads'" in last and "attempt(s)" not in done.stderr
+    assert done.stderr.count("duckharness.errors.ExecutionError") == 1
+    # The script ran here and once in the one worker: the broken pool was not started again.
+    assert done.stdout.count("script ran") == 2
+
+
+def test_a_script_piped_to_python_is_told_to_run_from_a_file(tmp_path: Path) -> None:
+    from duckharness.demo import write_demo_dataset
+
+    write_demo_dataset(tmp_path / "d", days=2, rows=200)
+    done = run_script(UNGUARDED.format(data=str(tmp_path / "d")), tmp_path, piped=True)
+    assert done.returncode == 1
+    assert done.stderr.count("Traceback") == 1  # ours: no worker was started to fail
+    assert done.stderr.strip().splitlines()[-1] == (
+        "duckharness.errors.ExecutionError: The processes executor cannot start its workers: each imports your "
+        "script again, and it was read from standard input (python - < script.py). Save the script as a file and "
+        "run it (python script.py, with the run under `if __name__ == \"__main__\":`), or run on threads "
+        "(executor='threads').")
+    assert done.stdout.count("script ran") == 1
+
+
+def test_the_local_dask_cluster_the_executor_starts_does_not_log_a_failing_task(
+        folder: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """distributed's workers logged "Compute Failed" and the traceback of a step that raised, on
+    top of the TransformError the run gives."""
+    ex = DaskExecutor(1)
+    try:
+        with Harness(folder) as h:
+            h.add_experiment("boom", fail_on_third_day)
+            with pytest.raises(TransformError, match="bad day in pid"):
+                h.metrics(["count"], experiments=["boom"], executor=ex)
+    finally:
+        ex.close()
+    err = capfd.readouterr().err
+    assert "Compute Failed" not in err and "bad day" not in err, err

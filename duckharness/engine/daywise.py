@@ -34,7 +34,7 @@ from duckharness.data.metadata import SessionWindow
 from duckharness.data.source import Dataset, FileInfo
 from duckharness.engine.cache import StatsCache
 from duckharness.engine.plan import DAY, Pair, aware_in, day_groups, moves_time, replaces_time, window_and_day
-from duckharness.engine.run import ChainTask, run_chain_task
+from duckharness.engine.run import ChainTask, map_chain_tasks, run_chain_task
 from duckharness.errors import ExecutionError, InputError, UnknownColumnError
 from duckharness.execution.executor import Executor, brief, retryable
 from duckharness.execution.progress import Progress
@@ -334,12 +334,7 @@ def _run(
     with Progress(len(tasks), label, enabled=progress) as bar:
         bar.advance(len(tasks) - len(todo))
         try:
-            computed = executor.map(
-                run_chain_task,
-                [tasks[i] for i in todo],
-                describe=lambda t: [f.path for f in t.files],
-                on_done=bar.advance,
-            )
+            computed = map_chain_tasks(executor, [tasks[i] for i in todo], on_done=bar.advance)
         except ExecutionError as e:
             raise _name_experiment(e, [tasks[i] for i in todo]) from e.__cause__
         for i, frame in zip(todo, computed, strict=True):
@@ -357,9 +352,7 @@ def _run(
             redo = [_task(dataset, experiments, name, g, window, batch_size, build, per_row, cols) for g in merged]
             bar.total += len(redo)
             try:
-                again = executor.map(
-                    run_chain_task, redo, describe=lambda t: [f.path for f in t.files], on_done=bar.advance
-                )
+                again = map_chain_tasks(executor, redo, on_done=bar.advance)
             except ExecutionError as e:
                 raise _name_experiment(e, redo) from e.__cause__
             for i in mine:

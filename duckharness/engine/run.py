@@ -42,11 +42,11 @@ from duckharness.engine.plan import (
     shift_role,
     window_and_day,
 )
-from duckharness.errors import ExecutionError, InputError, MetricError, UnknownColumnError
+from duckharness.errors import ExecutionError, InputError, MetricError, UnknownColumnError, UnpicklableTaskError
 from duckharness.execution.connection import ConnectionConfig, fetch_all, interruptible
-from duckharness.execution.executor import Executor, brief, retryable
+from duckharness.execution.executor import Executor, OnDone, brief, retryable
 from duckharness.execution.progress import Progress
-from duckharness.experiments.chain import build_chain
+from duckharness.experiments.chain import build_chain, unpicklable_step_error
 from duckharness.experiments.steps import Experiments, Inlined
 from duckharness.metrics.library import Metric
 from duckharness.metrics.merge import reduce_runs
@@ -709,9 +709,7 @@ def _run_chain(
 
     tasks = [ChainTask(dataset, experiments, name, list(g), window, batch_size, aggregate(g)) for g in groups[1:]]
     done = iter(weight[1:])
-    frames += executor.map(
-        run_chain_task, tasks, describe=lambda t: [f.path for f in t.files], on_done=lambda: advance(next(done))
-    )
+    frames += map_chain_tasks(executor, tasks, on_done=lambda: advance(next(done)))
     return targets, pl.concat(frames, how="vertical_relaxed")
 
 
@@ -726,6 +724,10 @@ class ChainTask:
     window: SessionWindow | None
     batch_size: int
     sql: str
+
+    def __post_init__(self) -> None:
+        # A task carries only its own chain: the other experiments' steps stay home.
+        self.experiments = self.experiments.for_chain(self.name)
 
 
 def canonical(frame: pl.DataFrame, scan: FusedScan) -> pl.DataFrame:
@@ -747,6 +749,20 @@ def cached_columns(frame: pl.DataFrame, scan: FusedScan) -> list[str]:
 def run_chain_task(con: duckdb.DuckDBPyConnection, task: ChainTask) -> pl.DataFrame:
     build_chain(con, task.dataset, task.experiments, task.name, task.files, task.window, None, task.batch_size)
     return _frame(con, task.sql, None)
+
+
+def map_chain_tasks(executor: Executor, tasks: Sequence[ChainTask], on_done: OnDone = None) -> list[pl.DataFrame]:
+    """:func:`run_chain_task` over ``tasks`` on ``executor``. When a task cannot be pickled for
+    the executor's workers, the error names the Python step whose function does not pickle."""
+    try:
+        return executor.map(run_chain_task, tasks, describe=lambda t: [f.path for f in t.files], on_done=on_done)
+    except UnpicklableTaskError as e:
+        error = e
+    # Outside the except block, so that the raised error has cloudpickle's as its only cause.
+    for task in {t.name: t for t in tasks}.values():
+        if found := task.experiments.unpicklable_step(task.name):
+            raise unpicklable_step_error(found[0], task.name, error.executor, found[1]) from found[1]
+    raise error
 
 
 def _sql_task(con: duckdb.DuckDBPyConnection, sql: str) -> pl.DataFrame:

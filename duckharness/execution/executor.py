@@ -11,6 +11,8 @@ the last batch of a round is back). A task that fails is retried up to
 :class:`ExecutionError` naming the batch's files, and no partial result is returned. Errors that
 would fail again are not retried: input errors (a Python step that raises, say) are raised as they
 are, and DuckDB's errors about the query itself (a type mismatch, an overflow) fail the run at once.
+So do a task that does not pickle (:class:`UnpicklableTaskError`, before anything is sent) and
+worker processes that exit while starting (a script without the ``__main__`` guard).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -25,12 +28,13 @@ from typing import Any
 
 import duckdb
 
-from duckharness.errors import ExecutionError, InputError, MissingDependencyError
+from duckharness.errors import ExecutionError, InputError, MissingDependencyError, UnpicklableTaskError
 from duckharness.execution.connection import ConnectionConfig
 
 Fn = Callable[[duckdb.DuckDBPyConnection, Any], Any]
 OnDone = Callable[[], None] | None  # called on the map's own thread as each task succeeds
 EXECUTORS = ("threads", "processes", "ray", "dask")
+_DASK_WORKER_SETUP = "duckharness.execution.dask_worker"  # the preload module of the local Dask cluster's workers
 
 
 def default_workers() -> int:
@@ -133,6 +137,7 @@ class Executor:
     """Base class: the retry loop and error reporting; subclasses run one round of tasks."""
 
     name = "base"
+    pickles_tasks = True  # tasks travel to other processes with cloudpickle (not on ThreadExecutor)
 
     def __init__(self, workers: int | None = None, *, retries: int = 2, config: ConnectionConfig | None = None):
         self.workers = workers or default_workers()
@@ -146,6 +151,21 @@ class Executor:
     def with_config(self, config: ConnectionConfig) -> Executor:
         self.config = config
         return self
+
+    def _payload(self, fn: Fn, task: Any) -> bytes:
+        """``(config, fn, task)`` pickled for a worker (see :func:`run_payload`). A task that does
+        not pickle would not on a second try either: the run fails at once."""
+        import cloudpickle
+
+        try:
+            return cloudpickle.dumps((self.config, fn, task))
+        except Exception as e:  # TypeError, PicklingError, AttributeError, RecursionError, ...
+            raise UnpicklableTaskError(
+                f"A task of this run cannot be sent to the {self.name} workers: it does not pickle "
+                f"({type(e).__name__}: {brief(e)}). What a run sends (its Python steps, storage_options) must "
+                f"pickle with cloudpickle; or run on threads (executor='threads').",
+                executor=self.name,
+            ) from e
 
     def _round(
         self, fn: Fn, tasks: Sequence[Any], home: duckdb.DuckDBPyConnection | None = None, on_done: OnDone = None
@@ -212,6 +232,7 @@ class ThreadExecutor(Executor):
     """Local threads, one DuckDB connection each (the default)."""
 
     name = "threads"
+    pickles_tasks = False
 
     def _round(
         self, fn: Fn, tasks: Sequence[Any], home: duckdb.DuckDBPyConnection | None = None, on_done: OnDone = None
@@ -276,33 +297,52 @@ class ThreadExecutor(Executor):
 
 
 class ProcessExecutor(Executor):
-    """Local worker processes (spawned), for Python steps that hold the GIL."""
+    """Local worker processes (spawned), for Python steps that hold the GIL.
+
+    Each worker imports the main script again as it starts (Python's spawn). A script it cannot
+    import (piped to ``python -``) fails before any is started; workers that all exit while
+    starting (a script without the ``__main__`` guard runs itself in each) fail the run at once,
+    saying so, where a worker lost while running a batch is retried.
+    """
 
     name = "processes"
 
     def __init__(self, workers: int | None = None, **kw: Any) -> None:
         super().__init__(workers, **kw)
         self._pool: Any = None
+        self._workers_up: Any = None  # the pool's event, set by each worker once it has started
 
     def _round(
         self, fn: Fn, tasks: Sequence[Any], home: duckdb.DuckDBPyConnection | None = None, on_done: OnDone = None
     ) -> list[tuple[bool, Any]]:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
 
-        import cloudpickle
-
+        payloads = [self._payload(fn, t) for t in tasks]  # all of them, before a worker starts
         if self._pool is None:
-            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"))
-        futures = [self._pool.submit(run_payload, cloudpickle.dumps((self.config, fn, t))) for t in tasks]
+            script = _unimportable_main()
+            if script is not None:
+                raise ExecutionError(_workers_cannot_import(script))
+            context = multiprocessing.get_context("spawn")
+            self._workers_up = context.Event()
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=context, initializer=_worker_started, initargs=(self._workers_up,)
+            )
+        pool, started = self._pool, self._workers_up
+        futures = [pool.submit(run_payload, p) for p in payloads]
         out: list[tuple[bool, Any]] = [(False, None)] * len(futures)
         for k, f in _as_finished(futures):
             try:
                 out[k] = (True, f.result())
-            except Exception as e:  # includes BrokenProcessPool: a lost worker
-                out[k] = (False, e)
-                if type(e).__name__ == "BrokenProcessPool":
+            except BrokenProcessPool as e:  # a worker died: lost while it ran (retried), or while starting
+                if self._pool is pool:
                     self._pool = None
+                if not started.is_set():  # no worker ever started: a new pool would fail the same way
+                    raise ExecutionError(_workers_did_not_start()) from None
+                out[k] = (False, e)
+            except Exception as e:
+                out[k] = (False, e)
             _report(out[k][0], on_done)
         return out
 
@@ -326,8 +366,7 @@ class RayExecutor(Executor):
     def _round(
         self, fn: Fn, tasks: Sequence[Any], home: duckdb.DuckDBPyConnection | None = None, on_done: OnDone = None
     ) -> list[tuple[bool, Any]]:
-        import cloudpickle
-
+        payloads = [self._payload(fn, t) for t in tasks]  # before a cluster is started for them
         ray = _optional("ray", "the 'ray' executor", "ray")
         if not ray.is_initialized():
             self._started = True
@@ -347,7 +386,7 @@ class RayExecutor(Executor):
                 ray.init(num_cpus=self.workers, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
         if self._remote is None:
             self._remote = ray.remote(max_retries=0)(run_payload)
-        refs = [self._remote.remote(cloudpickle.dumps((self.config, fn, t))) for t in tasks]
+        refs = [self._remote.remote(p) for p in payloads]
         position = {r: k for k, r in enumerate(refs)}
         out: list[tuple[bool, Any]] = [(False, None)] * len(refs)
         waiting = list(refs)
@@ -387,8 +426,7 @@ class DaskExecutor(Executor):
     def _round(
         self, fn: Fn, tasks: Sequence[Any], home: duckdb.DuckDBPyConnection | None = None, on_done: OnDone = None
     ) -> list[tuple[bool, Any]]:
-        import cloudpickle
-
+        payloads = [self._payload(fn, t) for t in tasks]  # before a cluster is started for them
         distributed = _optional("distributed", "the 'dask' executor", "dask")
         Client, LocalCluster = distributed.Client, distributed.LocalCluster
 
@@ -396,13 +434,24 @@ class DaskExecutor(Executor):
             if self.address:
                 self._client = Client(self.address)
             else:
+                import dask
+
+                # Our own workers keep quiet about the tasks that raise (see dask_worker); the
+                # preloads a user configured still run. The scheduler's HTTP server (health checks;
+                # no dashboard) takes a free port, not 8787 with a warning when a dashboard has it.
+                preload = [*(dask.config.get("distributed.worker.preload", None) or []), _DASK_WORKER_SETUP]
                 cluster = LocalCluster(
-                    n_workers=self.workers, threads_per_worker=1, processes=True, dashboard_address=None
+                    n_workers=self.workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=None,
+                    scheduler_kwargs={"dashboard_address": ":0"},
+                    preload=preload,
                 )
                 self._client = Client(cluster)
                 self._own.append(cluster)
             self._own.append(self._client)
-        futures = [self._client.submit(run_payload, cloudpickle.dumps((self.config, fn, t)), pure=False) for t in tasks]
+        futures = [self._client.submit(run_payload, p, pure=False) for p in payloads]
         position = {f.key: k for k, f in enumerate(futures)}  # pure=False: every task has a key of its own
         out: list[tuple[bool, Any]] = [(False, None)] * len(futures)
         for f in distributed.as_completed(futures):  # in the order they finish, failed ones too
@@ -430,6 +479,59 @@ def _as_finished(futures: Sequence[Future[Any]]) -> Iterator[tuple[int, Future[A
         finished, waiting = wait(waiting, timeout=0.1)
         for f in sorted(finished, key=position.__getitem__):
             yield position[f], f
+
+
+def _worker_started(event: Any) -> None:
+    """A process worker's initializer: it has imported the main script and can take tasks."""
+    event.set()
+
+
+def _unimportable_main() -> str | None:
+    """The ``__main__`` script when spawned workers cannot import it again (a script piped to
+    ``python -`` is ``<stdin>``), else None (no script, as in a notebook; or one they can import)."""
+    import multiprocessing.process
+
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None):  # python -m: imported by name
+        return None
+    path = getattr(main, "__file__", None)
+    if not isinstance(path, str):
+        return None
+    start = getattr(multiprocessing.process, "ORIGINAL_DIR", None) or os.getcwd()  # spawn's own base
+    return None if os.path.isfile(os.path.join(start, path)) else path
+
+
+def _main_script() -> str | None:
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    return path if isinstance(path, str) else None
+
+
+def _workers_cannot_import(script: str) -> str:
+    where = (
+        "it was read from standard input (python - < script.py)"
+        if script.startswith("<")
+        else f"{script} is not a file"
+    )
+    return (
+        f"The processes executor cannot start its workers: each imports your script again, and {where}. "
+        f"Save the script as a file and run it (python script.py, with the run under "
+        f"`if __name__ == \"__main__\":`), or run on threads (executor='threads')."
+    )
+
+
+def _workers_did_not_start() -> str:
+    script = _main_script()
+    if script is None:
+        return (
+            "The processes executor's workers exited while starting, before running any batch (their own "
+            "errors are above). Where they cannot start, run on threads (executor='threads')."
+        )
+    return (
+        f"The processes executor's workers exited while starting, before running any batch: each imports "
+        f'your script ({script}) again, and most likely its run is not under `if __name__ == "__main__":`, '
+        f"so each worker ran the script itself (see their errors above). Put the run under that guard, "
+        f"or run on threads (executor='threads')."
+    )
 
 
 def _report(ok: bool, on_done: OnDone) -> None:

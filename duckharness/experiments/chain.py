@@ -28,7 +28,7 @@ from duckharness.engine.plan import (
     per_row_window,
     window_and_day,
 )
-from duckharness.errors import TransformError
+from duckharness.errors import TransformError, UnpicklableStepError
 from duckharness.execution.connection import fetch_all, interruptible
 from duckharness.experiments.steps import BASELINE, Experiments, Step
 
@@ -66,6 +66,21 @@ def apply_python_step(step: Step, frame: pl.LazyFrame) -> pl.LazyFrame:
             step=step.sql,
         )
     return out
+
+
+def unpicklable_step_error(step: Step, experiment: str, executor: str, error: Exception) -> UnpicklableStepError:
+    """The error for a Python step the ``executor``'s workers cannot receive (``error`` is
+    cloudpickle's), raised by a run of ``experiment`` (whose chain holds ``step``)."""
+    via = "" if experiment == step.name else f" (a step of {experiment!r}'s chain)"
+    return UnpicklableStepError(
+        f"Experiment {step.name!r}{via}: Python step {step.sql} cannot be sent to the {executor} workers, "
+        f"because it does not pickle: {type(error).__name__}: {error}. Define the function at module level in "
+        f"a module the workers can import, and keep locks, open files and connections out of its closure "
+        f"and the globals it uses; or run on threads (executor='threads'), where it needs no pickling.",
+        experiment=step.name,
+        step=step.sql,
+        executor=executor,
+    )
 
 
 def collect_step(step: Step, frame: pl.LazyFrame) -> pl.DataFrame:

@@ -85,6 +85,27 @@ def function_name(fn: Callable[..., Any]) -> str:
     return f"{mod}.{name}" if mod and mod != "__main__" else name
 
 
+def pickle_error(fn: Callable[..., Any]) -> Exception | None:
+    """Why cloudpickle cannot pickle ``fn`` (which the ``processes``, ``ray`` and ``dask``
+    executors do to send a Python step to their workers), or None when it can.
+
+    Example:
+        >>> import threading
+        >>> lock = threading.Lock()
+        >>> pickle_error(lambda lf: lf) is None
+        True
+        >>> pickle_error(lambda lf: lock and lf)
+        TypeError("cannot pickle '_thread.lock' object")
+    """
+    import cloudpickle
+
+    try:
+        cloudpickle.dumps(fn)
+    except Exception as e:  # TypeError, PicklingError, AttributeError, RecursionError, ...
+        return e
+    return None
+
+
 def python_step(name: str, fn: Callable[[Any], Any], base: str | None, *, per_batch: bool = True) -> Step:
     """A step that applies ``fn`` (Polars LazyFrame -> LazyFrame) to the rows of its base."""
     if not isinstance(name, str) or not name.strip() or not _NAME.match(name):
@@ -393,6 +414,25 @@ class Experiments:
             raise ExperimentSQLError(
                 f"Experiment {step.name!r} is not valid SQL for DuckDB: {msg}", experiment=step.name
             ) from None
+
+    def for_chain(self, name: str) -> Experiments:
+        """A copy holding only the steps of ``name``'s chain, without the binder: what a worker
+        needs to build it. A run ships no other experiment's step (one that does not pickle, say,
+        must not stop the runs of the others)."""
+        keep = {s.name for s in self.chain(name)}
+        out = Experiments.__new__(Experiments)
+        out._bind = None
+        out._steps = {n: s for n, s in self._steps.items() if n in keep}
+        out._columns = {n: c for n, c in self._columns.items() if n in keep or n == BASELINE}
+        return out
+
+    def unpicklable_step(self, name: str) -> tuple[Step, Exception] | None:
+        """The first Python step of ``name``'s chain whose function does not pickle, with the
+        error, or None (see :func:`pickle_error`)."""
+        for s in self.chain(name):
+            if s.fn is not None and (error := pickle_error(s.fn)) is not None:
+                return s, error
+        return None
 
     # -- views --------------------------------------------------------------------------------
     def chain(self, name: str) -> list[Step]:
