@@ -20,6 +20,8 @@ from duckharness.errors import (
     UnknownColumnError,
     UnknownExperimentError,
     UnknownMetricError,
+    UnpicklableStepError,
+    UnpicklableTaskError,
 )
 
 if TYPE_CHECKING:
@@ -84,6 +86,8 @@ __all__ = [
     "UnknownColumnError",
     "UnknownExperimentError",
     "UnknownMetricError",
+    "UnpicklableStepError",
+    "UnpicklableTaskError",
     "__version__",
     "parse_metric",
 ]
