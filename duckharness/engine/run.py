@@ -124,7 +124,7 @@ def run_metrics(
     grouped by day alone, every experiment and pair gets a row for each of them."""
     stats = stats if stats is not None else RunStats()
     with _control(dataset, control) as con:
-        refined, out_keys, days = _map_partials(
+        refined, out_keys = _map_partials(
             dataset,
             experiments,
             names,
@@ -142,8 +142,7 @@ def run_metrics(
             modes=(True,),
         )
         t3 = time.perf_counter()
-        if days or source_days:
-            days = sorted({*days, *source_days})
+        days = listed_days(dataset, window, source_days) if out_keys == [DAY] else []
         tidy = finalize(refined[True], metrics, out_keys, names, pairs, tracer, con, days=days)
     stats.timings["reduce"] = time.perf_counter() - t3
     return tidy
@@ -179,7 +178,7 @@ def run_stats(
     where its check asks for it."""
     stats = stats if stats is not None else RunStats()
     with _control(dataset, control) as con:
-        refined, out_keys, _ = _map_partials(
+        refined, out_keys = _map_partials(
             dataset,
             experiments,
             names,
@@ -224,7 +223,7 @@ def _map_partials(
     cache: StatsCache | None,
     control: duckdb.DuckDBPyConnection,
     modes: Sequence[bool] = (True,),
-) -> tuple[dict[bool, list[tuple[list[Target], pl.DataFrame]]], list[str], list[dt.date]]:
+) -> tuple[dict[bool, list[tuple[list[Target], pl.DataFrame]]], list[str]]:
     """The map phase: partial stats of every batch, for each group of targets, refined for each
     of ``modes`` from the same first pass: groups far from the shift get a further pass (see
     :func:`recentre`), each group around its own mean (mode ``True``: exact per group), or each
@@ -293,29 +292,21 @@ def _map_partials(
                 kept = [(t, _without_groups(f, table)) for t, f in base] if own else []
                 results = kept + run.passes(fused, whole, shifts, table)
             refined[per_group] = results
-    days: list[dt.date] = []
-    if out_keys == [DAY]:
-        days = listed_days(dataset, batches, window, [f for t, f in base if t and t[0].experiment in fused])
-    return refined, out_keys, days
+    return refined, out_keys
 
 
-def listed_days(
-    dataset: Dataset, batches: Sequence[Sequence[FileInfo]], window: SessionWindow | None, fused: Sequence[pl.DataFrame]
-) -> list[dt.date]:
+def listed_days(dataset: Dataset, window: SessionWindow | None, source_days: Sequence[dt.date]) -> list[dt.date]:
     """The days a run by day lists for every experiment and pair, whichever experiments it runs:
-    the days of the source's rows inside the session window (every row is in some cell of the fused
-    scan, whatever the experiments' conditions), and the day of each one-day batch of files that
-    has rows, none of them inside the window."""
-    days: set[dt.date] = set()
-    for frame in fused:
-        days.update(frame.get_column(DAY).drop_nulls().to_list())
+    ``source_days`` (the days holding source rows inside the session window, from the day index),
+    and the day of each one-day file that has rows, none of them inside the window."""
+    days = set(source_days)
     if dataset.time_column is not None:
         tz = window.timezone if window is not None else dataset.metadata.timezone
-        for files in batches:
-            if sum(f.rows for f in files) and all(f.time_min is not None and f.time_max is not None for f in files):
-                one = {d for f in files for d in file_days(f, tz, window)}
+        for f in dataset.files:
+            if f.rows and f.time_min is not None and f.time_max is not None:
+                one = file_days(f, tz, window)
                 if len(one) == 1:
-                    days |= one
+                    days.add(one[0])
     return sorted(days)
 
 

@@ -146,11 +146,13 @@ def build_chain(
         base_sql = relation_sql(step.base)
         if tracer is not None:
             tracer(statement)
-        groups = day_groups(dataset, window, files) if len(files) > 1 else [list(files)]
         if not step.per_batch:
             frame = con.sql(base_sql).pl(lazy=True)  # streams from DuckDB, with projection pushdown
             out = collect_step(step, apply_python_step(step, frame))
-        elif len(groups) <= 1 or not experiments.batchable(step.base):
+            con.register(step.name, out)
+            continue
+        groups = day_groups(dataset, window, files) if len(files) > 1 else [list(files)]
+        if len(groups) <= 1 or not experiments.batchable(step.base):
             out = _per_day(con, dataset, step, base_sql, files, window)
         else:
             parts = []

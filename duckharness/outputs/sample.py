@@ -157,13 +157,13 @@ def _frames(
     else:
         groups = [[f] for f in files]
     per_row = moves_time(dataset, h.experiments, name)
+    rows_aware = aware_in(dataset, h.experiments.columns(name))
     con = dataset.connection(1 if batchable else h.workers).open()
     try:
         for group in groups:
             rel = build_chain(con, dataset, h.experiments, name, group, window, h.tracer, h.batch_size)
             where = None
             if days is not None:
-                rows_aware = aware_in(dataset, h.experiments.columns(name))
                 _, day = window_and_day(dataset, group, window, day_per_row=per_row, rows_aware=rows_aware)
                 where = exp.In(this=day, expressions=[sb.date(d) for d in days])
             q = sb.select([exp.Star()], exp.Table(this=sb.ident(rel)), where=where)

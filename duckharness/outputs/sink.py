@@ -392,6 +392,7 @@ def _write_parts(
     by_rows = partition_by == "day" and moves_time(dataset, h.experiments, name)
     batchable = h.experiments.batchable(name) and not (by_rows and replaces_time(dataset, h.experiments, name))
     rel = exp.Table(this=sb.ident(name))
+    rows_aware = aware_in(dataset, h.experiments.columns(name))  # the experiment's own time type
     if not batchable:
         groups: list[tuple[str, Sequence[FileInfo]]] = [("data", dataset.files)]
     elif partition_by == "day" and not by_rows:
@@ -413,7 +414,6 @@ def _write_parts(
                 if partition_by == "day" and (by_rows or not batchable):
                     # Each row goes to its own day's file (a batch's rows may land on another
                     # batch's day: a Python step that moves times); the days are joined at the end.
-                    rows_aware = aware_in(dataset, h.experiments.columns(name))
                     _, day = window_and_day(
                         sub, files, window, need_day=True, day_per_row=by_rows, rows_aware=rows_aware
                     )
