@@ -150,3 +150,35 @@ def test_series_without_defined_values_says_so_on_the_chart(panel: Harness, tmp_
     fig = plot_series(df, tmp_path / "empty.png")
     assert is_png(tmp_path / "empty.png")
     assert [t.get_text() for t in fig.axes[0].texts] == ["no defined values"]
+
+
+def test_a_chart_whose_write_fails_leaves_the_earlier_file_whole(panel: Harness, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from matplotlib.figure import Figure
+
+    out = tmp_path / "series.png"
+    panel.series("corr", "pred_10s", ["baseline"], plot=out)
+    before = out.read_bytes()
+    assert before[:8] == PNG
+
+    def disk_full(self: Figure, fname: str, **kwargs: object) -> None:  # a write that stops halfway
+        with open(fname, "wb") as f:
+            f.write(PNG)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", disk_full)
+    with pytest.raises(InputError, match=r"series\.png: no space left"):
+        panel.series(["corr", "mse"], "pred_10s", ["baseline"], plot=out)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["series.png"]  # no temporary left
+
+
+def test_a_new_chart_replaces_an_earlier_one_of_that_name(panel: Harness, tmp_path: Path) -> None:
+    out = tmp_path / "s.png"
+    panel.series("corr", "pred_10s", ["baseline"], plot=out)
+    first = out.read_bytes()
+    panel.series(["corr", "mse"], "pred_10s", ["baseline", "liquid"], plot=out)
+    assert is_png(out) and out.read_bytes() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.png"]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from duckharness.errors import InputError, MissingDependencyError
+from duckharness.outputs.paths import written_atomically
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -66,7 +67,11 @@ def check_plot_path(path: str | os.PathLike[str]) -> str:
 
 
 def _save(fig: Figure, path: str | os.PathLike[str]) -> Figure:
-    fig.savefig(os.fspath(path), format=check_plot_path(path), dpi=100, bbox_inches="tight")  # legends beside
+    """Save beside ``path`` and rename over it: a chart replaces an earlier one of that name (charts
+    are redrawn as a study goes on), but an error or Ctrl-C while drawing leaves the old file whole."""
+    fmt = check_plot_path(path)
+    with written_atomically(os.path.abspath(os.fspath(path)), overwrite=True) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=100, bbox_inches="tight")  # legends beside
     return fig
 
 
