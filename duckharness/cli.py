@@ -413,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--by",
         action="append",
         metavar="KEY",
-        help="group by 'day', a column or a local time-of-day bucket such as tod:30min (repeatable)",
+        help="group by 'day', a column (each experiment's own value of it) or a local time-of-day bucket "
+        "such as tod:30min (repeatable)",
     )
     m.add_argument("--format", choices=["table", "csv", "json"], default="table", help="output format")
     m.set_defaults(func=cmd_metrics)

@@ -599,7 +599,9 @@ class Harness:
             pairs: ``"pred_10s:target_10s"`` strings or tuples (default: every pred_X with target_X).
             experiments: names (default: all, baseline first).
             by: None for pooled results, ``"day"``, a column name, a local time-of-day bucket
-                ``"tod:30min"`` (output column ``tod``; units s, min, h), or a list of them.
+                ``"tod:30min"`` (output column ``tod``; units s, min, h), or a list of them. Each
+                experiment is grouped by its own value of a column (one it computes or replaces,
+                such as a symbol mapped to its sector); every experiment asked for must have it.
             window: None for the metadata's session window, False for none, ``("09:30", "16:00")``
                 (strings or ``datetime.time``; None for an open end), ``"09:30-16:00"`` or a
                 :class:`~duckharness.data.metadata.SessionWindow` (see :class:`Harness`).

@@ -342,3 +342,78 @@ def test_a_closed_harness_refuses_experiments_and_with_and_its_repr_says_closed(
     with pytest.raises(HarnessClosedError, match="is closed"), h:
         pass
     assert isinstance(HarnessClosedError("x"), ValueError)
+
+
+# --- grouping by an experiment's own columns --------------------------------------------------------
+
+def _window_rows(folder: Path):  # type: ignore[no-untyped-def]
+    df = read_all(folder).to_pandas()
+    local = df["ts"].dt.tz_convert("US/Eastern")
+    tod = local.dt.hour.astype(int) * 3600 + local.dt.minute.astype(int) * 60 + local.dt.second.astype(int)
+    at_close = (tod == 16 * 3600) & (local.dt.microsecond == 0)
+    return df[(tod >= 9 * 3600 + 1800) & ((tod < 16 * 3600) | at_close)].copy()
+
+
+def _count_corr(w, key: str) -> dict[tuple[str, str], float]:  # type: ignore[no-untyped-def]
+    out = {}
+    for k, g in w.groupby(key):
+        x, y = g["pred_10s"].to_numpy(np.longdouble), g["target_10s"].to_numpy(np.longdouble)
+        dx, dy = x - x.mean(), y - y.mean()
+        out[str(k), "count"] = float(len(g))
+        out[str(k), "corr"] = float((dx * dy).sum() / np.sqrt((dx * dx).sum() * (dy * dy).sum()))
+    return out
+
+
+SECTORS = ("SELECT * REPLACE (CASE WHEN symbol < 'S006' THEN 'tech' ELSE 'energy' END AS symbol) "
+           "FROM baseline")
+
+
+@pytest.mark.parametrize("experiments", [["sector"], ["baseline", "sector", "sector_liquid", "sized"]],
+                         ids=["alone", "with_the_source_column"])
+def test_an_experiment_that_replaces_the_grouping_column_is_grouped_by_its_own_values(
+        folder: Path, experiments: list[str]) -> None:
+    """Before: grouped by the source's symbol, silently (12 symbols for an experiment of 2 sectors)."""
+    h = harness(folder, {"sector": SECTORS, "sector_liquid": "SELECT * FROM sector WHERE volume > 1000",
+                         "sized": "SELECT * REPLACE (lower(symbol) AS symbol) FROM baseline"})
+    got = h.metrics(["count", "corr"], pairs=PAIR, experiments=experiments, by="symbol")
+    w = _window_rows(folder)
+    w["sector"] = np.where(w["symbol"] < "S006", "tech", "energy")
+    w["lower"] = w["symbol"].str.lower()
+    expected_by = {"baseline": (w, "symbol"), "sector": (w, "sector"),
+                   "sector_liquid": (w[w["volume"] > 1000], "sector"), "sized": (w, "lower")}
+    for name in experiments:
+        rows = got.filter(pl.col("experiment") == name, pl.col("metric").is_in(["count", "corr"]))
+        values = {(r["symbol"], r["metric"]): r["value"] for r in rows.iter_rows(named=True)}
+        expected = _count_corr(*expected_by[name])
+        assert values.keys() == expected.keys(), name
+        assert values == pytest.approx(expected, rel=1e-12), name
+
+
+def test_grouping_by_a_column_an_experiment_computes(folder: Path) -> None:
+    """Before: refused ('a column of experiment ..., not of the source')."""
+    h = harness(folder, {"sized": "SELECT *, CASE WHEN volume > 1500 THEN 'big' ELSE 'small' END AS size "
+                                  "FROM baseline",
+                         "sized_tight": "SELECT * FROM sized WHERE spread < 0.02"})
+    statements: list[str] = []
+    with h.trace(statements.append):
+        got = h.metrics(["count", "corr"], pairs=PAIR, experiments=["sized", "sized_tight"], by="size")
+    w = _window_rows(folder)
+    w["size"] = np.where(w["volume"] > 1500, "big", "small")
+    for name, rows in (("sized", w), ("sized_tight", w[w["spread"] < 0.02])):
+        part = got.filter(pl.col("experiment") == name, pl.col("metric").is_in(["count", "corr"]))
+        values = {(r["size"], r["metric"]): r["value"] for r in part.iter_rows(named=True)}
+        assert values == pytest.approx(_count_corr(rows, "size"), rel=1e-12), name
+    # both experiments define `size` alike: one fused scan answers them (one query per file, no views)
+    assert sum("READ_PARQUET" in s and "GROUP BY" in s for s in statements) == 7
+    assert not any("CREATE" in s.upper() for s in statements)
+
+
+def test_grouping_by_a_column_some_experiments_lack_names_the_first_of_them(folder: Path) -> None:
+    from duckharness import UnknownColumnError
+
+    h = harness(folder, {"sized": "SELECT *, volume > 1500 AS size FROM baseline"})
+    with pytest.raises(UnknownColumnError, match="experiment 'baseline' has no such column") as info:
+        h.metrics(["count"], pairs=PAIR, by="size")
+    assert info.value.experiment == "baseline" and info.value.column == "size"
+    with pytest.raises(UnknownColumnError, match=r"'nosuch': no such column\. Use 'day'"):
+        h.metrics(["count"], pairs=PAIR, by="nosuch")

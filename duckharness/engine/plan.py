@@ -11,6 +11,7 @@ time column, and the day label is a constant for a file that holds one day.
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import functools
 import zoneinfo
@@ -247,6 +248,53 @@ def _literal(value: Any, type_sql: str) -> exp.Expr:
 OUTPUT_COLUMNS = ("experiment", "pred", "target", "metric", "value")
 
 
+def grouping_expression(
+    column: str, experiments: Mapping[str, tuple[Inlined, Mapping[str, str]]], source_columns: Mapping[str, str]
+) -> exp.Expr:
+    """The group key of ``by=column`` over the source rows: each experiment's own value of the
+    column (a column it computes or replaces, such as a symbol mapped to its sector). The fused
+    experiments must agree on it (:func:`split_groupings` sends the others to their own scans)."""
+    missing = [name for name, (inl, _) in experiments.items() if column not in inl.mapping]
+    if missing or not experiments:
+        raise UnknownColumnError(
+            f"Cannot group by {column!r}: experiment {missing[0]!r} has no such column. Group the experiments that "
+            f"have it (experiments=[...], --experiment) or add it to this one."
+            if missing
+            else f"Cannot group by {column!r}: no such column. Use 'day' or a column: {', '.join(source_columns)}.",
+            column=column,
+            experiment=missing[0] if missing else None,
+        )
+    exprs = {sb.render(inl.mapping[column]): inl.mapping[column] for inl, _ in experiments.values()}
+    if len(exprs) > 1:  # split_groupings prevents this
+        raise InputError(f"Cannot group by {column!r} in one scan: the experiments compute it differently.")
+    return next(iter(exprs.values()))
+
+
+def split_groupings(
+    fused: Mapping[str, tuple[Inlined, Mapping[str, str]]], by: Sequence[str], source_columns: Mapping[str, str]
+) -> tuple[dict[str, tuple[Inlined, Mapping[str, str]]], list[str]]:
+    """The fused experiments that can share one scan for grouping ``by``, and those that must run
+    as their own chains: experiments that compute a ``by`` column differently (``symbol`` as it is
+    and ``symbol`` mapped to sectors) cannot share a group key. The one scan keeps those that
+    group by the source column itself, or else the definition most of them share."""
+    keep = dict(fused)
+    apart: list[str] = []
+    for b in by:
+        if b == "day" or b.startswith("tod:"):
+            continue
+        texts = {n: sb.render(inl.mapping[b]) for n, (inl, _) in keep.items() if b in inl.mapping}
+        if len(set(texts.values())) <= 1:
+            continue
+        plain = sb.render(sb.column(b))
+        counts = collections.Counter(texts.values())
+        chosen = plain if b in source_columns and plain in counts else counts.most_common(1)[0][0]
+        for n, text in texts.items():
+            if text != chosen:
+                apart.append(n)
+                del keep[n]
+    return keep, apart
+
+
 class FusedScan:
     """The aggregate query shared by all inlinable experiments of one call."""
 
@@ -288,24 +336,10 @@ class FusedScan:
             if b in OUTPUT_COLUMNS or b.startswith("__"):
                 raise InputError(
                     f"Cannot group by column {b!r}: the results have columns {', '.join(OUTPUT_COLUMNS)} of their "
-                    f"own, and names starting with '__' are the engine's. Groups come from the source's columns: "
-                    f"rename it in the source files."
+                    f"own, and names starting with '__' are the engine's. Rename it (in the source files, or "
+                    f"with an experiment's AS)."
                 )
-            if b not in source_columns:
-                owners = [name for name, (_, cols) in experiments.items() if b in cols]
-                if owners:
-                    raise UnknownColumnError(
-                        f"Cannot group by {b!r}: it is a column of experiment {owners[0]!r}, not of the source, "
-                        f"and groups come from the source's rows. Make an experiment per value instead (e.g. "
-                        f"one WHERE {b}), or sink the experiment and group its output.",
-                        column=b,
-                        experiment=owners[0],
-                    )
-                raise UnknownColumnError(
-                    f"Cannot group by {b!r}: no such column. Use 'day' or a column: {', '.join(source_columns)}.",
-                    column=b,
-                )
-            self.by.append((b, sb.column(b)))
+            self.by.append((b, grouping_expression(b, experiments, source_columns)))
         self.bound: list[tuple[str, Pair, Inlined, exp.Expr, exp.Expr, str, str]] = []
         for name, (inl, cols) in experiments.items():
             for pair in pairs:

@@ -25,6 +25,7 @@ from duckharness.engine.cache import StatsCache
 from duckharness.engine.plan import (
     DAY,
     MAX_VIEW_WINDOW_DAYS,
+    OUTPUT_COLUMNS,
     PART,
     ROWS,
     TOD,
@@ -40,6 +41,7 @@ from duckharness.engine.plan import (
     moves_time,
     round_shift,
     shift_role,
+    split_groupings,
     window_and_day,
 )
 from duckharness.errors import ExecutionError, InputError, MetricError, UnknownColumnError, UnpicklableTaskError
@@ -47,7 +49,7 @@ from duckharness.execution.connection import ConnectionConfig, fetch_all, interr
 from duckharness.execution.executor import Executor, OnDone, brief, retryable
 from duckharness.execution.progress import Progress
 from duckharness.experiments.chain import build_chain, unpicklable_step_error
-from duckharness.experiments.steps import Experiments, Inlined
+from duckharness.experiments.steps import BASELINE, Experiments, Inlined
 from duckharness.metrics.library import Metric
 from duckharness.metrics.merge import reduce_runs
 
@@ -240,6 +242,25 @@ def _map_partials(
             whole.append(n)
         else:
             fused[n] = (inl, experiments.columns(n))
+    for b in by:  # each experiment groups by its own value of a column: every one must have it
+        if b != "day" and not b.startswith("tod:") and not b.startswith("__") and b not in OUTPUT_COLUMNS:
+            if not any(b in experiments.columns(n) for n in names):
+                raise UnknownColumnError(
+                    f"Cannot group by {b!r}: no such column. Use 'day', a 'tod:' bucket or a column: "
+                    f"{', '.join(dataset.columns)}.",
+                    column=b,
+                )
+            for n in names:
+                if b not in experiments.columns(n):
+                    raise UnknownColumnError(
+                        f"Cannot group by {b!r}: experiment {n!r} has no such column"
+                        + (f" (the source has: {', '.join(dataset.columns)})" if n == BASELINE else "")
+                        + ". Group the experiments that have it (experiments=[...], --experiment).",
+                        column=b,
+                        experiment=n,
+                    )
+    fused, apart = split_groupings(fused, by, dataset.columns)
+    whole = [n for n in names if n in whole or n in apart]
     out_keys = ([DAY] if "day" in by else []) + [group_key(b) for b in by if b != "day"]
     if "day" in by and dataset.time_column is None:
         raise InputError("Cannot group by day: the source has no time column (set 'time_column' in metadata.json).")
