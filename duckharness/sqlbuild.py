@@ -120,8 +120,14 @@ def between(col: exp.Expr, lo: exp.Expr, hi: exp.Expr, *, hi_inclusive: bool) ->
 
 @functools.lru_cache(maxsize=256)
 def _data_type(type_sql: str) -> exp.DataType:
-    """A parsed type (parsing ``DOUBLE`` is most of the cost of building a cast); callers copy it."""
-    return exp.DataType.build(type_sql, dialect=DIALECT)
+    """A parsed type (parsing ``DOUBLE`` is most of the cost of building a cast); callers copy it.
+
+    DuckDB names some types that sqlglot does not parse (``TIMESTAMPTZ_NS``, a Parquet column of
+    type ``"NULL"``): those are kept as written, which DuckDB reads back."""
+    try:
+        return exp.DataType.build(type_sql, dialect=DIALECT)
+    except ParseError:
+        return exp.DataType.build(type_sql, dialect=DIALECT, udt=True)
 
 
 def data_type(type_sql: str) -> exp.DataType:

@@ -225,3 +225,53 @@ def test_a_pair_column_stored_as_text_in_one_file_is_refused_naming_that_file(tm
         h.metrics(["mse"], pairs="pred_a:target_a")
     assert (f"'pred_a' of experiment 'baseline' is VARCHAR, not numeric (the files' common type: it is VARCHAR "
             f"in {tmp_path / '2024-06-04.parquet'});") in str(info.value)
+
+
+def _day(day: int, unit: str, rng: np.random.Generator, n: int = 40, pred: pa.Array | None = None) -> pa.Table:
+    p = rng.standard_normal(n)
+    return pa.table({
+        "ts": stamps(n, start=START + dt.timedelta(days=day), step_s=60, unit=unit),
+        "pred_x": pred if pred is not None else pa.array(p),
+        "target_x": pa.array(0.4 * p + rng.standard_normal(n)),
+    })
+
+
+def test_days_written_in_micro_and_nanoseconds_read_as_one_source(tmp_path: Path) -> None:
+    """Polars writes microseconds, pandas 2 nanoseconds. Before: sqlglot's ParseError
+    ("No expression was parsed from 'TIMESTAMPTZ_NS'") when the Harness was created."""
+    rng = np.random.default_rng(5)
+    tables = {"2024-06-03": _day(0, "us", rng), "2024-06-04": _day(1, "ns", rng), "2024-06-05": _day(2, "us", rng)}
+    write_dataset(tmp_path, tables, {"timezone": "US/Eastern"})
+    with Harness(tmp_path, cache=False) as h:
+        got = h.metrics(["count", "corr"], pairs="pred_x", by="day")
+        ic = h.rank_ic("pred_x")
+    for k, (day, t) in enumerate(tables.items()):
+        p, y = t["pred_x"].to_numpy(), t["target_x"].to_numpy()
+        rows = got.filter(pl.col("day") == dt.date(2024, 6, 3 + k))
+        assert rows.filter(metric="count")["value"].item() == len(p), day
+        assert rows.filter(metric="corr")["value"].item() == pytest.approx(exact(p, y)["corr"], rel=1e-12)
+        assert ic.filter(pl.col("day") == dt.date(2024, 6, 3 + k), metric="rank_ic")["value"].item() == (
+            pytest.approx(pd.Series(p).rank().corr(pd.Series(y).rank()), rel=1e-12))
+
+
+def test_a_day_whose_prediction_column_has_no_type_counts_its_rows_as_excluded(tmp_path: Path) -> None:
+    """A writer stores an all-None column with Parquet type NULL. Before: sqlglot's ParseError
+    ("No expression was parsed from '"NULL"'"), or, with that file alone, "is "NULL", not numeric"."""
+    rng = np.random.default_rng(6)
+    full, empty = _day(0, "us", rng), _day(1, "us", rng, pred=pa.nulls(40))
+    assert empty.schema.field("pred_x").type == pa.null()
+    write_dataset(tmp_path, {"2024-06-03": full, "2024-06-04": empty}, {"timezone": "US/Eastern"})
+    with Harness(tmp_path, cache=False) as h:
+        assert h.columns["pred_x"] == "DOUBLE"
+        got = {(r["day"], r["metric"]): r["value"] for r in
+               h.metrics(["count", "mse"], pairs="pred_x", by="day").iter_rows(named=True)}
+    p, y = full["pred_x"].to_numpy(), full["target_x"].to_numpy()
+    d1, d2 = dt.date(2024, 6, 3), dt.date(2024, 6, 4)
+    assert got[d1, "count"] == 40 and got[d1, "n_excluded"] == 0
+    assert got[d1, "mse"] == pytest.approx(exact(p, y)["mse"], rel=1e-12)
+    assert (got[d2, "count"], got[d2, "n_excluded"], got[d2, "mse"]) == (0, 40, None)
+    (tmp_path / "2024-06-03.parquet").unlink()  # that day alone: the column has no type at all
+    with Harness(tmp_path, cache=False) as h:
+        alone = h.metrics(["count", "mse"], pairs="pred_x")
+    assert {r["metric"]: r["value"] for r in alone.iter_rows(named=True)} == {
+        "count": 0, "n_excluded": 40, "mse": None}

@@ -119,7 +119,7 @@ def null_preserving(node: exp.Expr) -> bool:
 def _numeric(type_sql: str) -> bool:
     t = type_sql.upper()
     return (
-        t in ("BOOLEAN", "FLOAT", "DOUBLE", "REAL")
+        t in ("BOOLEAN", "FLOAT", "DOUBLE", "REAL", '"NULL"')  # "NULL": a column with no values (all missing)
         or t.startswith("DECIMAL")
         or t.endswith("INT")
         or t
