@@ -446,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="random_days (whole days; default), head (first N rows), gather_every (every N-th row); rows "
         "picked at random are not offered: they break the time series",
     )
-    s.add_argument("--days", type=_positive, default=5, help="days for random_days (default 5)")
+    s.add_argument(
+        "--days", "--n-days", dest="days", type=_positive, default=5, help="days for random_days (default 5)"
+    )
     s.add_argument("--n", type=_positive, default=100_000, help="rows for head (default 100000)")
     s.add_argument("--step", type=_positive, default=100, help="N for gather_every (default 100)")
     s.add_argument("--seed", type=int, help="random seed (random_days)")

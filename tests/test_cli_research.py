@@ -144,9 +144,9 @@ def test_sample_random_days_writes_whole_days_of_the_experiment(
     text = capsys.readouterr().out
     assert text.strip() == (f"Wrote {got.height:,} rows x {got.width} columns of 'tight' (random_days) to {out}")
     assert os.listdir(tmp_path) == ["s.parquet"]  # no temporary file left
-    # Same seed, same days.
+    # Same seed, same days; --n-days is --days under the API's name (n_days).
     out2 = tmp_path / "s2.parquet"
-    assert main(["sample", str(src), "--experiments", exps, "--experiment", "tight", "--days", "2", "--seed", "3",
+    assert main(["sample", str(src), "--experiments", exps, "--experiment", "tight", "--n-days", "2", "--seed", "3",
                  "-o", str(out2)]) == 0
     assert pl.read_parquet(out2).equals(got)
 

@@ -378,3 +378,35 @@ def test_a_session_window_in_an_unknown_time_zone_is_refused_when_built(tz: obje
     with pytest.raises(MetadataError, match=why) as info:
         SessionWindow("09:30", "16:00", tz)  # type: ignore[arg-type]
     assert info.value.key == "timezone"
+
+
+def _zoned(zone: str) -> pa.Table:
+    start = np.datetime64("2026-05-05T01:00:00", "us")  # 10:00 in Tokyo
+    return pa.table({"ts": pa.array(start + np.arange(5).astype("timedelta64[h]"), pa.timestamp("us", tz=zone)),
+                     "pred_x": [0.1, 0.2, 0.3, 0.4, 0.5], "target_x": [0.1, 0.3, 0.2, 0.5, 0.4]})
+
+
+def test_data_written_in_another_zone_than_the_default_warns_when_metadata_names_none(tmp_path: Path) -> None:
+    """Before: silently US/Eastern days, so one Tokyo morning (10:00-14:00) was two days."""
+    write_dataset(tmp_path, {"2026-05-05": _zoned("Asia/Tokyo")}, {})
+    with pytest.warns(DuckHarnessWarning, match=r"names no timezone, so sessions and days are US/Eastern .*"
+                                                r"2026-05-05\.parquet stores 'ts' in time zone Asia/Tokyo\. .*"
+                                                r'"timezone": "Asia/Tokyo"') as caught:
+        h = Harness(tmp_path, cache=False)
+    assert {w.filename for w in caught} == {__file__}
+    days = h.metrics(["count"], pairs="pred_x", by="day").filter(metric="count")
+    assert days["day"].to_list() == [dt.date(2026, 5, 4), dt.date(2026, 5, 5)]  # the default, as warned
+
+
+@pytest.mark.parametrize(("zone", "metadata"), [
+    ("Asia/Tokyo", {"timezone": "Asia/Tokyo"}),   # named: the user chose
+    ("Asia/Tokyo", {"timezone": "US/Eastern"}),   # named, even if it differs
+    ("America/New_York", {}),                      # the default's clock under another name
+    ("UTC", {}),                                   # stored in UTC: says nothing of the market
+])
+def test_no_zone_warning_when_metadata_names_one_or_the_data_agrees(tmp_path: Path, zone: str,
+                                                                    metadata: dict) -> None:
+    write_dataset(tmp_path, {"2026-05-05": _zoned(zone)}, metadata)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Harness(tmp_path, cache=False).close()

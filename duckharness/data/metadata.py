@@ -281,6 +281,7 @@ class Metadata:
     time_column: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     path: str | None = None
+    timezone_set: bool = True  # False: no 'timezone' key, the zone is the default
 
     @property
     def session_window(self) -> SessionWindow | None:
@@ -336,7 +337,7 @@ def parse_metadata(raw: Any, *, path: str | None = None) -> Metadata:
                 f"Key {key!r} in{where or ' the metadata'} is not one duckharness reads (did you mean {meant!r}?): "
                 f"it is kept with the other keys and has no effect."
             )
-    return Metadata(start, end, tz_name, time_column, extra, path)
+    return Metadata(start, end, tz_name, time_column, extra, path, timezone_set="timezone" in raw)
 
 
 def meant_key(key: str) -> str | None:

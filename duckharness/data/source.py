@@ -13,6 +13,7 @@ import glob as globlib
 import hashlib
 import os
 import posixpath
+import zoneinfo
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -426,6 +427,8 @@ def open_dataset(
             ranges = read_time_ranges(paths, time_column, columns[time_column], con=con, tracer=tracer)
     finally:
         con.close()
+    if time_column is not None and not meta.timezone_set and columns[time_column] in AWARE_TIMESTAMP_TYPES:
+        _warn_default_zone(meta, paths, footers, time_column, fs)
     files = []
     for p in paths:
         size, mtime, change = stats[p]
@@ -449,6 +452,55 @@ def open_dataset(
         )
     listed = is_remote(source) or (not isinstance(source, (list, tuple)) and not os.path.isfile(os.fspath(source)))
     return Dataset(files, columns, meta, time_column, root, dict(storage_options or {}), fs, listed)
+
+
+def stored_time_zone(path: str, column: str, fs: Any = None) -> str | None:
+    """The time zone a writer recorded for ``column`` in the file's Arrow schema (Polars, pandas
+    and pyarrow record it; Parquet itself keeps only "adjusted to UTC"), or None."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if fs is None:
+            schema = pq.read_schema(path)
+        else:
+            with fs.open(path, "rb") as f:
+                schema = pq.read_schema(f)
+        kind = schema.field(column).type
+    except (OSError, KeyError, ValueError, pa.ArrowException):
+        return None
+    return kind.tz if isinstance(kind, pa.TimestampType) and kind.tz else None
+
+
+def _same_clock(a: str, b: str) -> bool:
+    """Whether two zone names keep the same clock (aliases such as US/Eastern and
+    America/New_York): their UTC offsets agree twice a month over 2000-2039."""
+    try:
+        za, zb = zoneinfo.ZoneInfo(a), zoneinfo.ZoneInfo(b)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
+    instants = (
+        dt.datetime(y, m, d, 12, tzinfo=dt.UTC) for y in range(2000, 2040) for m in range(1, 13) for d in (1, 15)
+    )
+    return all(t.astimezone(za).utcoffset() == t.astimezone(zb).utcoffset() for t in instants)
+
+
+def _warn_default_zone(
+    meta: Metadata, paths: Sequence[str], footers: Mapping[str, tuple[int, dict[str, str]]], column: str, fs: Any
+) -> None:
+    """Sessions and days use the default zone when metadata names none: say so when the data's
+    writer recorded another zone (Tokyo data would otherwise be cut into US/Eastern days)."""
+    first = next((p for p in paths if column in footers[p][1]), None)
+    zone = stored_time_zone(first, column, fs) if first is not None else None
+    if zone is None or zone.upper() in ("UTC", "ETC/UTC", "Z", "+00:00"):
+        return
+    if not _same_clock(zone, meta.timezone):
+        where = meta.path or "the metadata"
+        warn(
+            f"{where} names no timezone, so sessions and days are {meta.timezone} (the default); but "
+            f"{first} stores {column!r} in time zone {zone}. If that is the market's zone, set "
+            f'"timezone": "{zone}" in metadata.json.'
+        )
 
 
 # --- remote sources through fsspec ---------------------------------------------------------------
