@@ -24,6 +24,7 @@ from scipy.stats import pearsonr
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
 from duckharness import Harness
+from duckharness.errors import DuckHarnessWarning
 
 EASTERN = zoneinfo.ZoneInfo("US/Eastern")
 DAYS = [dt.date(2026, 3, 4), dt.date(2026, 3, 5), dt.date(2026, 3, 6),  # EST (UTC-5)
@@ -378,6 +379,26 @@ def test_corr_is_right_at_extreme_scales(tmp_path: Path, scale: float) -> None:
     write_dataset(tmp_path, {"a": pa.table({"pred_x": p * scale, "target_x": t * scale})}, {})
     got = Harness(tmp_path, cache=False).metrics(["corr"])["value"][0]
     assert got == pytest.approx(pearsonr(p, t).statistic, rel=1e-12)
+
+
+def test_sums_that_overflow_float64_warn_naming_the_experiment_pair_and_metrics(tmp_path: Path) -> None:
+    """At 1e160 squares exceed float64 (numpy's own r2 and corr are nan, with RuntimeWarnings); the
+    metrics that need them are null or inf, and a warning says so instead of a silent null. The
+    metrics that need no square stay right."""
+    rng = np.random.default_rng(13)
+    t = rng.standard_normal(1000) * 1e160
+    p = t + rng.standard_normal(1000) * 1e159
+    write_dataset(tmp_path, {"a": pa.table({"pred_x": p, "target_x": t})}, {})
+    h = Harness(tmp_path, cache=False)
+    h.add_experiment("big", "pred_x > -1e300")
+    with pytest.warns(DuckHarnessWarning, match=r"overflowed.*'big', pair pred_x:target_x: r2, mse, corr") as rec:
+        res = h.metrics(["count", "r2", "mse", "mae", "corr"], experiments=["big"])
+    assert len(rec) == 1
+    got = dict(zip(res["metric"], res["value"], strict=True))
+    assert got["r2"] is None and got["corr"] is None and got["mse"] == math.inf
+    longdouble = np.abs(p.astype(np.longdouble) - t.astype(np.longdouble)).mean()
+    assert got["mae"] == pytest.approx(float(longdouble), rel=1e-12)
+    assert got["count"] == 1000
 
 
 def test_corr_never_leaves_minus_one_to_one(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import polars as pl
@@ -169,6 +170,39 @@ def test_partition_by_day_writes_one_file_per_local_day(
         assert set(part["ts"].dt.convert_time_zone("US/Eastern").dt.date().to_list()) == {d}
         assert_rows(part, want.filter(pl.col("_day") == d))
     assert result.rows == want.height
+
+
+@pytest.mark.parametrize("partition_by", [None, "day"])
+def test_days_an_experiment_keeps_no_rows_of_get_no_file(
+        folder: Path, ref: pl.DataFrame, tmp_path: Path, partition_by: str | None) -> None:
+    # A filter that keeps only the first two days: the other days' files would hold no rows.
+    cut = dt.datetime.combine(DAYS[2], dt.time(0), tzinfo=ZoneInfo("US/Eastern"))
+    h = Harness(folder)
+    h.add_experiment("early", f"ts < TIMESTAMPTZ '{cut.isoformat()}' AND volume > 1000")
+    out = tmp_path / "out"
+    result = h.sink("early", out, partition_by=partition_by)
+    want = ref.filter((pl.col("_day") < DAYS[2]) & (pl.col("volume") > 1000))
+    assert want.height > 0
+    parts = sorted(out.glob("*.parquet"))
+    assert len(parts) == 2 and sorted(str(p) for p in parts) == sorted(result.files)
+    assert all(pq.read_metadata(p).num_rows > 0 for p in parts)
+    assert_rows(read_back(out), want)
+    assert result.rows == want.height
+    assert json.loads((out / "metadata.json").read_text())["duckharness_sink"]["files"] == [p.name for p in parts]
+    with Harness(out) as h2:
+        assert h2.metrics(["count"], pairs=["pred_10s:target_10s"])["value"][0] == want.height
+
+
+def test_an_experiment_that_keeps_no_rows_writes_one_empty_file_with_its_columns(
+        folder: Path, tmp_path: Path) -> None:
+    h = Harness(folder)
+    h.add_experiment("none", "volume < 0")
+    out = tmp_path / "out"
+    result = h.sink("none", out)
+    parts = sorted(out.glob("*.parquet"))
+    assert len(parts) == 1 and result.files == [str(parts[0])] and result.rows == 0
+    assert pq.read_metadata(parts[0]).num_rows == 0
+    assert pq.read_schema(parts[0]).names == list(h.experiments.columns("none"))
 
 
 def test_partition_by_other_than_day_is_refused(harness: Harness, tmp_path: Path) -> None:

@@ -44,7 +44,14 @@ from duckharness.engine.plan import (
     split_groupings,
     window_and_day,
 )
-from duckharness.errors import ExecutionError, InputError, MetricError, UnknownColumnError, UnpicklableTaskError
+from duckharness.errors import (
+    ExecutionError,
+    InputError,
+    MetricError,
+    UnknownColumnError,
+    UnpicklableTaskError,
+    warn,
+)
 from duckharness.execution.connection import ConnectionConfig, fetch_all, interruptible
 from duckharness.execution.executor import Executor, OnDone, brief, retryable
 from duckharness.execution.progress import Progress
@@ -842,6 +849,7 @@ def finalize(
 ) -> pl.DataFrame:
     """Merge each target's cells and evaluate every metric's final query; tidy output."""
     merged = merge_results(results, metrics, out_keys, days=days)
+    _warn_infinite_sums(merged, metrics)
     values = evaluate_finals(metrics, merged.stats, con, tracer)
     label_cols = ["experiment", "pred", "target", *out_keys]
     frames = [
@@ -865,6 +873,32 @@ def finalize(
     )
     out = out.sort(["__o_experiment", "__o_pred", "target", *out_keys, "__o_metric"]).drop([f"__o_{c}" for c in order])
     return out.rename({DAY: "day"}) if DAY in out_keys else out
+
+
+def _warn_infinite_sums(merged: Merged, metrics: Sequence[Metric]) -> None:
+    """Warn where a summed statistic is infinite although every row summed was finite (rows
+    with NaN or ±inf are excluded first): float64 overflowed (squares of values beyond ~1e154,
+    say), so the metrics using it are null or ±inf, not the data's."""
+    hits: dict[tuple[str, str, str], list[str]] = {}
+    for m in metrics:
+        frame = merged.stats[m.name]
+        for s in m.stat_names:
+            if m.merge[s] != "sum":
+                continue
+            for i in np.flatnonzero(np.isinf(frame[s].to_numpy())):
+                row = merged.labels.row(int(i), named=True)
+                names = hits.setdefault((row["experiment"], row["pred"], row["target"]), [])
+                if m.name not in names:
+                    names.append(m.name)
+    if hits:
+        shown = "; ".join(
+            f"experiment {e!r}, pair {p}:{t}: {', '.join(ms)}" for (e, p, t), ms in list(hits.items())[:3]
+        )
+        more = f" (and {len(hits) - 3} more)" if len(hits) > 3 else ""
+        warn(
+            f"A sum overflowed float64 (values too large, e.g. beyond ~1e154 when squared), so these metrics are "
+            f"null or infinite: {shown}{more}. Rescale the columns in an experiment (divide by a power of ten)."
+        )
 
 
 @dataclass

@@ -405,6 +405,7 @@ def _write_parts(
         batches = day_groups(dataset, window) if h.experiments.has_python(name) else [[f] for f in dataset.files]
         width = len(str(len(batches)))
         groups = [(f"part-{i:0{width}d}", g) for i, g in enumerate(batches)]
+    written: list[tuple[str, int]] = []  # a file per group, with its rows
     con = dataset.connection(1 if batchable else h.workers).open()
     try:
         with Progress(len(groups), f"sink {name}", enabled=progress) as bar:
@@ -425,17 +426,27 @@ def _write_parts(
                     _, day = window_and_day(sub, files, window, need_day=True)
                     query = sb.select([exp.Star()], rel, where=sb.eq(day, sb.date(dt.date.fromisoformat(stem))))
                     path = os.path.join(tmp, f"{stem}.parquet")
-                    result.rows += _copy(con, query, path, h.tracer)
-                    result.files.append(path)
+                    written.append((path, _copy(con, query, path, h.tracer)))
                 else:
                     path = os.path.join(tmp, f"{stem}.parquet")
-                    result.rows += _copy(con, sb.select([exp.Star()], rel), path, h.tracer)
-                    result.files.append(path)
+                    written.append((path, _copy(con, sb.select([exp.Star()], rel), path, h.tracer)))
                 bar.advance()
     finally:
         con.close()
+    _keep_parts_with_rows(written, result)
     if os.path.isdir(os.path.join(tmp, "_parts")):
         _flatten_day_partitions(tmp, result)
+
+
+def _keep_parts_with_rows(written: list[tuple[str, int]], result: SinkResult) -> None:
+    """Files of groups whose rows the experiment dropped (a filter that keeps nothing of a day)
+    are removed; when no group kept a row, the first file stays, so the output still has the
+    experiment's columns."""
+    kept = [(path, rows) for path, rows in written if rows > 0] or written[:1]
+    for path in {path for path, _ in written} - {path for path, _ in kept}:
+        os.remove(path)
+    result.files.extend(path for path, _ in kept)
+    result.rows += sum(rows for _, rows in kept)
 
 
 def _flatten_day_partitions(tmp: str, result: SinkResult) -> None:
