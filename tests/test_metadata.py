@@ -8,13 +8,14 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 from conftest import write_dataset
 
 from duckharness import Harness, MetadataError, SessionWindow
 from duckharness.data.metadata import DEFAULT_TIMEZONE, parse_metadata, parse_metadata_text
-from duckharness.errors import DuckHarnessWarning
+from duckharness.errors import DuckHarnessWarning, InputError
 
 UTC = dt.UTC
 
@@ -217,6 +218,28 @@ def test_time_column_that_is_not_a_timestamp_is_an_error(tmp_path: Path) -> None
     with pytest.raises(MetadataError, match=r"'volume'.*not a timestamp") as info:
         Harness(folder)
     assert info.value.key == "time_column"
+
+
+def test_daily_data_with_a_date_column_is_told_to_group_by_it_by_name(tmp_path: Path) -> None:
+    # A DATE has no time of day for a window or a zone: it cannot be the time column, and both
+    # errors say how to get per-date results instead, which then match a pandas groupby.
+    rng = np.random.default_rng(4)
+    dates = [dt.date(2026, 3, 2) + dt.timedelta(days=int(i)) for i in rng.integers(0, 5, 200)]
+    p, t = rng.standard_normal(200), rng.standard_normal(200)
+    table = pa.table({"ts": pa.array(dates, pa.date32()), "pred_a": p, "target_a": t})
+    named = folder_with_metadata(tmp_path / "named", json.dumps({"time_column": "ts"}), table)
+    with pytest.raises(MetadataError, match=r"'ts' of type DATE, not a timestamp\. .*by='ts'"):
+        Harness(named)
+    folder = folder_with_metadata(tmp_path / "plain", "{}", table)
+    h = Harness(folder)
+    with pytest.raises(InputError, match=r"Cannot group by day.*DATE column.*by='ts'"):
+        h.metrics(["count"], by="day")
+    got = h.metrics(["count", "mse"], by="ts")
+    frame = pd.DataFrame({"d": dates, "se": (p - t) ** 2})
+    want = frame.groupby("d")["se"].agg(["count", "mean"])
+    assert dict(got.filter(metric="count").select("ts", "value").rows()) == want["count"].astype(float).to_dict()
+    mse = dict(got.filter(metric="mse").select("ts", "value").rows())
+    assert mse == pytest.approx(want["mean"].to_dict(), rel=1e-12)
 
 
 @pytest.mark.parametrize(("columns", "why"), [

@@ -357,6 +357,29 @@ def test_window_bound_inside_a_dst_transition_keeps_wall_clock_rows(
     assert counts_by_day(Harness(folder)) == expected
 
 
+@pytest.mark.parametrize(("tz", "gap_day"), [(EASTERN, dt.date(2026, 3, 8)), ("America/Havana", dt.date(2026, 3, 8))],
+                         ids=["gap_at_0200", "gap_at_midnight"])
+def test_hourly_windows_of_round_the_clock_data_across_a_spring_forward_night(
+        tmp_path: Path, tz: str, gap_day: dt.date) -> None:
+    # Data every 5 minutes around the clock, as FX or crypto have; an hour-long window that lies
+    # inside the missing hour of the switch night has no instant that day: that day has no rows,
+    # the others keep theirs (was an AssertionError for every call reading rows).
+    days = [gap_day - dt.timedelta(days=1), gap_day, gap_day + dt.timedelta(days=1)]
+    folder = write_days(tmp_path, days, tz, {"timezone": tz}, first="00:00", last="23:55", step_s=300)
+    h = Harness(folder, cache=False)
+    for hour in range(24):
+        start, end = f"{hour:02d}:00", f"{hour:02d}:59"
+        expected = reference_counts(folder, tz, start, end)
+        assert counts_by_day(h, window=(start, end)) == expected, start
+        rows = h.lazyframe(window=(start, end)).select(pl.len()).collect().item()
+        assert rows == sum(expected.values()), start
+    gap = ("02:00", "02:59") if tz == EASTERN else ("00:00", "00:59")
+    assert gap_day not in reference_counts(folder, tz, *gap)
+    with pytest.warns(DuckHarnessWarning, match="only 2 days"):
+        sample = h.sample(n_days=3, window=gap, seed=1)
+    assert sample.height == sum(reference_counts(folder, tz, *gap).values())
+
+
 # --- how the window is applied -----------------------------------------------------------------
 
 @pytest.mark.parametrize("days", [EASTERN_DAYS, [dt.date(2026, 2, 15) + dt.timedelta(days=i) for i in range(40)]],

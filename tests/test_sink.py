@@ -11,6 +11,7 @@ import datetime as dt
 import io
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -378,6 +379,9 @@ def test_a_folder_with_files_of_its_own_warns_that_its_subfolders_are_not_read(f
     with pytest.warns(DuckHarnessWarning, match=r"subfolders are not read \(1 Parquet file\(s\) there, e\.g\. old/"):
         h = Harness(src, metadata=META)
     assert h.files == [str(src / days[0].name)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, when the source was opened, not again by each run
+        assert h.metrics(["count"], pairs=["pred_10s:target_10s"])["value"][0] > 0
     h.close()
 
 

@@ -106,8 +106,12 @@ def _glob_root(pattern: str) -> str:
     return "/".join(keep) or "."
 
 
-def list_local(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> tuple[list[str], str]:
-    """Resolve a local source to sorted absolute Parquet paths and the folder of its metadata.
+def list_local(
+    source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *, warn_nested: bool = True
+) -> tuple[list[str], str]:
+    """Resolve a local source to sorted absolute Parquet paths and the folder of its metadata
+    (``warn_nested``: warn about Parquet files in subfolders of a folder that has files of its
+    own; off when a run lists a source again that was listed, and warned about, when opened).
 
     Example:
         >>> list_local("/nonexistent/*.parquet")
@@ -139,7 +143,7 @@ def list_local(source: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
         nested = sorted(globlib.glob(os.path.join(globlib.escape(path), "*", "**", "*.parquet"), recursive=True))
         if not paths:
             paths = nested
-        elif nested:
+        elif nested and warn_nested:
             warn(
                 f"{path} has Parquet files of its own, so its subfolders are not read ({len(nested)} Parquet "
                 f"file(s) there, e.g. {os.path.relpath(nested[0], path)}); give a glob such as "
@@ -325,6 +329,15 @@ def read_time_ranges(
     return out
 
 
+def date_columns_hint(columns: Mapping[str, str]) -> str:
+    """For a source without a time column: how to get days from its DATE columns, if it has any
+    (a DATE cannot be the time column: it has no time of day for a window or a time zone)."""
+    dates = [c for c, t in columns.items() if t == "DATE"]
+    if not dates:
+        return ""
+    return f" A DATE column cannot be the time column; group by it by name instead: by={dates[0]!r}."
+
+
 def detect_time_column(columns: Mapping[str, str], metadata: Metadata) -> str | None:
     """The metadata's ``time_column``, else ``ts``, else the only timestamp column."""
     if metadata.time_column is not None:
@@ -338,7 +351,8 @@ def detect_time_column(columns: Mapping[str, str], metadata: Metadata) -> str | 
         if not columns[metadata.time_column].startswith("TIMESTAMP"):
             raise MetadataError(
                 f"Key 'time_column' in {metadata.path or 'metadata'} names {metadata.time_column!r} of type "
-                f"{columns[metadata.time_column]}, not a timestamp.",
+                f"{columns[metadata.time_column]}, not a timestamp."
+                + date_columns_hint({metadata.time_column: columns[metadata.time_column]}),
                 path=metadata.path,
                 key="time_column",
             )
@@ -394,7 +408,7 @@ def file_identities(source: Any, storage_options: Mapping[str, Any] | None = Non
     if is_remote(source):
         _, paths, _, stats = list_remote(source, storage_options or {})
         return {p: (*stats[p], "") for p in paths}
-    paths, _ = list_local(source)
+    paths, _ = list_local(source, warn_nested=False)  # the source was listed (and warned about) when opened
     return {p: _local_identity(p) for p in paths}
 
 

@@ -209,6 +209,8 @@ def _spans(days: Sequence[dt.date], tz: str, window: SessionWindow | None) -> li
     last: dt.date | None = None
     for d in days:
         parts = day_intervals(d, tz, window)
+        if not parts:  # a window inside a clock change's gap: no instant of that day
+            continue
         lo, hi = parts[0][0], parts[-1][1]
         if spans and last is not None and (d - last).days == 1:
             spans[-1] = (spans[-1][0], hi)

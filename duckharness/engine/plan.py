@@ -803,9 +803,12 @@ def window_and_day(
                 for lo, hi, incl in window.intervals(d)
             ]
             cond = sb.or_all(parts)
-            assert cond is not None
-            branches.append((cond, d))
-        where = sb.or_all(c for c, _ in branches)
+            if cond is not None:  # None: the window lies in a clock change's gap, no instant that day
+                branches.append((cond, d))
+        ordered = [d for _, d in branches]
+        where = sb.or_all(c for c, _ in branches) or exp.false()
+        if not ordered:
+            return where, no_day
     if not need_day:
         return where, no_day
     if day_per_row:

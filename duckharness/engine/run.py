@@ -20,7 +20,7 @@ from sqlglot import exp
 
 from duckharness import sqlbuild as sb
 from duckharness.data.metadata import SessionWindow
-from duckharness.data.source import Dataset, FileInfo
+from duckharness.data.source import Dataset, FileInfo, date_columns_hint
 from duckharness.engine.cache import StatsCache
 from duckharness.engine.plan import (
     DAY,
@@ -270,7 +270,10 @@ def _map_partials(
     whole = [n for n in names if n in whole or n in apart]
     out_keys = ([DAY] if "day" in by else []) + [group_key(b) for b in by if b != "day"]
     if "day" in by and dataset.time_column is None:
-        raise InputError("Cannot group by day: the source has no time column (set 'time_column' in metadata.json).")
+        raise InputError(
+            "Cannot group by day: the source has no time column (set 'time_column' in metadata.json to a "
+            "TIMESTAMP column)." + date_columns_hint(dataset.columns)
+        )
     batches = make_batches(dataset.files, batch_size)
     stats.batches, stats.files = len(batches), len(dataset.files)
     stats.timings["plan"] = time.perf_counter() - t0
