@@ -307,6 +307,16 @@ def _at_least_2(text: str) -> int:
     return value
 
 
+def _level(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1 (e.g. 0.95), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (e.g. 0.95), got {text}")
+    return value
+
+
 def _source_options(p: argparse.ArgumentParser, *, experiments: bool = True, window: bool = True) -> None:
     p.add_argument("source", help="directory, glob or Parquet file of backtest results")
     p.add_argument("--metadata", metavar="FILE", help="metadata JSON file (default: metadata.json beside the data)")
@@ -329,7 +339,7 @@ def _source_options(p: argparse.ArgumentParser, *, experiments: bool = True, win
         help="where file batches run (default threads)",
     )
     p.add_argument("--address", help="an existing Ray (ray://host:10001, auto) or Dask (tcp://host:8786) cluster")
-    p.add_argument("--retries", type=int, metavar="N", help="retries of a failed batch (default 2)")
+    p.add_argument("--retries", type=_not_negative, metavar="N", help="retries of a failed batch (default 2)")
     p.add_argument("--trace", action="store_true", help="print every SQL statement to stderr")
     c = p.add_mutually_exclusive_group()
     c.add_argument(
@@ -510,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lag", type=_not_negative, metavar="L", help="Newey–West lag (default floor(4 (T/100)^(2/9)))")
     c.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     c.add_argument("--n-boot", type=_positive, default=2000, help="bootstrap resamples (default 2000)")
-    c.add_argument("--level", type=float, default=0.95, help="confidence level of the interval (default 0.95)")
+    c.add_argument("--level", type=_level, default=0.95, help="confidence level of the interval (default 0.95)")
     c.add_argument("--cross-section", action="store_true", help="rank IC within each timestamp across symbols")
     c.add_argument("--daily", action="store_true", help="print the per day values and differences instead")
     c.add_argument("--plot", metavar="FILE.png", help="save the comparison chart (PNG; .pdf or .svg by the extension)")
@@ -662,7 +672,10 @@ def _silence_stdout() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said with the command's own usage line, which lists its options
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     import warnings
 
     from duckharness.errors import DuckHarnessError, DuckHarnessWarning

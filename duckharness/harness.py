@@ -17,7 +17,7 @@ from sqlglot import exp
 
 from duckharness import sqlbuild as sb
 from duckharness.data.metadata import Metadata, SessionWindow, parse_window_text
-from duckharness.data.source import Dataset, file_identities, open_dataset
+from duckharness.data.source import Dataset, file_identities, is_remote, open_dataset
 from duckharness.engine.analysis import Comparison
 from duckharness.engine.cache import StatsCache, cache_disabled_by_env, default_cache_dir
 from duckharness.engine.days import DayIndex, index_days, settle_days
@@ -173,6 +173,11 @@ class Harness:
             raise InputError(
                 f"address={address!r} names a cluster, which only the 'ray' and 'dask' executors use; "
                 f"choose one (executor='ray' or 'dask', --executor on the command line)."
+            )
+        if storage_options and not is_remote(source):
+            warn(
+                f"storage_options are for a remote source (s3://, gs://, ...); {source!r} is local, so they are not "
+                f"used. Check the source's path."
             )
         t = time.perf_counter()
         self._source, self._metadata_arg, self._storage_options = source, metadata, storage_options

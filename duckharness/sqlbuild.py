@@ -169,6 +169,8 @@ def parse_statement(sql: str) -> exp.Expr:
         parsed = sqlglot.parse(sql, dialect=DIALECT)
     except ParseError as e:
         raise SQLParseError(_first_error(e)) from None
+    except TokenError as e:
+        raise SQLParseError(_token_error(e)) from None
     trees = [t for t in parsed if t is not None and not isinstance(t, exp.Semicolon)]
     if len(trees) != 1:
         raise SQLParseError(f"expected one SQL statement, found {len(trees)}")
@@ -181,6 +183,23 @@ def parse_expression(sql: str) -> exp.Expr:
         return sqlglot.parse_one(sql, dialect=DIALECT, into=exp.Condition)
     except ParseError as e:
         raise SQLParseError(_first_error(e)) from None
+    except TokenError as e:
+        raise SQLParseError(_token_error(e)) from None
+
+
+def _token_error(e: TokenError) -> str:
+    """The tokenizer's complaint in user terms: it stops at a quote or comment left open.
+
+    Example:
+        >>> try:
+        ...     parse_statement("SELECT * FROM t WHERE s = 'A")
+        ... except SQLParseError as err:
+        ...     print(err)
+        a quote ('...', "...") or a /* comment is not closed (the SQL ends inside it), in: SELECT * FROM t WHERE s = '
+    """
+    m = re.match(r"Error tokenizing '(.*)'$", str(e), re.DOTALL)
+    where = one_line(m.group(1))[-80:] if m else str(e)
+    return f"a quote ('...', \"...\") or a /* comment is not closed (the SQL ends inside it), in: {where}"
 
 
 def one_line(sql: str) -> str:

@@ -327,6 +327,16 @@ def test_debug_flag_raises_the_library_error(tmp_path: Path) -> None:
         main(["--debug", "metrics", str(tmp_path / "nowhere")])
 
 
+def test_an_unclosed_quote_in_an_experiments_file_is_a_one_line_error_naming_file_and_experiment(
+        demo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    exps = tmp_path / "exps.sql"
+    exps.write_text("-- experiment: a\nSELECT * FROM baseline WHERE symbol = 'A;\n")
+    assert main(["metrics", str(demo), "--experiments", str(exps), "--metric", "count", "--pair", PAIR]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"Error: {exps}: Experiment 'a': SQL does not parse: a quote")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["metrics", "x", "--format", "xml"])
@@ -335,6 +345,12 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main([])
     assert info.value.code == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:  # said with the command's usage, which lists its options
+        main(["metrics", "x", "--bogus"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "usage: duckharness metrics" in err and "--metric NAME" in err
+    assert "unrecognized arguments: --bogus" in err
 
 
 # -- help ----------------------------------------------------------------------------------------------
@@ -466,6 +482,11 @@ def test_a_malformed_window_time_is_a_usage_error_like_a_malformed_shape(
     ("summary", ["--lag", "-1"], "--lag: must be 0 or more, got -1"),
     ("compare", ["--a", "baseline", "--b", "liquid", "--metric", "mse", "--lag", "-2"], "--lag: must be 0 or more"),
     ("sample", ["--strategy", "random_rows", "-o", "x.parquet"], "invalid choice: 'random_rows'"),
+    ("metrics", ["--retries", "-1"], "--retries: must be 0 or more, got -1"),
+    ("compare", ["--a", "baseline", "--b", "liquid", "--metric", "mse", "--level", "1.5"],
+     "--level: must be between 0 and 1 (e.g. 0.95), got 1.5"),
+    ("compare", ["--a", "baseline", "--b", "liquid", "--metric", "mse", "--level", "high"],
+     "--level: must be a number"),
 ])
 def test_option_values_the_command_cannot_use_are_usage_errors(demo: Path, command: str, args: list[str], why: str,
                                                                capsys: pytest.CaptureFixture[str]) -> None:

@@ -102,12 +102,16 @@ def test_an_experiment_whose_sql_fails_on_some_rows_is_named_with_the_file_and_n
     assert "attempt" not in str(e.value.__cause__)  # raised at the first failure: no retries
 
 
-def test_an_error_in_the_first_rows_query_is_an_execution_error_naming_the_file(tmp_path: Path) -> None:
+def test_an_error_in_the_first_rows_query_names_the_experiment_and_the_file(tmp_path: Path) -> None:
+    # The first rows' query (the shifts) reads every experiment at once; the one that fails is
+    # found and named, as for the batch queries (before: only the file was named).
     folder = _tagged(tmp_path, {"2024-06-03": "x"})
     with Harness(folder, cache=False) as h:
+        h.add_experiment("fine", "pred_a >= 0")
         h.add_experiment("bad", BAD)
-        with pytest.raises(ExecutionError, match=r"first rows \(.*2024-06-03\.parquet\) failed: Conversion Error") as e:
-            h.metrics(["mse", "r2"], pairs="pred_a:target_a", experiments="bad")
+        with pytest.raises(ExecutionError, match=r"Experiment 'bad' failed on .*2024-06-03\.parquet: Conversion") as e:
+            h.metrics(["mse", "r2"], pairs="pred_a:target_a")
+    assert e.value.experiment == "bad" and e.value.files[0].endswith("2024-06-03.parquet")
     assert e.value.files[0].endswith("2024-06-03.parquet")
 
 

@@ -628,8 +628,9 @@ def test_cli_retries(copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "failed after 2 attempt(s)" in capsys.readouterr().err
     assert main(base) == 1
     assert "failed after 3 attempt(s)" in capsys.readouterr().err  # the default is 2 retries
-    assert main([*base, "--retries", "-1"]) == 1
-    assert "retries must be 0 or more" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # a usage error, like the other malformed option values
+        main([*base, "--retries", "-1"])
+    assert info.value.code == 2 and "--retries: must be 0 or more, got -1" in capsys.readouterr().err
 
 
 def test_chain_tasks_pickle_with_their_python_steps(folder: Path) -> None:

@@ -256,6 +256,10 @@ def test_baseline_is_a_reserved_name(h: Harness) -> None:
     ("SELECT 1 AS x", "must read FROM its base"),
     ("   ", "has no SQL"),
     ("-- to do: a liquidity filter\n;", "has no SQL"),
+    # Unclosed quotes and comments (a raw sqlglot TokenError before, not a DuckHarnessError):
+    ("symbol = 'A", r"a quote .* is not closed .*, in: symbol = '"),
+    ("SELECT * FROM baseline WHERE symbol = 'A;", r"is not closed"),
+    ("SELECT * FROM baseline /* keep liquid", r"a /\* comment is not closed"),
 ])
 def test_sql_that_is_not_a_step_is_experiment_sql_error(h: Harness, sql: str, why: str) -> None:
     with pytest.raises(ExperimentSQLError, match=why) as info:
@@ -482,6 +486,23 @@ def test_names_differing_only_in_case_do_not_clobber_each_other(h: Harness) -> N
     # Otherwise both must stay usable: a step on 'liquid' still sees its 'extra' column.
     h.add_experiment("uses_extra", "extra = 1", base="liquid")
     assert count_of(h, "uses_extra") == count_of(h, "liquid")
+
+
+def test_an_experiment_read_in_another_case_is_that_experiment(
+        h: Harness, cols: dict[str, np.ndarray], tmp_path: Path) -> None:
+    # As in DuckDB (and the exported views), FROM LIQUID reads liquid; it was "not an experiment".
+    (tmp_path / "exp.sql").write_text(
+        "-- experiment: liquid\nSELECT * FROM BASELINE WHERE volume > 1000;\n"
+        "-- experiment: tight\nSELECT * FROM LIQUID WHERE spread < 0.02;\n")
+    h.load_experiments(tmp_path / "exp.sql")
+    h.add_experiment("narrow", "spread < 0.015", base="Liquid")
+    h.add_experiment("same", lambda lf: lf, base="TIGHT")
+    liquid = cols["in_window"] & (cols["volume"] > 1000)
+    assert count_of(h, "tight") == np.sum(liquid & (cols["spread"] < 0.02))
+    assert count_of(h, "narrow") == np.sum(liquid & (cols["spread"] < 0.015))
+    assert count_of(h, "same") == count_of(h, "tight")
+    assert [s.name for s in h.experiments.chain("same")] == ["liquid", "tight", "same"]
+    assert h.experiments.step("narrow").base == "liquid"
 
 
 # -- a check of the helper itself --------------------------------------------------------------------

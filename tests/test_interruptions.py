@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -290,6 +291,23 @@ except KeyboardInterrupt:
 """
 
 
+def interrupt_when(args: list[str], ready: Callable[[subprocess.Popen[str]], None], *,
+                   env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str, str]:
+    """Run ``args``, send SIGINT once ``ready(proc)`` returns, and wait for the process to end;
+    it is killed if it has not within 60 s (or ``ready`` fails)."""
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        ready(proc)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc, out, err
+
+
 @pytest.mark.parametrize("call", ["metrics", "rank_ic", "deciles", "sink", "sample"])
 def test_ctrl_c_in_a_python_api_call_raises_keyboard_interrupt_promptly(src: Path, tmp_path: Path,
                                                                         call: str) -> None:
@@ -298,17 +316,70 @@ def test_ctrl_c_in_a_python_api_call_raises_keyboard_interrupt_promptly(src: Pat
     work, script = tmp_path / "work", tmp_path / "call.py"
     work.mkdir()
     script.write_text(API_CALL)
-    proc = subprocess.Popen([sys.executable, str(script), str(src), str(work), call], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
+    def inside_the_call(proc: subprocess.Popen[str]) -> None:
         assert proc.stdout is not None and proc.stdout.readline() == "started\n"
         time.sleep(1.0)  # inside the call's queries
         assert proc.poll() is None
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+
+    proc, out, err = interrupt_when([sys.executable, str(script), str(src), str(work), call], inside_the_call)
     assert (proc.returncode, out) == (0, "KeyboardInterrupt []\n"), err
+
+
+PROCESSES_RUN = """\
+import multiprocessing, os, pathlib, sys, time
+from duckharness import Harness
+
+def stuck(lf):  # a Python step that would run for an hour on each batch in a worker process
+    df = lf.collect()
+    if multiprocessing.parent_process() is not None:  # (not in the main process, which binds it)
+        pathlib.Path(os.environ["MARKERS"], str(os.getpid())).write_text("")
+        time.sleep(3600)
+    return df.lazy()
+
+if __name__ == "__main__":
+    with Harness(sys.argv[1], cache=False, executor="processes", workers=2) as h:
+        h.add_experiment("stuck", stuck)
+        try:
+            h.metrics(["count"], experiments=["stuck"])
+        except KeyboardInterrupt:
+            print("KeyboardInterrupt", flush=True)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")  # a zombie has ended (its parent may be gone, not yet reaped)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads worker states from /proc")
+def test_ctrl_c_with_the_processes_executor_ends_the_workers_batches_instead_of_waiting(tmp_path: Path) -> None:
+    """Before, the pool's shutdown waited for every running batch (a user waited 10-20 s after
+    Ctrl-C, here an hour): the workers are terminated."""
+    src = tmp_path / "bt"
+    rng = np.random.default_rng(5)
+    write_dataset(src, {d.isoformat(): one_day(d, 200, rng, symbols=4) for d in trading_days(dt.date(2026, 3, 4), 6)},
+                  SESSION)
+    markers, script = tmp_path / "markers", tmp_path / "run.py"
+    markers.mkdir()
+    script.write_text(PROCESSES_RUN)
+    workers: list[int] = []
+
+    def a_worker_inside_the_step(proc: subprocess.Popen[str]) -> None:
+        deadline = time.monotonic() + 90
+        while not os.listdir(markers):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the workers did not start the step"
+            time.sleep(0.1)
+        workers.extend(int(p) for p in os.listdir(markers))
+        assert proc.pid not in workers and all(_alive(p) for p in workers)  # worker processes, running
+
+    _, out, err = interrupt_when([sys.executable, str(script), str(src)], a_worker_inside_the_step,
+                                 env={**os.environ, "MARKERS": str(markers)})
+    assert out == "KeyboardInterrupt\n", err
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in workers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 from conftest import SESSION, session_days, write_dataset
 
 import duckharness.harness as harness_module
-from duckharness import Harness, SourceError
+from duckharness import DuckHarnessWarning, Harness, SourceError
 
 
 def table(rows: int = 8, *, volume_type: pa.DataType | None = None, extra: dict[str, pa.Array] | None = None,
@@ -32,6 +33,18 @@ def table(rows: int = 8, *, volume_type: pa.DataType | None = None, extra: dict[
     }
     cols.update(extra or {})
     return pa.table(cols)
+
+
+def test_storage_options_on_a_local_source_warn_that_they_are_not_used(tmp_path: Path) -> None:
+    # A user who meant a bucket and typed a local path would otherwise hear nothing.
+    write_dataset(tmp_path / "d", {"a": table()}, {})
+    with pytest.warns(DuckHarnessWarning, match=r"storage_options are for a remote source.*is local"):
+        h = Harness(tmp_path / "d", storage_options={"key": "k"})
+    assert h.metrics(["count"], pairs="pred_1s:target_1s")["value"][0] == 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Harness(tmp_path / "d").close()
+    h.close()
 
 
 # -- listing errors ----------------------------------------------------------------------------------

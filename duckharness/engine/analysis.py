@@ -306,7 +306,7 @@ def _check_lag(lag: int | None, n_days: int, what: str) -> None:
     except ValueError:
         raise InputError(
             f"lag={lag} needs more than {lag} days, but {what} has {n_days} days with a value. "
-            f"Use a lag below {n_days} (or the default, which is at most T - 1)."
+            f"Use a lag below {n_days} (or the default, which is at most floor(T/4): {n_days // 4} here)."
         ) from None
 
 

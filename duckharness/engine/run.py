@@ -368,11 +368,12 @@ class _Map:
 
     def shifts(self, fused: Mapping[str, tuple[Inlined, Mapping[str, str]]]) -> tuple[dict[str, float], bool]:
         """The fused experiments' shifts and whether the sampled first rows hold a NaN."""
-        self._first_scan = self.scan(fused)
+        self._first_scan = scan = self.scan(fused)
         first = self.batches[0]
-        return _shifts(
-            self._first_scan, batch_relation(self.dataset, first), self.tracer, self.control, self.cache, first
-        )
+        try:
+            return _shifts(scan, batch_relation(self.dataset, first), self.tracer, self.control, self.cache, first)
+        except ExecutionError as e:  # name the experiment whose SQL fails on these rows, if one does
+            raise _blame(scan, [], e, self.window, self.control) from e.__cause__
 
     def passes(
         self,

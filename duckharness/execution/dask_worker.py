@@ -14,5 +14,7 @@ def _not_a_failed_task(record: logging.LogRecord) -> bool:
 
 
 def dask_setup(worker: Any) -> None:
-    """Keep the worker's log quiet about tasks that raise (the run reports them)."""
+    """Keep the worker's log quiet about tasks that raise (the run reports them) and about the
+    tasks a Ctrl-C cancels ("Async instruction ... ended with CancelledError")."""
     logging.getLogger("distributed.worker").addFilter(_not_a_failed_task)
+    logging.getLogger("distributed.worker.state_machine").setLevel(logging.ERROR)

@@ -18,6 +18,7 @@ worker processes that exit while starting (a script without the ``__main__`` gua
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import sys
@@ -332,19 +333,33 @@ class ProcessExecutor(Executor):
         pool, started = self._pool, self._workers_up
         futures = [pool.submit(run_payload, p) for p in payloads]
         out: list[tuple[bool, Any]] = [(False, None)] * len(futures)
-        for k, f in _as_finished(futures):
-            try:
-                out[k] = (True, f.result())
-            except BrokenProcessPool as e:  # a worker died: lost while it ran (retried), or while starting
-                if self._pool is pool:
-                    self._pool = None
-                if not started.is_set():  # no worker ever started: a new pool would fail the same way
-                    raise ExecutionError(_workers_did_not_start()) from None
-                out[k] = (False, e)
-            except Exception as e:
-                out[k] = (False, e)
-            _report(out[k][0], on_done)
+        try:
+            for k, f in _as_finished(futures):
+                try:
+                    out[k] = (True, f.result())
+                except BrokenProcessPool as e:  # a worker died: lost while it ran (retried), or while starting
+                    if self._pool is pool:
+                        self._pool = None
+                    if not started.is_set():  # no worker ever started: a new pool would fail the same way
+                        raise ExecutionError(_workers_did_not_start()) from None
+                    out[k] = (False, e)
+                except Exception as e:
+                    out[k] = (False, e)
+                _report(out[k][0], on_done)
+        except BaseException:  # Ctrl-C or SIGTERM while waiting: end the workers' batches now
+            self._terminate(pool)
+            raise
         return out
+
+    def _terminate(self, pool: Any) -> None:
+        """Stop ``pool``'s workers at once (a batch's query or Python step may run for minutes;
+        shutting down would wait for it); the next round starts a new pool."""
+        if self._pool is pool:
+            self._pool = None
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            with contextlib.suppress(Exception):
+                process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -383,7 +398,13 @@ class RayExecutor(Executor):
                         extra="ray",
                     ) from None
             else:
-                ray.init(num_cpus=self.workers, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+                ray.init(  # a cluster of our own: no "Started a local Ray instance" line on stderr
+                    num_cpus=self.workers,
+                    include_dashboard=False,
+                    ignore_reinit_error=True,
+                    log_to_driver=False,
+                    logging_level=logging.WARNING,
+                )
         if self._remote is None:
             self._remote = ray.remote(max_retries=0)(run_payload)
         refs = [self._remote.remote(p) for p in payloads]

@@ -10,6 +10,7 @@ experiment from one read of each file.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -156,7 +157,7 @@ def parse_step(name: str, sql: str, base: str | None) -> Step:
             raise ExperimentSQLError(
                 f"Experiment {name!r}: the SELECT must read FROM its base (e.g. FROM baseline).", experiment=name
             )
-        if base is not None and base not in tables:
+        if base is not None and base.lower() not in {t.lower() for t in tables}:
             raise ExperimentSQLError(
                 f"Experiment {name!r}: base {base!r} was given but the SELECT reads from {', '.join(tables)}.",
                 experiment=name,
@@ -205,10 +206,30 @@ def parse_experiments_file(text: str, *, path: str = "<experiments>", known: Ite
     return order_steps(steps, known=set(known))
 
 
+def spelled_as_defined(step: Step, names: Iterable[str]) -> Step:
+    """``step`` with each experiment it reads spelled as that experiment was named: DuckDB names
+    are case-insensitive, so ``FROM LIQUID`` reads ``liquid`` (as the exported views do too)."""
+    spelled = {n.lower(): n for n in names}
+    rename = {d: spelled[d.lower()] for d in step.depends if spelled.get(d.lower(), d) != d}
+    if not rename:
+        return step
+    query = step.query
+    if query is not None:
+        query = query.copy()
+        ctes = {c.alias_or_name for c in query.find_all(exp.CTE)}
+        for t in query.find_all(exp.Table):
+            if t.name in rename and t.name not in ctes and not t.args.get("db"):
+                t.set("this", sb.ident(rename[t.name]))
+    depends = tuple(dict.fromkeys(rename.get(d, d) for d in step.depends))
+    return dataclasses.replace(step, base=rename.get(step.base, step.base), query=query, depends=depends)
+
+
 def order_steps(steps: Iterable[Step], known: Iterable[str]) -> list[Step]:
     """Order steps so each comes after its bases; name unknown bases and cycles."""
-    pending = {s.name: s for s in steps}
+    steps = list(steps)
     done = set(known)
+    names = [*done, *(s.name for s in steps)]
+    pending = {s.name: spelled_as_defined(s, names) for s in steps}
     out: list[Step] = []
     for s in pending.values():
         for dep in s.depends:
@@ -297,6 +318,7 @@ class Experiments:
         step = (
             parse_step(name, sql, base) if isinstance(sql, str) else python_step(name, sql, base, per_batch=per_batch)
         )
+        step = spelled_as_defined(step, [BASELINE, *self._steps, name])
         # DuckDB names are case-insensitive: "Liquid" and "liquid" would be the same view.
         clash = next((n for n in self._steps if n.lower() == name.lower()), None)
         if clash is not None and not (replace and clash == name):

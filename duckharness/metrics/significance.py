@@ -9,7 +9,7 @@ Conventions (T = number of days, u = the series minus its mean):
 - autocovariance ``γ_j = (1/T) Σ_{t>j} u_t u_{t−j}``;
 - Newey–West long-run variance with the Bartlett kernel
   ``S = γ_0 + 2 Σ_{j=1..L} (1 − j/(L+1)) γ_j``, so the variance of the mean is ``S / T``;
-- default lag ``L = floor(4 (T/100)^(2/9))`` (Newey and West, 1994), at most T − 1,
+- default lag ``L = floor(4 (T/100)^(2/9))`` (Newey and West, 1994), at most floor(T/4),
   overridable by any lag below T (with L ≥ T the Bartlett weights no longer taper to zero
   within the series, and the variance, hence every t, is meaningless);
 - Diebold–Mariano ``DM = d̄ / sqrt(S/T)`` on the loss differential d, with the
