@@ -1,9 +1,10 @@
 """Running an experiment chain on one DuckDB connection, for a batch of files or for all of them.
 
-SQL steps become views named after their experiments (each step's FROM already names its base),
-so a chain is a stack of views over a ``baseline`` view of the batch. A Python step reads its
-base as a Polars LazyFrame, and its result is registered on the connection under the step's
-name, so later SQL steps read it like any view. This is the path for chains that cannot be fused
+SQL steps become views named after their experiments (each step's FROM already names its base)
+over a ``baseline`` view of the batch: a view for each step read from outside its run of SQL
+steps, holding the others as CTEs (see :func:`_step_statements`). A Python step reads its base as
+a Polars LazyFrame, and its result is registered on the connection under the step's name, so
+later SQL steps read it like any view. This is the path for chains that cannot be fused
 into the single scan (Python steps, aggregates, windows); the result is exactly what applying
 the chain to those rows gives.
 """
@@ -106,14 +107,57 @@ def chain_statements(
 ) -> list[str]:
     """What :func:`build_chain` shows a tracer for ``name`` over ``files``: the views it creates
     and a comment for each Python step (for runs whose chains are built on workers, untraced)."""
-    out = [sb.render(sb.create_view(BASELINE, source_query(dataset, files, window), temp=True))]
+    baseline = sb.render(sb.create_view(BASELINE, source_query(dataset, files, window), temp=True))
     if name == BASELINE:
-        return out
-    for step in experiments.chain(name):
-        if step.query is not None:
-            out.append(sb.render(sb.create_view(step.name, step.query, temp=True)))
-        else:
+        return [baseline]
+    return [baseline, *(s for s in _step_statements(experiments.chain(name), name) if s is not None)]
+
+
+def _step_statements(steps: Sequence[Step], name: str) -> list[str | None]:
+    """Per step of the chain to ``name``: the view it needs, a comment for a Python step, or None
+    for a SQL step that needs no view of its own.
+
+    A run of SQL steps between Python steps becomes one view per step read from outside the run
+    (the last, ``name``, and each base of a Python step or of a step in a later run), holding as
+    CTEs the steps of the run it reads that have no view. A view per step would be bound again
+    inside every view built on it, so a chain of N steps would cost DuckDB ~N²/2 bindings (seconds
+    per batch for 100 steps); the CTEs are ``NOT MATERIALIZED``, so a step that two others read is
+    computed as a view is, not held in memory.
+    """
+    run_of: dict[str, int] = {}
+    run = 0
+    for s in steps:
+        run += s.query is None  # a Python step is a run of its own
+        run_of[s.name] = run
+        run += s.query is None
+    needed = {name} | {
+        d for s in steps for d in s.depends if d in run_of and (s.query is None or run_of[d] != run_of[s.name])
+    }
+    by_name = {s.name: s for s in steps}
+    viewed: set[str] = set()
+    out: list[str | None] = []
+    for step in steps:
+        if step.query is None:
             out.append(f"-- Python step {step.sql} over: {relation_sql(step.base)}")
+            continue
+        if step.name not in needed:
+            out.append(None)
+            continue
+        reads, todo = set(), [step.name]  # the steps of its run it reads, directly or not, without a view
+        while todo:
+            n = todo.pop()
+            if n not in reads:
+                reads.add(n)
+                todo.extend(d for d in by_name[n].depends if run_of.get(d) == run_of[n] and d not in viewed)
+        viewed.add(step.name)
+        query: exp.Expr = step.query
+        if len(reads) > 1:
+            query = sb.select([exp.Star()], exp.Table(this=sb.ident(step.name)))
+            for s in steps:
+                if s.name in reads:
+                    assert s.query is not None
+                    query = query.with_(sb.ident(s.name), as_=s.query.copy(), materialized=False, copy=False)
+        out.append(sb.render(sb.create_view(step.name, query, temp=True)))
     return out
 
 
@@ -135,14 +179,16 @@ def build_chain(
     day (:func:`~duckharness.engine.plan.day_groups`) on a connection of its own, or, when a step
     before needs all rows, once; either way its rows are split by day and the outputs stacked.
     """
-    baseline, *statements = chain_statements(dataset, experiments, name, files, window)
-    fetch_all(con, baseline, tracer)
+    fetch_all(con, chain_statements(dataset, experiments, BASELINE, files, window)[0], tracer)
     if name == BASELINE:
         return name
-    for step, statement in zip(experiments.chain(name), statements, strict=True):
+    steps = experiments.chain(name)
+    for step, statement in zip(steps, _step_statements(steps, name), strict=True):
         if step.query is not None:
-            fetch_all(con, statement, tracer)
+            if statement is not None:  # else: a CTE of a view built on it
+                fetch_all(con, statement, tracer)
             continue
+        assert statement is not None
         base_sql = relation_sql(step.base)
         if tracer is not None:
             tracer(statement)

@@ -475,14 +475,14 @@ class Experiments:
     def query(self, name: str, baseline: exp.Expr) -> exp.Expr:
         """One self-contained query for ``name``: ``WITH baseline AS (...), step AS (...) SELECT *``."""
         q = exp.select(exp.Star()).from_(exp.Table(this=sb.ident(name)))
-        q = q.with_(sb.ident(BASELINE), as_=baseline.copy())
+        q = q.with_(sb.ident(BASELINE), as_=baseline.copy(), copy=False)
         for s in self.chain(name):
             if s.query is None:
                 raise ExperimentError(
                     f"Experiment {name!r} has a Python step ({s.name}: {s.label}); it has no single SQL query.",
                     experiment=name,
                 )
-            q = q.with_(sb.ident(s.name), as_=s.query.copy())
+            q = q.with_(sb.ident(s.name), as_=s.query.copy(), copy=False)  # (copying q each time: N² nodes)
         return q
 
     # -- inlining -----------------------------------------------------------------------------
