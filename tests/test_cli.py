@@ -162,6 +162,19 @@ def test_metrics_csv_in_process_matches_python_api(demo: Path, api_r2: dict[str,
     assert got == pytest.approx(api_r2, rel=1e-12)
 
 
+def test_time_of_day_buckets_read_alike_in_csv_json_and_table(demo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # CSV wrote them as 09:30:00.000000000 where the table and JSON say 09:30:00.
+    args = ["metrics", str(demo), "--metric", "count", "--pair", PAIR, "--by", "tod:30min", "-q"]
+    outputs = {}
+    for fmt in ("csv", "json", "table"):
+        assert main([*args, "--format", fmt]) == 0
+        outputs[fmt] = capsys.readouterr().out
+    csv_tods = sorted({r["tod"] for r in rows_of(outputs["csv"])})
+    json_tods = sorted({r["tod"] for r in json.loads(outputs["json"])})
+    assert csv_tods == json_tods and csv_tods[0] == "09:30:00" and len(csv_tods) == 13  # 09:30 ... 15:30
+    assert all(t in outputs["table"] for t in csv_tods)
+
+
 def test_cache_options_choose_the_cache_folder(demo: Path, tmp_path: Path, api_r2: dict[str, float],
                                                capsys: pytest.CaptureFixture[str],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
