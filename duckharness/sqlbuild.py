@@ -169,8 +169,8 @@ def parse_statement(sql: str) -> exp.Expr:
         parsed = sqlglot.parse(sql, dialect=DIALECT)
     except ParseError as e:
         raise SQLParseError(_first_error(e)) from None
-    except TokenError as e:
-        raise SQLParseError(_token_error(e)) from None
+    except TokenError:
+        raise SQLParseError(_token_error(sql)) from None
     trees = [t for t in parsed if t is not None and not isinstance(t, exp.Semicolon)]
     if len(trees) != 1:
         raise SQLParseError(f"expected one SQL statement, found {len(trees)}")
@@ -183,11 +183,11 @@ def parse_expression(sql: str) -> exp.Expr:
         return sqlglot.parse_one(sql, dialect=DIALECT, into=exp.Condition)
     except ParseError as e:
         raise SQLParseError(_first_error(e)) from None
-    except TokenError as e:
-        raise SQLParseError(_token_error(e)) from None
+    except TokenError:
+        raise SQLParseError(_token_error(sql)) from None
 
 
-def _token_error(e: TokenError) -> str:
+def _token_error(sql: str) -> str:
     """The tokenizer's complaint in user terms: it stops at a quote or comment left open.
 
     Example:
@@ -195,10 +195,10 @@ def _token_error(e: TokenError) -> str:
         ...     parse_statement("SELECT * FROM t WHERE s = 'A")
         ... except SQLParseError as err:
         ...     print(err)
-        a quote ('...', "...") or a /* comment is not closed (the SQL ends inside it), in: SELECT * FROM t WHERE s = '
+        a quote ('...', "...") or a /* comment is not closed (the SQL ends inside it), in: SELECT * FROM t WHERE s = 'A
     """
-    m = re.match(r"Error tokenizing '(.*)'$", str(e), re.DOTALL)
-    where = one_line(m.group(1))[-80:] if m else str(e)
+    text = one_line(sql)  # (the tokenizer's own excerpt stops short of the end, where the open quote runs to)
+    where = text if len(text) <= 80 else "…" + text[-79:]
     return f"a quote ('...', \"...\") or a /* comment is not closed (the SQL ends inside it), in: {where}"
 
 

@@ -234,6 +234,18 @@ def test_daily_data_with_a_date_column_is_told_to_group_by_it_by_name(tmp_path: 
     h = Harness(folder)
     with pytest.raises(InputError, match=r"Cannot group by day.*DATE column.*by='ts'"):
         h.metrics(["count"], by="day")
+    # Per-day statistics refuse too (rank_ic gave one Spearman over all rows, labelled day null,
+    # and summary called it a series of one day); so do buckets and partitions by day.
+    with pytest.raises(InputError, match=r"rank IC is computed within each day.*no time column.*by='ts'"):
+        h.rank_ic("pred_a:target_a")
+    with pytest.raises(InputError, match=r"rank IC is computed within each day"):
+        h.summary(["rank_ic"], "pred_a:target_a")
+    with pytest.raises(InputError, match=r'Buckets by="day".*no time column'):
+        h.deciles("pred_a:target_a", by="day")
+    with pytest.raises(InputError, match=r"Cannot group by 'tod:1h': the source has no time column \("):
+        h.metrics(["count"], by="tod:1h")
+    with pytest.raises(InputError, match=r"Cannot partition experiment 'baseline' by day: the source has no time"):
+        h.sink("baseline", tmp_path / "out", partition_by="day")
     got = h.metrics(["count", "mse"], by="ts")
     frame = pd.DataFrame({"d": dates, "se": (p - t) ** 2})
     want = frame.groupby("d")["se"].agg(["count", "mean"])

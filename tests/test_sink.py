@@ -194,16 +194,28 @@ def test_days_an_experiment_keeps_no_rows_of_get_no_file(
         assert h2.metrics(["count"], pairs=["pred_10s:target_10s"])["value"][0] == want.height
 
 
+@pytest.mark.parametrize("partition_by", [None, "day"])
+@pytest.mark.parametrize("how", ["row_by_row", "whole", "python_per_batch", "python_all_rows"])
 def test_an_experiment_that_keeps_no_rows_writes_one_empty_file_with_its_columns(
-        folder: Path, tmp_path: Path) -> None:
+        folder: Path, tmp_path: Path, how: str, partition_by: str | None) -> None:
+    # (By day, an experiment run on all rows or through a Python step wrote no file at all: the
+    # output was no source.)
     h = Harness(folder)
-    h.add_experiment("none", "volume < 0")
+    if how == "row_by_row":
+        h.add_experiment("none", "volume < 0")
+    elif how == "whole":
+        h.add_experiment("none", "SELECT * FROM (SELECT *, row_number() OVER (ORDER BY ts) AS rn FROM baseline) "
+                                 "WHERE volume < 0")
+    else:
+        h.add_experiment("none", lambda lf: lf.filter(pl.col("volume") < 0), per_batch=how == "python_per_batch")
     out = tmp_path / "out"
-    result = h.sink("none", out)
+    result = h.sink("none", out, partition_by=partition_by)
     parts = sorted(out.glob("*.parquet"))
     assert len(parts) == 1 and result.files == [str(parts[0])] and result.rows == 0
     assert pq.read_metadata(parts[0]).num_rows == 0
     assert pq.read_schema(parts[0]).names == list(h.experiments.columns("none"))
+    with Harness(out) as h2:  # still a source
+        assert h2.metrics(["count"], pairs=["pred_10s:target_10s"])["value"][0] == 0
 
 
 def test_partition_by_other_than_day_is_refused(harness: Harness, tmp_path: Path) -> None:

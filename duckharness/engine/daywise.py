@@ -31,7 +31,7 @@ from sqlglot import exp
 
 from duckharness import sqlbuild as sb
 from duckharness.data.metadata import SessionWindow
-from duckharness.data.source import Dataset, FileInfo
+from duckharness.data.source import Dataset, FileInfo, date_columns_hint
 from duckharness.engine.cache import StatsCache
 from duckharness.engine.plan import DAY, Pair, aware_in, day_groups, moves_time, replaces_time, window_and_day
 from duckharness.engine.run import ChainTask, map_chain_tasks, run_chain_task
@@ -430,6 +430,16 @@ def _label_pairs(frame: pl.DataFrame, pairs: Sequence[Pair]) -> pl.DataFrame:
     return frame.with_columns(pl.lit(preds).gather(idx).alias("pred"), pl.lit(targets).gather(idx).alias("target"))
 
 
+def _need_days(dataset: Dataset, what: str) -> None:
+    """Refuse a per-day statistic on a source with no time column, whose rows have no day (it
+    would be one pooled value labelled with a null day)."""
+    if dataset.time_column is None:
+        raise InputError(
+            f"{what}, but the source has no time column to take days from (set 'time_column' in metadata.json "
+            f"to a TIMESTAMP column)." + date_columns_hint(dataset.columns)
+        )
+
+
 def rank_ic(
     dataset: Dataset,
     experiments: Experiments,
@@ -448,6 +458,7 @@ def rank_ic(
     metric, value`` with metrics ``rank_ic``, ``n`` (rows used) and, cross-sectionally,
     ``n_sections`` (timestamps whose IC is defined). ``progress``: the progress bar (None: only
     on a terminal)."""
+    _need_days(dataset, "The rank IC is computed within each day")
     ts = dataset.time_column if cross_section else None
     raw = _run(
         dataset,
@@ -525,6 +536,8 @@ def quantile_buckets(
     ``progress``: the progress bar (None: only on a terminal)."""
     if isinstance(buckets, bool) or not isinstance(buckets, int) or not 2 <= buckets <= MAX_BUCKETS:
         raise InputError(f"buckets must be a whole number from 2 to {MAX_BUCKETS}, got {buckets!r}.")
+    if by_day:
+        _need_days(dataset, 'Buckets by="day"')
     raw = _run(
         dataset,
         experiments,

@@ -327,10 +327,14 @@ class FusedScan:
                 continue
             if b.startswith("tod:"):
                 tcol = dataset.time_column
-                if tcol is None or tcol not in source_columns:
+                if tcol is None:
                     raise UnknownColumnError(
-                        f"Cannot group by {b!r}: there is no time column {tcol!r}.", column=str(tcol)
+                        f"Cannot group by {b!r}: the source has no time column (set 'time_column' in metadata.json "
+                        f"to a TIMESTAMP column).",
+                        column=b,
                     )
+                if tcol not in source_columns:
+                    raise UnknownColumnError(f"Cannot group by {b!r}: there is no time column {tcol!r}.", column=tcol)
                 self.by.append((TOD, time_of_day_bucket(dataset, parse_bucket(b), type_sql=source_columns[tcol])))
                 continue
             if b in OUTPUT_COLUMNS or b.startswith("__"):

@@ -100,7 +100,8 @@ def sink_experiment(
         _check_replaceable(h, target)
     tcol = h.dataset.time_column
     if partition_by == "day" and (tcol is None or tcol not in cols):
-        raise InputError(f"Cannot partition experiment {name!r} by day: it has no time column {tcol!r}.")
+        why = "the source has no time column" if tcol is None else f"it has no time column {tcol!r}"
+        raise InputError(f"Cannot partition experiment {name!r} by day: {why}.")
     tmp = temporary_name(target)
     try:
         os.mkdir(tmp)
@@ -431,6 +432,10 @@ def _write_parts(
                     path = os.path.join(tmp, f"{stem}.parquet")
                     written.append((path, _copy(con, sb.select([exp.Star()], rel), path, h.tracer)))
                 bar.advance()
+        if partition_by == "day" and (by_rows or not batchable) and result.rows == 0:
+            # No row, so no day to partition by: one empty file keeps the experiment's columns.
+            path = os.path.join(tmp, "data.parquet")
+            written.append((path, _copy(con, sb.select([exp.Star()], rel).limit(0), path, h.tracer)))
     finally:
         con.close()
     _keep_parts_with_rows(written, result)
