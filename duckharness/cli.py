@@ -108,7 +108,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import json
 
     with _harness(args) as h:
-        info = h.info()
+        info = h.info(window=_window(args))
         tree = h.experiment_tree()
     if args.format == "json":
         print(json.dumps(info, indent=2, default=str))
@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Describe a source: files, days (those holding rows inside the session window, as "
         "'metrics --by day' labels them), rows, columns with their roles, metadata, session window and experiments.",
     )
-    _source_options(i, window=False)
+    _source_options(i)
     i.add_argument("--format", choices=["text", "json"], default="text", help="output format")
     i.set_defaults(func=cmd_info)
 

@@ -525,17 +525,19 @@ class Harness:
 
     @_open
     @_interruptible
-    def info(self) -> dict[str, Any]:
+    def info(self, *, window: WindowArg = None) -> dict[str, Any]:
         """A summary of the source: files, days, rows, columns with roles, metadata, window.
 
         ``days`` counts the days ``metrics(by="day")`` gives rows to: days that hold rows inside
-        the session window, labelled as ``by="day"`` labels them (an overnight session's rows
-        after midnight belong to the evening before). The footers' row-group statistics settle
-        most days; what they leave open is read from the time column (see ``engine/days.py``).
+        the session window (or ``window``), labelled as ``by="day"`` labels them (an overnight
+        session's rows after midnight belong to the evening before). The footers' row-group
+        statistics settle most days; what they leave open is read from the time column (see
+        ``engine/days.py``).
         """
         self._refresh()
         files = self.dataset.files
-        days = self._day_index(self.session_window).days
+        chosen = self._window(window)
+        days = self._day_index(chosen).days
         roles = {}
         for c, t in self.dataset.columns.items():
             role = (
@@ -557,7 +559,7 @@ class Harness:
             "first_day": days[0].isoformat() if days else None,
             "last_day": days[-1].isoformat() if days else None,
             "time_column": self.time_column,
-            "session_window": self.session_window.describe() if self.session_window else None,
+            "session_window": chosen.describe() if chosen else None,
             "metadata": self.dataset.metadata.as_dict(),
             "columns": roles,
             "experiments": self.experiments.names,

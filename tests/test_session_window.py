@@ -380,6 +380,20 @@ def test_hourly_windows_of_round_the_clock_data_across_a_spring_forward_night(
     assert sample.height == sum(reference_counts(folder, tz, *gap).values())
 
 
+@pytest.mark.parametrize(("window", "start", "end"), [
+    (("07:00", "07:59"), "07:00", "07:59"), (("16:30", "17:00"), "16:30", "17:00"), ("10:00-11:00", "10:00", "11:00"),
+    (False, None, None),
+], ids=["before_the_data", "last_half_hour", "one_hour", "no_window"])
+def test_info_counts_the_days_holding_rows_inside_the_window_asked_for(
+        eastern: Path, window: object, start: str | None, end: str | None) -> None:
+    """``info`` took no window (the README says every method reading rows does)."""
+    expected = reference_counts(eastern, EASTERN, start, end)
+    info = Harness(eastern).info(window=window)
+    assert info["days"] == len(expected)
+    assert info["first_day"] == (min(expected).isoformat() if expected else None)
+    assert (info["session_window"] is None) == (window is False)
+
+
 # --- how the window is applied -----------------------------------------------------------------
 
 @pytest.mark.parametrize("days", [EASTERN_DAYS, [dt.date(2026, 2, 15) + dt.timedelta(days=i) for i in range(40)]],
