@@ -445,11 +445,15 @@ def _write_parts(
 
 def _keep_parts_with_rows(written: list[tuple[str, int]], result: SinkResult) -> None:
     """Files of groups whose rows the experiment dropped (a filter that keeps nothing of a day)
-    are removed; when no group kept a row, the first file stays, so the output still has the
-    experiment's columns."""
+    are removed; when no group kept a row, the first file stays, as ``data.parquet`` (it is no
+    day's nor part's), so the output still has the experiment's columns."""
     kept = [(path, rows) for path, rows in written if rows > 0] or written[:1]
     for path in {path for path, _ in written} - {path for path, _ in kept}:
         os.remove(path)
+    if kept and kept[0][1] == 0 and os.path.basename(kept[0][0]) != "data.parquet":
+        empty = os.path.join(os.path.dirname(kept[0][0]), "data.parquet")
+        os.replace(kept[0][0], empty)
+        kept = [(empty, 0)]
     result.files.extend(path for path, _ in kept)
     result.rows += sum(rows for _, rows in kept)
 
