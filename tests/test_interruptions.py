@@ -292,14 +292,15 @@ except KeyboardInterrupt:
 
 
 def interrupt_when(args: list[str], ready: Callable[[subprocess.Popen[str]], None], *,
-                   env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str, str]:
-    """Run ``args``, send SIGINT once ``ready(proc)`` returns, and wait for the process to end;
+                   env: dict[str, str] | None = None,
+                   sig: signal.Signals = signal.SIGINT) -> tuple[subprocess.Popen[str], str, str]:
+    """Run ``args``, send ``sig`` once ``ready(proc)`` returns, and wait for the process to end;
     it is killed if it has not within 60 s (or ``ready`` fails)."""
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         ready(proc)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
@@ -354,10 +355,13 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")  # a zombie has ended (its parent may be gone, not yet reaped)
 
 
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads worker states from /proc")
-def test_ctrl_c_with_the_processes_executor_ends_the_workers_batches_instead_of_waiting(tmp_path: Path) -> None:
-    """Before, the pool's shutdown waited for every running batch (a user waited 10-20 s after
-    Ctrl-C, here an hour): the workers are terminated."""
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads worker states from /proc (Linux)")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_with_the_processes_executor_ends_the_workers_batches_instead_of_waiting(
+        tmp_path: Path, sig: signal.Signals) -> None:
+    """Before, after Ctrl-C the pool's shutdown waited for every running batch (a user waited
+    10-20 s, here an hour): the workers are terminated. A script ended by SIGTERM (Python's default:
+    no clean-up at all) left its workers running, orphaned: they now end with it."""
     src = tmp_path / "bt"
     rng = np.random.default_rng(5)
     write_dataset(src, {d.isoformat(): one_day(d, 200, rng, symbols=4) for d in trading_days(dt.date(2026, 3, 4), 6)},
@@ -376,9 +380,12 @@ def test_ctrl_c_with_the_processes_executor_ends_the_workers_batches_instead_of_
         workers.extend(int(p) for p in os.listdir(markers))
         assert proc.pid not in workers and all(_alive(p) for p in workers)  # worker processes, running
 
-    _, out, err = interrupt_when([sys.executable, str(script), str(src)], a_worker_inside_the_step,
-                                 env={**os.environ, "MARKERS": str(markers)})
-    assert out == "KeyboardInterrupt\n", err
+    proc, out, err = interrupt_when([sys.executable, str(script), str(src)], a_worker_inside_the_step,
+                                    env={**os.environ, "MARKERS": str(markers)}, sig=sig)
+    if sig == signal.SIGINT:
+        assert out == "KeyboardInterrupt\n", err
+    else:
+        assert proc.returncode == -signal.SIGTERM
     deadline = time.monotonic() + 10
     while any(_alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -503,8 +503,27 @@ def _as_finished(futures: Sequence[Future[Any]]) -> Iterator[tuple[int, Future[A
 
 
 def _worker_started(event: Any) -> None:
-    """A process worker's initializer: it has imported the main script and can take tasks."""
+    """A process worker's initializer: it has imported the main script and can take tasks. On
+    Linux it also asks to be ended when the process that started it ends, however that ends (a
+    script killed by SIGTERM runs no clean-up, and its workers would run on, orphaned)."""
+    _end_with_parent()
     event.set()
+
+
+def _end_with_parent() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import multiprocessing
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and not parent.is_alive():  # ended before the request was made
+        os._exit(1)
 
 
 def _unimportable_main() -> str | None:
