@@ -307,6 +307,20 @@ def _at_least_2(text: str) -> int:
     return value
 
 
+def _by_key(text: str) -> str:
+    """A grouping key; a time-of-day bucket's length is checked here (a usage error, like any
+    malformed option value), the rest by the run."""
+    if text.startswith("tod:"):
+        from duckharness.engine.plan import parse_bucket
+        from duckharness.errors import InputError
+
+        try:
+            parse_bucket(text)
+        except InputError as e:
+            raise argparse.ArgumentTypeError(str(e).rstrip(".")) from None
+    return text
+
+
 def _level(text: str) -> float:
     try:
         value = float(text)
@@ -422,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--by",
         action="append",
+        type=_by_key,
         metavar="KEY",
         help="group by 'day', a column (each experiment's own value of it) or a local time-of-day bucket "
         "such as tod:30min (repeatable)",

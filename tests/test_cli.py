@@ -496,6 +496,8 @@ def test_a_malformed_window_time_is_a_usage_error_like_a_malformed_shape(
     ("compare", ["--a", "baseline", "--b", "liquid", "--metric", "mse", "--lag", "-2"], "--lag: must be 0 or more"),
     ("sample", ["--strategy", "random_rows", "-o", "x.parquet"], "invalid choice: 'random_rows'"),
     ("metrics", ["--retries", "-1"], "--retries: must be 0 or more, got -1"),
+    ("metrics", ["--pair", PAIR, "--by", "tod:7min"], "--by: Time-of-day bucket 'tod:7min' must divide 24 hours"),
+    ("metrics", ["--by", "tod:0min"], "--by: Time-of-day bucket"),
     ("compare", ["--a", "baseline", "--b", "liquid", "--metric", "mse", "--level", "1.5"],
      "--level: must be between 0 and 1 (e.g. 0.95), got 1.5"),
     ("compare", ["--a", "baseline", "--b", "liquid", "--metric", "mse", "--level", "high"],

@@ -421,6 +421,8 @@ def test_markers_are_case_and_space_insensitive() -> None:
     ("volume > 1\n-- experiment: a\nvolume > 2\n", ExperimentSQLError, "SQL before the first"),
     ("-- just a comment\n", ExperimentSQLError, "no '-- experiment: NAME' lines"),
     ("-- experiment: a\nvolume > 1\n-- experiment: a\nvolume > 2\n", DuplicateExperimentError, "'a' is defined twice"),
+    ("-- experiment: a\nvolume > 1\n-- experiment: A\nvolume > 2\n", DuplicateExperimentError,
+     r"exp\.sql: experiment 'A' is defined twice \(as 'a': names are case-insensitive\)"),
     ("-- experiment: a\nSELECT * FROM nowhere\n", UnknownExperimentError, "'a' reads from 'nowhere'"),
     ("-- experiment: a\n\n-- experiment: b\nvolume > 1\n", ExperimentSQLError, "'a' has no SQL"),
 ])

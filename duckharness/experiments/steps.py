@@ -194,11 +194,13 @@ def parse_experiments_file(text: str, *, path: str = "<experiments>", known: Ite
     if not chunks:
         raise ExperimentSQLError(f"{path}: no '-- experiment: NAME' lines found.")
     steps: list[Step] = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # lower-cased: names are case-insensitive, as DuckDB's are
     for name, lines in chunks:
-        if name in seen:
-            raise DuplicateExperimentError(f"{path}: experiment {name!r} is defined twice.", experiment=name)
-        seen.add(name)
+        if name.lower() in seen:
+            first = seen[name.lower()]
+            same = "" if first == name else f" (as {first!r}: names are case-insensitive)"
+            raise DuplicateExperimentError(f"{path}: experiment {name!r} is defined twice{same}.", experiment=name)
+        seen[name.lower()] = name
         try:
             steps.append(parse_step(name, "\n".join(lines), None))
         except ExperimentSQLError as e:
