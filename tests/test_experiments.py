@@ -318,6 +318,19 @@ def test_experiment_tree_shows_each_steps_sql_without_its_comments(h: Harness) -
     ]
 
 
+def test_experiment_tree_names_the_other_experiments_a_step_reads(h: Harness) -> None:
+    # Drawn under its base only, a UNION of two experiments showed no sign of the second.
+    h.add_experiment("a1", "volume > 100")
+    h.add_experiment("a2", "volume < 50")
+    h.add_experiment("u", "SELECT * FROM a1 UNION ALL SELECT * FROM a2")
+    assert h.experiment_tree().splitlines() == [
+        "baseline",
+        "├── a1  SQL: volume > 100",
+        "│   └── u  (also reads a2)  SQL: SELECT * FROM a1 UNION ALL SELECT * FROM a2",
+        "└── a2  SQL: volume < 50",
+    ]
+
+
 def test_sql_duckdb_cannot_bind_is_experiment_sql_error(h: Harness) -> None:
     with pytest.raises(ExperimentSQLError, match=r"'agg'.*aggregate"):
         h.add_experiment("agg", "sum(volume) > 1")

@@ -396,10 +396,13 @@ class Experiments:
             kids = children.get(node, [])
             for i, kid in enumerate(kids):
                 last = i == len(kids) - 1
-                label = self._steps[kid].label
+                step = self._steps[kid]
+                label = step.label
                 if len(label) > 100:
                     label = label[:97] + "..."
-                lines.append(f"{prefix}{'└── ' if last else '├── '}{kid}  {label}")
+                others = [d for d in step.depends if d != step.base]  # drawn under its base only
+                also = f"  (also reads {', '.join(others)})" if others else ""
+                lines.append(f"{prefix}{'└── ' if last else '├── '}{kid}{also}  {label}")
                 walk(kid, prefix + ("    " if last else "│   "))
 
         walk(BASELINE, "")
