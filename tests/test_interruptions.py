@@ -247,23 +247,16 @@ def test_a_signal_while_the_engine_loads_ends_the_run_quietly(src: Path, tmp_pat
     prints a traceback): the command stops before it runs, with the usual message and status."""
     marker, script = tmp_path / "loading", tmp_path / "run.py"
     script.write_text(SLOW_START)
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(marker), "metrics", str(src), "--no-cache"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    try:
+
+    def loading(proc: subprocess.Popen[str]) -> None:
         deadline = time.monotonic() + 60
         while not marker.exists():
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        proc.send_signal(sig)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+
+    proc, out, err = interrupt_when([sys.executable, str(script), str(marker), "metrics", str(src), "--no-cache"],
+                                    loading, sig=sig)
     expected = (143, "Terminated.\n") if sig == signal.SIGTERM else (130, "Interrupted.\n")
     assert (proc.returncode, err, out) == (*expected, "")
 

@@ -107,10 +107,14 @@ def chain_statements(
 ) -> list[str]:
     """What :func:`build_chain` shows a tracer for ``name`` over ``files``: the views it creates
     and a comment for each Python step (for runs whose chains are built on workers, untraced)."""
-    baseline = sb.render(sb.create_view(BASELINE, source_query(dataset, files, window), temp=True))
+    baseline = _baseline_statement(dataset, files, window)
     if name == BASELINE:
         return [baseline]
     return [baseline, *(s for s in _step_statements(experiments.chain(name), name) if s is not None)]
+
+
+def _baseline_statement(dataset: Dataset, files: Sequence[FileInfo], window: SessionWindow | None) -> str:
+    return sb.render(sb.create_view(BASELINE, source_query(dataset, files, window), temp=True))
 
 
 def _step_statements(steps: Sequence[Step], name: str) -> list[str | None]:
@@ -179,7 +183,7 @@ def build_chain(
     day (:func:`~duckharness.engine.plan.day_groups`) on a connection of its own, or, when a step
     before needs all rows, once; either way its rows are split by day and the outputs stacked.
     """
-    fetch_all(con, chain_statements(dataset, experiments, BASELINE, files, window)[0], tracer)
+    fetch_all(con, _baseline_statement(dataset, files, window), tracer)
     if name == BASELINE:
         return name
     steps = experiments.chain(name)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,13 +129,16 @@ class Inlined:
     mapping: Mapping[str, exp.Expr] = field(default_factory=dict)
 
 
-def _referenced_tables(tree: exp.Expr) -> list[str]:
+def _read_tables(tree: exp.Expr) -> Iterator[exp.Table]:
+    """The tables ``tree`` reads by bare name (experiments), not its own CTEs or qualified ones."""
     ctes = {c.alias_or_name for c in tree.find_all(exp.CTE)}
-    out: dict[str, None] = {}
     for t in tree.find_all(exp.Table):
         if t.name and t.name not in ctes and not t.args.get("db"):
-            out.setdefault(t.name, None)
-    return list(out)
+            yield t
+
+
+def _referenced_tables(tree: exp.Expr) -> list[str]:
+    return list(dict.fromkeys(t.name for t in _read_tables(tree)))
 
 
 def parse_step(name: str, sql: str, base: str | None) -> Step:
@@ -218,9 +221,8 @@ def spelled_as_defined(step: Step, names: Iterable[str]) -> Step:
     query = step.query
     if query is not None:
         query = query.copy()
-        ctes = {c.alias_or_name for c in query.find_all(exp.CTE)}
-        for t in query.find_all(exp.Table):
-            if t.name in rename and t.name not in ctes and not t.args.get("db"):
+        for t in list(_read_tables(query)):
+            if t.name in rename:
                 t.set("this", sb.ident(rename[t.name]))
     depends = tuple(dict.fromkeys(rename.get(d, d) for d in step.depends))
     return dataclasses.replace(step, base=rename.get(step.base, step.base), query=query, depends=depends)

@@ -406,7 +406,6 @@ def _write_parts(
         batches = day_groups(dataset, window) if h.experiments.has_python(name) else [[f] for f in dataset.files]
         width = len(str(len(batches)))
         groups = [(f"part-{i:0{width}d}", g) for i, g in enumerate(batches)]
-    written: list[tuple[str, int]] = []  # a file per group, with its rows
     con = dataset.connection(1 if batchable else h.workers).open()
     try:
         with Progress(len(groups), f"sink {name}", enabled=progress) as bar:
@@ -426,36 +425,31 @@ def _write_parts(
                 elif partition_by == "day":
                     _, day = window_and_day(sub, files, window, need_day=True)
                     query = sb.select([exp.Star()], rel, where=sb.eq(day, sb.date(dt.date.fromisoformat(stem))))
-                    path = os.path.join(tmp, f"{stem}.parquet")
-                    written.append((path, _copy(con, query, path, h.tracer)))
+                    _keep_if_rows(os.path.join(tmp, f"{stem}.parquet"), con, query, h.tracer, result)
                 else:
-                    path = os.path.join(tmp, f"{stem}.parquet")
-                    written.append((path, _copy(con, sb.select([exp.Star()], rel), path, h.tracer)))
+                    _keep_if_rows(
+                        os.path.join(tmp, f"{stem}.parquet"), con, sb.select([exp.Star()], rel), h.tracer, result
+                    )
                 bar.advance()
-        if partition_by == "day" and (by_rows or not batchable) and result.rows == 0:
-            # No row, so no day to partition by: one empty file keeps the experiment's columns.
+        if result.rows == 0:  # the experiment kept no row: one empty file keeps its columns
             path = os.path.join(tmp, "data.parquet")
-            written.append((path, _copy(con, sb.select([exp.Star()], rel).limit(0), path, h.tracer)))
+            _copy(con, sb.select([exp.Star()], rel).limit(0), path, h.tracer)
+            result.files.append(path)
     finally:
         con.close()
-    _keep_parts_with_rows(written, result)
     if os.path.isdir(os.path.join(tmp, "_parts")):
         _flatten_day_partitions(tmp, result)
 
 
-def _keep_parts_with_rows(written: list[tuple[str, int]], result: SinkResult) -> None:
-    """Files of groups whose rows the experiment dropped (a filter that keeps nothing of a day)
-    are removed; when no group kept a row, the first file stays, as ``data.parquet`` (it is no
-    day's nor part's), so the output still has the experiment's columns."""
-    kept = [(path, rows) for path, rows in written if rows > 0] or written[:1]
-    for path in {path for path, _ in written} - {path for path, _ in kept}:
+def _keep_if_rows(path: str, con: duckdb.DuckDBPyConnection, query: exp.Expr, tracer: Any, result: SinkResult) -> None:
+    """Write one group's file; a group whose rows the experiment dropped (a filter that keeps
+    nothing of a day) leaves no file."""
+    rows = _copy(con, query, path, tracer)
+    if rows:
+        result.files.append(path)
+        result.rows += rows
+    else:
         os.remove(path)
-    if kept and kept[0][1] == 0 and os.path.basename(kept[0][0]) != "data.parquet":
-        empty = os.path.join(os.path.dirname(kept[0][0]), "data.parquet")
-        os.replace(kept[0][0], empty)
-        kept = [(empty, 0)]
-    result.files.extend(path for path, _ in kept)
-    result.rows += sum(rows for _, rows in kept)
 
 
 def _flatten_day_partitions(tmp: str, result: SinkResult) -> None:
